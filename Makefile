@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Both create or refresh .venv from requirements.txt.
+SHELL := /bin/bash
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.sha256
+PROFILE ?= toy
+EXP ?= demo
+SUBJ ?= 1
+MODE ?= enhance
+
+.PHONY: venv demo test lint world clean-demo
+
+# (Re)create the environment when it is missing or requirements.txt changed since it was built.
+venv:
+	@if [ ! -x $(PY) ] || ! sha256sum --status -c $(STAMP) 2>/dev/null; then \
+		echo "creating $(VENV) from requirements.txt (plain pip; torch comes from local disk)"; \
+		$(PYTHON3) -m venv $(VENV) && \
+		$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt && \
+		sha256sum requirements.txt > $(STAMP); \
+	fi
+
+# The toy cortex world for subject 1: data, annotations, baseline, then every pipeline stage this checkout has.
+demo: venv
+	$(PY) download_dataset.py --toy --profile $(PROFILE)
+	$(PY) -m tasks_construction.find_key_obj --profile $(PROFILE)
+	$(PY) -m tasks_construction.ridge_baseline --profile $(PROFILE) --subj $(SUBJ)
+	@stages=""; for k in 1 2 3 4 5 6 e; do \
+		case $$k in 1) s=train_neurons.py;; 2) s=train_decoupler.py;; 3) s=recon_decoupled.py;; \
+			4) s=caption_blip2.py;; 5) s=recon_video.py;; 6) s=eval_metrics.py;; e) s=gen_decoupled_outputs.py;; esac; \
+		[ -f $$s ] && stages="$$stages$$k"; \
+	done; \
+	if [ -n "$$stages" ]; then bash train_neurons.sh cpu $(EXP) $$stages $(MODE) $(SUBJ) $(PROFILE); \
+	else echo "no pipeline stage is implemented in this checkout yet; the toy world and its baseline are built"; fi
+
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q

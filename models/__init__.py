@@ -1,0 +1,1 @@
+"""Torch modules of NEURONS, each built from its config."""

@@ -1,0 +1,1 @@
+"""Data and annotation construction: toy cortex world, key objects, caches."""

@@ -1,0 +1,162 @@
+"""The shell driver, exercised through a subprocess.
+
+Argument checks run against the real checkout. Stage selection, ordering, logging and failure propagation run in a
+scratch copy of the driver whose stage scripts are small probe stages built on the real entry-point code
+(``utils.cli.run_stage``): each records that it ran, and one fails on a missing data root set by a test profile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "1": "train_neurons.py",
+    "2": "train_decoupler.py",
+    "3": "recon_decoupled.py",
+    "4": "caption_blip2.py",
+    "5": "recon_video.py",
+    "6": "eval_metrics.py",
+    "e": "gen_decoupled_outputs.py",
+}
+PROBE = """
+import sys
+from pathlib import Path
+from utils.cli import run_stage
+from utils.errors import DataError
+
+def main(cfg):
+    if not Path(cfg.paths.data_root).exists():
+        raise DataError(f"data root {cfg.paths.data_root} does not exist", "build it with download_dataset.py")
+    with open(Path(cfg.paths.exp_root) / "order.txt", "a") as fh:
+        fh.write("STAGE " + str(cfg.run.subj) + " " + cfg.run.mode + "\\n")
+    print("probe stage STAGE ran")
+
+if __name__ == "__main__":
+    sys.exit(run_stage("STAGE", main))
+"""
+
+
+def drive(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(
+        ["bash", str(cwd / "train_neurons.sh"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def probe_repo(tmp_path: Path) -> Path:
+    """A copy of the driver, utils/ and configs/ with probe stage scripts, plus a profile whose data root exists."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "train_neurons.sh", repo)
+    shutil.copytree(REPO / "utils", repo / "utils", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "configs", repo / "configs")
+    for stage, script in SCRIPTS.items():
+        (repo / script).write_text(PROBE.replace("STAGE", stage))
+    (tmp_path / "data").mkdir()
+    (repo / "ok.yaml").write_text(
+        f"extends: smoke\npaths:\n  data_root: {tmp_path / 'data'}\n  exp_root: {tmp_path}\n"
+    )
+    return repo
+
+
+def test_usage():
+    help_run = drive("-h")
+    assert help_run.returncode == 0 and help_run.stdout.startswith("usage: bash train_neurons.sh")
+    bare = drive()
+    assert bare.returncode == 2 and "usage:" in bare.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["gpu0", "x", "1", "enhance", "1"], "bad GPU 'gpu0'; valid: cpu"),
+        (["0,,1", "x", "1", "enhance", "1"], "bad GPU '0,,1'"),
+        (["cpu", "x y", "1", "enhance", "1"], "bad EXP 'x y'"),
+        (["cpu", "x", "12z", "enhance", "1"], "bad STAGES '12z' (unknown: 'z'); valid characters: 1 2 3 4 5 6 e"),
+        (["cpu", "x", "", "enhance", "1"], "bad STAGES ''"),
+        (["cpu", "x", "1", "self", "1"], "bad MODE 'self'; valid: enhance, motion"),
+        (["cpu", "x", "1", "enhance", "0"], "bad SUBJ '0'; valid: 1, 2, 3"),
+        (["cpu", "x", "1", "enhance", "1", "big"], "bad PROFILE 'big'; valid: paper, toy, smoke"),
+        (["cpu", "x", "1", "enhance", "1", "missing.yaml"], "bad PROFILE 'missing.yaml': file not found"),
+        (["cpu", "x", "1", "enhance"], "expected 5 or 6 arguments"),
+    ],
+)
+def test_invalid_arguments(args, message):
+    result = drive(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stages_run_in_fixed_order_with_logs(probe_repo: Path, tmp_path: Path):
+    result = drive("cpu", "demo", "e61", "motion", "2", "ok.yaml", cwd=probe_repo)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "order.txt").read_text().split("\n")[:-1] == ["1 2 motion", "6 2 motion", "e 2 motion"]
+    logs = sorted((tmp_path / "exp_demo" / "subj_2" / "logs").iterdir())
+    names = [p.name for p in logs]
+    assert all(re.fullmatch(r"stage[16e]_\d{8}-\d{6}\.log", n) for n in names) and len(names) == 3
+    assert "probe stage 6 ran" in next(p for p in logs if p.name.startswith("stage6")).read_text()
+
+
+def test_a_failing_stage_stops_the_run(probe_repo: Path, tmp_path: Path):
+    broken = probe_repo / "broken.yaml"
+    broken.write_text(f"extends: ok.yaml\nstage2:\n  paths:\n    data_root: {tmp_path / 'nowhere'}\n")
+    result = drive("cpu", "demo", "123", "enhance", "1", "broken.yaml", cwd=probe_repo)
+    assert result.returncode != 0
+    assert (tmp_path / "order.txt").read_text() == "1 1 enhance\n"  # stage 3 never ran
+    match = re.search(r"error: stage 2 \(decoupler\) failed with exit status 1; see (\S+)", result.stderr)
+    assert match, result.stderr
+    log = Path(match.group(1))
+    assert "DataError: data root" in log.read_text() and log.name.startswith("stage2_")
+
+
+def test_missing_stage_script_is_refused_before_anything_runs(probe_repo: Path, tmp_path: Path):
+    (probe_repo / "recon_video.py").unlink()
+    result = drive("cpu", "demo", "15", "enhance", "1", "ok.yaml", cwd=probe_repo)
+    assert result.returncode == 2 and "stage 5 (video reconstruction) is not available" in result.stderr
+    assert not (tmp_path / "order.txt").exists()
+
+
+def test_gpu_list_uses_accelerate_for_multi_device_stages(probe_repo: Path, tmp_path: Path):
+    """With a fake interpreter we can see the command lines without any GPU."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$CUDA_VISIBLE_DEVICES :: $*" >> {tmp_path}/calls.txt\n'
+                    f'if [[ "$1" == "-c" ]]; then exec {sys.executable} "$@"; fi\n')  # fmt: skip
+    fake.chmod(0o755)
+    result = drive("0,1", "demo", "16", "enhance", "1", "ok.yaml", cwd=probe_repo, env={"PYTHON": str(fake)})
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    stage1 = next(c for c in calls if "train_neurons.py" in c)
+    stage6 = next(c for c in calls if "eval_metrics.py" in c)
+    assert stage1.startswith("0,1 :: -m accelerate.commands.launch --num_processes 2")
+    assert stage6.startswith("0,1 :: -u ") and "accelerate.commands" not in stage6
+
+
+def test_stage_script_runs_on_its_own(probe_repo: Path, tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(probe_repo)}
+    cmd = [sys.executable, "train_neurons.py", "--profile", "ok.yaml", "--subj", "3", "--exp", "solo"]
+    result = subprocess.run(
+        [*cmd, "--set", "train.batch_size=2"], cwd=probe_repo, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "exp_solo" / "subj_3" / "logs").is_dir()  # a standalone run logs into the run folder
+    bad = subprocess.run([*cmd, "--set", "train.batchsize=2"], cwd=probe_repo, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: ConfigError: unknown config key 'train.batchsize' in --set train.batchsize=2; "
+        "fix: did you mean 'train.batch_size'?"
+    )

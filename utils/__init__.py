@@ -1,0 +1,1 @@
+"""Plain helpers shared by every stage: config, I/O, manifests, run folders, errors."""

@@ -1,0 +1,105 @@
+"""Command-line entry points: one parser shape for every stage and one-line errors.
+
+A stage script is ``main(cfg)`` plus::
+
+    if __name__ == "__main__":
+        sys.exit(run_stage("1", main, __doc__))
+
+Expected failures (:class:`NeuronsError`) print ``error: <cause>; fix: <fix>`` on one line and return the error's
+exit status; configuration errors return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from utils.config import config_hash, load_config, to_yaml
+from utils.errors import NeuronsError
+from utils.manifest import StageRecorder
+from utils.runs import RunPaths, config_record, run_lock, save_resolved_config, setup_logging, stage_log_path
+from utils.stage_configs import STAGE_NAMES
+
+log = logging.getLogger("neurons")
+
+DRIVER_LOG_ENV = "NEURONS_DRIVER_LOG"  # set by train_neurons.sh, which tees the output into the run's logs/
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit status 2) instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def stage_parser(stage: str, description: str | None) -> OneLineParser:
+    parser = OneLineParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, prog=Path(sys.argv[0]).name
+    )
+    parser.add_argument("--profile", default="paper", help="paper (default), toy, smoke, or a path to a YAML file")
+    parser.add_argument("--subj", type=int, choices=(1, 2, 3), help="subject (1, 2 or 3)")
+    parser.add_argument("--exp", help="experiment name: the run folder is <exp_root>/exp_<EXP>/subj_<SUBJ>/")
+    parser.add_argument("--mode", choices=("enhance", "motion"), help="inference mode (stages 3-6, e)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def report_error(err: NeuronsError) -> int:
+    print(f"error: {type(err).__name__}: {err.one_line()}", file=sys.stderr, flush=True)
+    return err.exit_code
+
+
+def run_stage(
+    stage: str,
+    main: Callable[[Any], None],
+    description: str | None = None,
+    argv: Sequence[str] | None = None,
+    parser: OneLineParser | None = None,
+) -> int:
+    """Parse arguments, build the config, set up logging and the run lock, then call ``main(cfg)``."""
+    parser = parser or stage_parser(stage, description)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(stage, args.profile, args.overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        paths = RunPaths.from_config(cfg)
+        setup_logging(cfg.run.log_level, None if os.environ.get(DRIVER_LOG_ENV) else stage_log_path(paths, stage))
+        log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_NAMES[stage], paths.root,
+                 cfg.run.profile, config_hash(cfg))  # fmt: skip
+        with run_lock(paths.root, stage):
+            main(cfg)
+        return 0
+    except NeuronsError as err:
+        return report_error(err)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the stage (training resumes with --set train.resume=true)", file=sys.stderr)
+        return 130
+
+
+def run_dir_of(argv: Sequence[str]) -> Path:
+    """The run folder that a stage invoked with ``argv`` would use (the driver asks this before it runs anything)."""
+    args = stage_parser("1", None).parse_args(argv)
+    try:
+        cfg = load_config("1", args.profile, args.overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
+    except NeuronsError as err:
+        sys.exit(report_error(err))
+    return RunPaths.from_config(cfg).root
+
+
+def begin_stage(cfg: Any, stage: str, depends_on: Sequence[str] = ()) -> tuple[RunPaths, StageRecorder]:
+    """Call once the inputs are validated: saves the resolved config and starts the stage's manifest."""
+    paths = RunPaths.from_config(cfg)
+    save_resolved_config(cfg, stage, paths)
+    record = config_record(cfg)
+    recorder = StageRecorder(stage, paths.stage_dir(stage), record["hash"], record["config"], depends_on)
+    return paths, recorder.begin()

@@ -1,0 +1,120 @@
+"""Run folders, the run lock and logging.
+
+``run = <exp_root>/exp_<EXP>/subj_<SUBJ>/`` holds ``config/stage<k>.yaml``, ``logs/``, and one folder per stage:
+``stage1/``, ``stage2/`` (mode-independent) and ``stage3_<mode>/`` ... ``diagnostics_<mode>/`` (mode-dependent, so
+modes never overwrite each other).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.config import config_hash, run_dir, to_dict, to_yaml
+from utils.errors import RunLockedError
+from utils.io import atomic_write_text
+from utils.stage_configs import STAGE_CONFIGS
+
+MODE_INDEPENDENT = ("1", "2")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    mode: str
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RunPaths:
+        return cls(run_dir(cfg), cfg.run.mode)
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage in MODE_INDEPENDENT:
+            return self.root / f"stage{stage}"
+        if stage == "6":
+            return self.root / f"eval_{self.mode}"
+        if stage == "e":
+            return self.root / f"diagnostics_{self.mode}"
+        return self.root / f"stage{stage}_{self.mode}"
+
+    def stage_dirs(self) -> dict[str, Path]:
+        return {key: self.stage_dir(key) for key in STAGE_CONFIGS}
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+
+def rerun_hint(cfg: Any) -> str:
+    """Format string (``{stage}``) telling the user how to rerun a stage of this run."""
+    r = cfg.run
+    return f"rerun stage {{stage}}: bash train_neurons.sh <GPU> {r.exp} {{stage}} {r.mode} {r.subj} {r.profile}"
+
+
+def save_resolved_config(cfg: Any, stage: str, paths: RunPaths) -> Path:
+    """Write ``config/stage<k>.yaml`` (atomically) and say so when it replaces a different config."""
+    target = paths.config_dir / f"stage{stage}.yaml"
+    text = f"# resolved config of stage {stage}, hash {config_hash(cfg)}\n" + to_yaml(cfg)
+    if target.exists() and target.read_text() != text:
+        logging.getLogger(__name__).info("stage %s config changed since the last run; %s is replaced", stage, target)
+    return atomic_write_text(target, text)
+
+
+@contextlib.contextmanager
+def run_lock(root: Path, stage: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the run folder; a second writer fails at once. The OS frees it if we die."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / ".lock"
+    fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunLockedError(
+            f"run folder {root} is in use by {holder}", "wait for it to finish or use another --exp"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} (stage {stage})\n")
+        fh.flush()
+        yield lock_path
+    finally:
+        fh.seek(0)
+        fh.truncate()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    """Log to stdout, and to ``log_file`` when given (the driver tees stdout itself and passes none)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format=LOG_FORMAT, handlers=handlers, force=True)
+    for noisy in ("urllib3", "PIL", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_log_path(paths: RunPaths, stage: str) -> Path:
+    return paths.logs_dir / f"stage{stage}_{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def config_record(cfg: Any) -> dict[str, Any]:
+    """What a manifest or checkpoint stores about the config."""
+    return {"hash": config_hash(cfg), "config": to_dict(cfg)}

@@ -1,0 +1,269 @@
+"""The typed config of every stage. Defaults are the paper's values (upstream spec §1.2, §3, §11).
+
+Shared sections (``run``, ``paths``, ``data``, ``model``) appear in every stage config; a profile sets them once at
+its top level. Stage-specific sections (``train``, ``loss_weights``, ``sample``, ...) sit under ``stage<k>:`` in a
+profile and are addressed without that prefix on the command line (``--set train.batch_size=8``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["enhance", "motion"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Identity of a run and how it executes."""
+
+    exp: str = "neurons"
+    subj: Literal[1, 2, 3] = 1
+    mode: Mode = "enhance"
+    profile: str = "paper"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    use_wandb: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where data, weights and runs live; relative paths are taken from the working directory."""
+
+    data_root: str = "cc2017_dataset"
+    weights_root: str = "pretrained_weights"
+    exp_root: str = "EXP"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    caption_source: Literal["blip2", "qwen"] = "blip2"  # upstream trained on BLIP-2 captions since f758cf7 (§2.6)
+    val_fraction: float = 0.1  # held out from the training clips for model selection (fixes defect 16)
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: Literal["paper", "toy", "smoke"] = "paper"  # brain-model size registry key
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 120
+    num_epochs: int = 30
+    max_lr: float = 5e-5
+    weight_decay: float = 0.01
+    lr_scheduler: Literal["cycle", "linear", "constant"] = "cycle"
+    pct_start: float | None = None  # None: 2 / num_epochs, as upstream
+    final_div_factor: float = 1000.0
+    cycle_momentum: bool = True  # upstream OneCycleLR cycles AdamW beta1 (defect 20); kept for fidelity
+    grad_clip: float | None = None
+    ckpt_every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class Stage1Train(OptimConfig):
+    mixup_pct: float = 1.0  # BiMixCo for the whole run
+    bimixco_beta: float = 0.15
+    bimixco_prob: float = 0.5
+    temp_image: float = 0.006
+    temp_text: float = 0.1
+    text_weight: float = 0.25
+    mixco_self_partner_quirk: bool = False  # defect 17: MindEye overwrites the diagonal when a sample is its partner
+
+
+@dataclass(frozen=True)
+class Stage2Train(OptimConfig):
+    batch_size: int = 10
+    num_epochs: int = 50
+    mixup_pct: float = 0.0
+    softclip_temp_start: float = 0.004
+    softclip_temp_end: float = 0.0075
+    temp_text: float = 0.1
+    caption_max_len: int = 60
+    caption_label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class Stage2LossWeights:
+    prior: float = 30.0
+    video_softclip: float = 1.0
+    text_nce: float = 1.0
+    dice: float = 1.0
+    concepts: float = 1.0
+    caption: float = 1.0
+    latent: float = 1.0
+
+
+@dataclass(frozen=True)
+class ProgressiveConfig:
+    """Progressive task weights (§3.5): inside a task's window the weight rises 1 -> peak -> 1 as |sin|."""
+
+    enabled: bool = True
+    peak: float = 10.0
+    window_epochs: int = 20
+    starts: dict[str, int] = field(default_factory=lambda: {"dice": 0, "concepts": 10, "caption": 20, "latent": 30})
+
+
+@dataclass(frozen=True)
+class UpstreamFlags:
+    """Reproduce an upstream defect exactly (see the spec's defect list); the defaults are the corrected behaviour."""
+
+    text_attention: Literal["own", "batch"] = "own"  # defect 14
+    temporal_scope: Literal["clip", "batch"] = "clip"  # defect 15
+    caption_pad: Literal["dedicated", "clip_zero"] = "dedicated"  # defect 21
+    dice_reduction: Literal["sample", "batch"] = "sample"  # defect 23
+    concept_names: Literal["fine", "coarse"] = "fine"  # defect 22
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: Stage1Train = field(default_factory=Stage1Train)
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: Stage2Train = field(default_factory=Stage2Train)
+    loss_weights: Stage2LossWeights = field(default_factory=Stage2LossWeights)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
+
+
+@dataclass(frozen=True)
+class Stage3Sample:
+    batch_size: int = 20
+    prior_steps: int = 100
+    unclip_steps: int = 38
+    unclip_guidance: float = 5.0
+    unclip_size: int = 768  # generated at this size, stored at keyframe_size
+    keyframe_size: int = 256
+    caption_decoding: Literal["greedy", "beam"] = "greedy"
+    caption_beams: int = 3
+    caption_max_tokens: int = 30
+    caption_max_tokens_enhance: int = 60
+    mask_soft_low: float = 0.5  # enhance soft mask values {low, 1}
+    num_previews: int = 16
+
+
+@dataclass(frozen=True)
+class Stage3Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: Stage3Sample = field(default_factory=Stage3Sample)
+    upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
+
+
+@dataclass(frozen=True)
+class Stage4Caption:
+    batch_size: int = 20
+    max_new_tokens: int = 30
+
+
+@dataclass(frozen=True)
+class Stage4Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    caption: Stage4Caption = field(default_factory=Stage4Caption)
+
+
+@dataclass(frozen=True)
+class Stage5Video:
+    num_frames: int = 16
+    resolution: int = 256
+    steps: int = 25
+    guidance: float = 8.5
+    strength: float = 0.3  # a real img2img strength (fixes defect 26)
+    lora_scale: float = 1.0
+    controlnet_scale: float = 1.0
+    prompt_suffix: str = ", 8k uhd, dslr, soft lighting, high quality, film grain, Fujifilm XT3"
+    negative_prompt: str = (
+        "semi-realistic, cgi, 3d, render, sketch, cartoon, drawing, anime, text, close up, cropped, out of frame, "
+        "worst quality, low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, "
+        "mutated hands, poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "
+        "bad proportions, "
+        "extra limbs, cloned face, disfigured, gross proportions, malformed limbs, missing arms, missing legs, "
+        "extra arms, extra legs, fused fingers, too many fingers, long neck"
+    )
+    eval_frames: tuple[int, ...] = (4, 6, 8, 10, 12, 14)
+    caption_source: Literal["auto", "blip2", "gpt2"] = "auto"  # auto: stage 4 when current, else stage 3
+
+
+@dataclass(frozen=True)
+class Stage5Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: Stage5Video = field(default_factory=Stage5Video)
+
+
+@dataclass(frozen=True)
+class Stage6Eval:
+    protocol: Literal["standard", "neurons"] = "standard"
+    n_trials: int = 100
+    ways: tuple[int, ...] = (2, 50)
+    top_k: int = 1
+    seed: int = 0
+    report_samples: int = 8
+
+
+@dataclass(frozen=True)
+class Stage6Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: Stage6Eval = field(default_factory=Stage6Eval)
+
+
+@dataclass(frozen=True)
+class DiagnosticsSample:
+    batch_size: int = 20
+    num_previews: int = 16
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: DiagnosticsSample = field(default_factory=DiagnosticsSample)
+    upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
+
+
+SHARED_SECTIONS = ("run", "paths", "data", "model", "world")
+
+STAGE_CONFIGS: dict[str, type] = {
+    "1": Stage1Config,
+    "2": Stage2Config,
+    "3": Stage3Config,
+    "4": Stage4Config,
+    "5": Stage5Config,
+    "6": Stage6Config,
+    "e": DiagnosticsConfig,
+}
+STAGE_SECTIONS = {key: f"stage{key}" for key in STAGE_CONFIGS}
+STAGE_NAMES = {
+    "1": "brain model",
+    "2": "decoupler",
+    "3": "decoupled reconstruction",
+    "4": "BLIP-2 captions",
+    "5": "video reconstruction",
+    "6": "metrics",
+    "e": "diagnostics",
+}
