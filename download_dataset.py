@@ -1,0 +1,130 @@
+"""Get the data (and list the weights) that a profile needs.
+
+    python download_dataset.py                         # the real cc2017 data + NEURONS annotations (paper profile)
+    python download_dataset.py --toy --profile toy     # build the toy cortex world (smoke: --profile smoke)
+    python download_dataset.py --weights               # every weight file of the paper profile, with its source
+
+Real files are downloaded only when the hub can be reached; otherwise the script prints exactly which files are needed,
+where to get them and where to put them, and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+from utils.cli import OneLineParser, report_error
+from utils.config import load_config
+from utils.data_catalog import DataFile, dataset_files, human_size, is_present, missing_files
+from utils.errors import ConfigError, DataError, NeuronsError
+from utils.runs import setup_logging
+
+log = logging.getLogger("download_dataset")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--toy", action="store_true", help="build the toy cortex world instead of downloading cc2017")
+    what.add_argument("--weights", action="store_true", help="list (and fetch when possible) the paper weights")
+    parser.add_argument("--profile", help="paper (default), toy, smoke or a YAML path; --toy defaults to toy")
+    parser.add_argument("--out", help="output folder (default: the profile's paths.data_root)")
+    parser.add_argument("--subj", type=int, choices=(1, 2, 3), action="append", help="real data: subjects (all)")
+    parser.add_argument("--check", action="store_true", help="only report what is missing; download nothing")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def build_toy(args) -> int:
+    from tasks_construction.toy_cortex import build_world
+
+    cfg = load_config("world", args.profile or "toy", args.overrides)
+    if cfg.model.size == "paper":
+        raise ConfigError(
+            f"profile '{cfg.run.profile}' is the real cc2017 world", "use --profile toy or --profile smoke with --toy"
+        )
+    out = Path(args.out or cfg.paths.data_root)
+    summary = build_world(cfg.world, out)
+    ceiling = summary.get("ceiling", {})
+    log.info("toy cortex world ready in %s", out)
+    for subj, scores in sorted(ceiling.items()):
+        log.info("noise ceiling %s: %s", subj, scores)
+    return 0
+
+
+def hub_reachable() -> bool:
+    """True when the Hugging Face hub answers within a few seconds (never when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().repo_info("gongzx/cc2017_dataset", repo_type="dataset", timeout=5)
+        return True
+    except Exception as err:  # any network or auth failure means: print the list instead
+        log.info("hub not reachable (%s)", type(err).__name__)
+        return False
+
+
+def fetch(entry: DataFile, root: Path) -> None:
+    from huggingface_hub import hf_hub_download  # the one place where the project downloads data
+
+    log.info("downloading %s (%s) from %s", entry.relpath, human_size(entry.approx_bytes), entry.repo)
+    path = Path(hf_hub_download(entry.repo, entry.relpath, repo_type=entry.repo_type, local_dir=root))
+    if entry.extract:
+        with tarfile.open(path) as tar:
+            tar.extractall(path.parent, filter="data")
+
+
+def real_data(args) -> int:
+    cfg = load_config("1", args.profile or "paper", args.overrides)
+    root = Path(args.out or cfg.paths.data_root)
+    subjects = tuple(sorted(set(args.subj or (1, 2, 3))))
+    missing = missing_files(root, subjects)
+    for entry in dataset_files(subjects):
+        state = "missing" if entry in missing else "present"
+        print(f"{state:8s} {human_size(entry.approx_bytes):>9s}  {root / entry.relpath}  <- {entry.source}")
+    if not missing:
+        print(f"all {len(dataset_files(subjects))} files are in {root}")
+        return 0
+    if args.check or not hub_reachable():
+        print(f"\n{len(missing)} file(s) missing and the hub cannot be reached from here. Get them with:")
+        for entry in missing:
+            print(f"  {entry.hint(root)}")
+        print("then unpack masks/*.tar.gz in place (tar -xzf FILE -C masks/).")
+        return 1
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in missing:
+        fetch(entry, root)
+    still = [e.relpath for e in missing if not is_present(e, root)]
+    if still:
+        raise DataError(f"download finished but {', '.join(still)} are still missing in {root}", "rerun the download")
+    return 0
+
+
+def list_weights(args) -> int:
+    from models.foundation.catalog import print_catalog
+
+    cfg = load_config("1", args.profile or "paper", args.overrides)
+    return print_catalog(Path(cfg.paths.weights_root))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("INFO")
+    try:
+        if args.toy:
+            return build_toy(args)
+        if args.weights:
+            return list_weights(args)
+        return real_data(args)
+    except NeuronsError as err:
+        return report_error(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

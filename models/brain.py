@@ -1,0 +1,245 @@
+"""The NEURONS brain model: ridge, MindEye2 backbone, diffusion prior and the decoupled task heads.
+
+Build it with ``NeuronsBrainModel(brain_config(size, n_voxels=..., n_classes=..., dims=...))``. Attribute names are
+MindEye2's / upstream NEURONS' (`ridge.linears.<i>`, `backbone.mixer_blocks1`, `backbone.backbone_linear`,
+`backbone.clip_proj`, `diffusion_prior.net`, ...) so MindEye2's `last.pth` maps onto it (`models.mindeye2_keymap`).
+
+Shapes: voxels (B, R, V) with R = `seq_len` (1), CLIP tokens (B, T, D), per-frame tokens (B, F, T, D),
+caption embeddings (B, Dt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2PreTrainedModel
+
+from models.heads import CLIPProj, MotionProj, MultiLabelClassifier, TextDecoder, caption_labels
+from models.prior import BrainDiffusionPrior, GainLayerNorm, Generators, MultiQueryAttention, PriorNetwork
+from models.sizes import BrainConfig
+from models.video_decoder import SpatioTemporalAttention, TextDrivenDecoder
+
+
+class RidgeRegression(nn.Module):
+    """One Linear(V_s → hidden) per subject s. x (B, R, V_s) → (B, R, hidden)."""
+
+    def __init__(self, n_voxels: Sequence[int], hidden_dim: int):
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(v, hidden_dim) for v in n_voxels)
+
+    def forward(self, x: torch.Tensor, subj_idx: int = 0) -> torch.Tensor:
+        return self.linears[subj_idx](x)
+
+
+class MindEyeBackbone(nn.Module):
+    """MindEye2 `BrainNetwork` without its blurry branch.
+
+    x (B, R, hidden) → (voxels_embed, clip_embeds), each (B, T, D).
+
+    mixer_blocks1 mix the hidden channels (LN → Linear → GELU → Dropout → Linear); mixer_blocks2 act on the R axis
+    (degenerate for R = 1 but kept so the checkpoint loads). Each branch's residual is that branch's previous output.
+    """
+
+    def __init__(self, hidden_dim: int, seq_len: int, n_blocks: int, clip_tokens: int, clip_dim: int, drop: float):
+        super().__init__()
+        self.clip_tokens, self.clip_dim = clip_tokens, clip_dim
+        self.mixer_blocks1 = nn.ModuleList(self._mixer(hidden_dim, drop) for _ in range(n_blocks))
+        self.mixer_blocks2 = nn.ModuleList(self._mixer(seq_len, drop) for _ in range(n_blocks))
+        self.backbone_linear = nn.Linear(hidden_dim * seq_len, clip_tokens * clip_dim)
+        self.clip_proj = nn.Sequential(
+            nn.LayerNorm(clip_dim), nn.GELU(), nn.Linear(clip_dim, clip_dim),
+            nn.LayerNorm(clip_dim), nn.GELU(), nn.Linear(clip_dim, clip_dim),
+            nn.LayerNorm(clip_dim), nn.GELU(), nn.Linear(clip_dim, clip_dim),
+        )
+
+    @staticmethod
+    def _mixer(width: int, drop: float) -> nn.Sequential:
+        mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(drop), nn.Linear(width, width))
+        return nn.Sequential(nn.LayerNorm(width), mlp)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual1 = x  # (B, R, H)
+        residual2 = x.transpose(1, 2)  # (B, H, R)
+        for block1, block2 in zip(self.mixer_blocks1, self.mixer_blocks2):
+            x = block1(x) + residual1
+            residual1 = x
+            x = block2(x.transpose(1, 2)) + residual2
+            residual2 = x
+            x = x.transpose(1, 2)
+        voxels_embed = self.backbone_linear(x.flatten(1)).view(len(x), self.clip_tokens, self.clip_dim)  # (B, T, D)
+        return voxels_embed, self.clip_proj(voxels_embed)
+
+
+class NeuronsBrainModel(nn.Module):
+    """Container of the NEURONS brain-side modules; only `cfg.parts` are built (stage 1 needs ridge/backbone/clipproj).
+
+    gpt2: an already-built `GPT2LMHeadModel` for `text_dec` (e.g. the pretrained foundation model); when None one is
+      built from `cfg.dims.gpt2` with random weights.
+    """
+
+    def __init__(self, cfg: BrainConfig, gpt2: GPT2LMHeadModel | None = None):
+        super().__init__()
+        self.cfg = cfg
+        w, d = cfg.widths, cfg.dims
+        parts = set(cfg.parts)
+        if "ridge" in parts:
+            self.ridge = RidgeRegression(cfg.n_voxels, w.hidden_dim)
+        if "backbone" in parts:
+            self.backbone = MindEyeBackbone(w.hidden_dim, cfg.seq_len, w.n_blocks, d.clip_tokens, d.clip_dim,
+                                            w.backbone_dropout)
+        if "clipproj" in parts:
+            self.clipproj = CLIPProj(d.clip_dim, d.text_dim)
+        if "diffusion_prior" in parts:
+            self.diffusion_prior = BrainDiffusionPrior(d.clip_dim, d.clip_tokens, w.prior)
+        if "motion_proj" in parts:
+            self.motion_proj = MotionProj(d.clip_dim, cfg.n_frames)
+        if "classifier" in parts:
+            self.classifier = MultiLabelClassifier(d.clip_dim, d.text_dim, cfg.n_classes)
+        if "text_seg_dec" in parts:
+            self.text_seg_dec = TextDrivenDecoder(d.clip_dim, d.text_dim, d.latent_channels, w.decoder)
+        initialize_weights(self)
+        if "text_dec" in parts:  # after initialize_weights: GPT-2 keeps its own (or pretrained) initialisation
+            self.text_dec = TextDecoder(d.text_dim, gpt2 if gpt2 is not None else build_gpt2(cfg))
+            initialize_weights(self.text_dec.clip_project)
+
+    # ---- stage 1 -------------------------------------------------------------------------------------------------
+    def encode(self, voxels: torch.Tensor, subj_idx: int = 0) -> torch.Tensor:
+        """voxels (B, R, V) or (B, V) → `clip_vision_embeds` (B, T, D) (backbone's clip_proj output)."""
+        if voxels.ndim == 2:
+            voxels = voxels[:, None]
+        return self.backbone(self.ridge(voxels, subj_idx))[1]
+
+    def text_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP tokens (B, T, D) or per-frame tokens (B, F, T, D) (averaged over frames) → (B, Dt), unnormalised."""
+        if tokens.ndim == 4:
+            tokens = tokens.mean(dim=1)
+        return self.clipproj(tokens)
+
+    # ---- stage 2 / 3 heads ---------------------------------------------------------------------------------------
+    def motion(self, prior_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) → per-frame "motion" tokens (B, F, T, D)."""
+        return self.motion_proj(prior_tokens)
+
+    def concept_logits(self, motion: torch.Tensor) -> torch.Tensor:
+        """(B, F, T, D) → (B, n_classes)."""
+        return self.classifier(motion)
+
+    def decode_masks(self, motion: torch.Tensor, key_text: torch.Tensor) -> torch.Tensor:
+        """motion (B, F, T, D), key-object text embedding (B, Dt) → mask logits (B, F, 1, S, S)."""
+        return self.text_seg_dec(motion, key_text, head="seg")
+
+    def decode_latents(self, motion: torch.Tensor, text: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
+        """motion (B, F, T, D), caption vector (B, Dt) → VAE latents (B, F, C, s, s), nearest-resized to `out_size`
+        (default the VAE latent size)."""
+        lat = self.text_seg_dec(motion, text, head="recon")  # (B, F, C, S, S)
+        size = out_size or self.cfg.dims.latent_size
+        b = lat.shape[0]
+        lat = nn.functional.interpolate(lat.flatten(0, 1), size=(size, size), mode="nearest")
+        return lat.view(b, -1, *lat.shape[1:])
+
+    def caption_logits(
+        self, prefix: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """prefix (B, Dt), tokens (B, L) → (logits (B, L, V), labels (B, L) with -100 where ignored).
+
+        Honours `cfg.caption_pad`: "dedicated" uses the attention mask; "clip_zero" (upstream) ignores it.
+        """
+        mask = attention_mask if self.cfg.caption_pad == "dedicated" else None
+        logits = self.text_dec(prefix, tokens, mask)
+        return logits, caption_labels(tokens, attention_mask, self.cfg.caption_pad)
+
+    @torch.no_grad()
+    def decode_clips(
+        self,
+        voxels: torch.Tensor,
+        generators: Generators,
+        key_text: torch.Tensor | None = None,
+        subj_idx: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Brain-only decoding (stage 3): voxels (B, R, V) → dict of prior tokens (B, T, D), motion (B, F, T, D),
+        caption vector (B, Dt), concept logits (B, n_classes), latents (B, F, C, s, s) and, with `key_text` (B, Dt),
+        mask logits (B, F, 1, S, S). Pass one generator per clip for batch-size-independent results."""
+        cond = self.encode(voxels, subj_idx)
+        prior_tokens = self.diffusion_prior.sample(cond, generators)
+        motion = self.motion(prior_tokens)
+        text = self.text_embed(motion)
+        out = {"prior_tokens": prior_tokens, "motion": motion, "caption_vector": text,
+               "concept_logits": self.concept_logits(motion), "latents": self.decode_latents(motion, text)}
+        if key_text is not None:
+            out["mask_logits"] = self.decode_masks(motion, key_text)
+        return out
+
+
+def build_gpt2(cfg: BrainConfig) -> GPT2LMHeadModel:
+    g = cfg.dims.gpt2
+    return GPT2LMHeadModel(GPT2Config(n_embd=g.n_embd, n_layer=g.n_layer, n_head=g.n_head, vocab_size=g.vocab_size,
+                                      n_positions=g.n_positions))
+
+
+@torch.no_grad()
+def initialize_weights(module: nn.Module) -> None:
+    """All brain-model weight initialisation in one place (GPT-2 excluded: it brings its own or pretrained weights).
+
+    Linear / conv / norm / embedding layers get PyTorch's default init (what MindEye2 and NEURONS use); the learned
+    tables of the prior follow dalle2 / MindEye2 (pos emb N(0, 1/D), nulls N(0, 1)); the frozen CLIP projection gets
+    N(0, 1/D) until its real weights are loaded; the spatio-temporal blend weights start at 1 (pure spatial).
+    """
+    for m in _modules_outside_gpt2(module):
+        if isinstance(m, nn.Linear | nn.Conv2d | nn.LayerNorm | nn.GroupNorm | nn.Embedding):
+            m.reset_parameters()
+        elif isinstance(m, GainLayerNorm):
+            m.g.fill_(1.0)
+        elif isinstance(m, PriorNetwork):
+            m.learned_query.normal_(0.0, m.dim**-0.5)
+            m.null_brain_embeds.normal_()
+            m.null_image_embed.normal_()
+        elif isinstance(m, MultiQueryAttention):
+            m.null_kv.normal_()
+        elif isinstance(m, CLIPProj):
+            m.proj.normal_(0.0, m.proj.shape[0] ** -0.5)
+        elif isinstance(m, SpatioTemporalAttention):
+            m.weight.fill_(1.0)
+        elif isinstance(m, TextDrivenDecoder) and m.null_kv is not None:
+            m.null_kv.normal_(0.0, m.null_kv.shape[1] ** -0.5)
+
+
+def _modules_outside_gpt2(module: nn.Module):
+    """`module.modules()` without descending into any transformers GPT-2 model."""
+    if isinstance(module, GPT2PreTrainedModel):
+        return
+    yield module
+    for child in module.children():
+        yield from _modules_outside_gpt2(child)
+
+
+def parameter_counts(model: NeuronsBrainModel) -> dict[str, int]:
+    """Parameter counts per part, plus the backbone's sub-parts (shared tensors counted once)."""
+    counts = {name: _count(child) for name, child in model.named_children()}
+    if hasattr(model, "backbone"):
+        for sub in ("mixer_blocks1", "mixer_blocks2", "backbone_linear", "clip_proj"):
+            counts[f"backbone.{sub}"] = _count(getattr(model.backbone, sub))
+    counts["total"] = _count(model)
+    return counts
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def clip_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per clip from per-clip integer seeds (`utils.training.clip_seed(base_seed, clip_index)`), so a
+    sampled result does not depend on the batch it was decoded in."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+__all__ = [
+    "MindEyeBackbone",
+    "NeuronsBrainModel",
+    "RidgeRegression",
+    "build_gpt2",
+    "clip_generators",
+    "initialize_weights",
+    "parameter_counts",
+]

@@ -1,0 +1,166 @@
+"""Training plumbing shared by stages 1 and 2: devices, deterministic batching, the LR schedule and metric logs.
+
+The global batch, the LR schedule and the per-epoch data coverage do not depend on the process count: every process
+draws the same seeded permutation of the training clips, each step takes the next ``global_batch`` clips, and process
+``r`` of ``N`` trains on its contiguous share of them. (Upstream divided the step count by the device count but not
+the data, so multi-GPU runs trained on a different schedule.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.errors import ConfigError
+from utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def clip_seed(base_seed: int, index: int) -> int:
+    """Per-clip seed: independent of batch size and process count (design: conventions)."""
+    return (base_seed * 1_000_003 + index * 7_919) % 2**63
+
+
+def build_accelerator(cfg: Any):
+    """An ``accelerate.Accelerator`` for ``cfg.run.device`` / ``cfg.run.mixed_precision``.
+
+    fp16 autocast does not exist on the CPU; there it falls back to full precision (bf16 stays bf16).
+    """
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if cfg.run.device == "cuda" and not cuda:
+        raise ConfigError(
+            "run.device=cuda but CUDA is not available on this machine", "use GPU 'cpu' or --set run.device=cpu"
+        )
+    cpu = cfg.run.device == "cpu" or not cuda
+    precision = cfg.run.mixed_precision
+    if cpu and precision == "fp16":
+        log.info("fp16 is not available on the CPU; training in full precision")
+        precision = "no"
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which clips every process sees at every step of an epoch.
+
+    ``n_items`` training clips, ``global_batch`` clips per optimiser step over all ``num_processes`` processes.
+    """
+
+    n_items: int
+    global_batch: int
+    num_processes: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1:
+            raise ConfigError("the training split is empty", "check data_root and data.val_fraction")
+        if self.global_batch > self.n_items:
+            raise ConfigError(
+                f"batch size {self.global_batch} is larger than the {self.n_items} training clips",
+                f"set train.batch_size to at most {self.n_items}",
+            )
+        if self.global_batch < self.num_processes:
+            raise ConfigError(
+                f"batch size {self.global_batch} is smaller than the {self.num_processes} processes",
+                f"set train.batch_size to at least {self.num_processes}",
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_items / self.global_batch)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+
+    def batches(self, epoch: int, rank: int = 0) -> Iterator[np.ndarray]:
+        """Yield, per step, the clip indices of process ``rank`` (a contiguous share of the global batch)."""
+        order = self.permutation(epoch)
+        for step in range(self.steps_per_epoch):
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
+            yield np.array_split(batch, self.num_processes)[rank]
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):
+    """The upstream schedule: OneCycleLR with warm-up ``pct_start`` (default 2/epochs), cosine annealing."""
+    if train_cfg.lr_scheduler == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if train_cfg.lr_scheduler == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / max(total_steps, 1))
+    pct = train_cfg.pct_start if train_cfg.pct_start is not None else 2 / train_cfg.num_epochs
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=train_cfg.max_lr,
+        total_steps=total_steps,
+        pct_start=min(max(pct, 1 / total_steps), 0.99),
+        final_div_factor=train_cfg.final_div_factor,
+        cycle_momentum=train_cfg.cycle_momentum,
+    )
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (one JSON object per record) with a loss-curve plot."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(dict(record), sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run rewrites them)."""
+        keep = [r for r in self.read() if r.get("step", 0) <= step]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+    def plot(self, out: Path, keys: tuple[str, ...] | None = None) -> Path:
+        """Plot every numeric series (by ``step``) into ``out`` (PNG), one panel per split."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.read()
+        splits = sorted({r.get("split", "train") for r in records})
+        fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(6 * max(len(splits), 1), 4), squeeze=False)
+        for ax, split in zip(axes[0], splits):
+            rows = [r for r in records if r.get("split", "train") == split]
+            names = keys or sorted(
+                {k for r in rows for k, v in r.items() if isinstance(v, int | float)} - {"step", "epoch"}
+            )
+            for name in names:
+                pts = [(r["step"], r[name]) for r in rows if name in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=name)
+            ax.set_title(split)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+        return Path(out)
