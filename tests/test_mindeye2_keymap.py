@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -22,21 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST_NAME = "mindeye2_subj01_last_pth.tsv"
 SUBJ1_VOXELS = 13447  # CC2017 subject 1, as the data would report it
 DROPPED_PREFIXES = (
-    "ridge.", "backbone.blin1.", "backbone.bnorm.", "backbone.bupsampler.", "backbone.b_maps_projector.",
+    "ridge.",
+    "backbone.blin1.",
+    "backbone.bnorm.",
+    "backbone.bupsampler.",
+    "backbone.b_maps_projector.",
 )
 
 
-def _manifest() -> Path | None:
-    shared = ("shared", "fixtures")
-    candidates = (os.environ.get("NEURONS_FIXTURES"), REPO.joinpath(*shared), REPO.parent.joinpath(*shared))
-    for folder in candidates:
-        if folder and (Path(folder) / MANIFEST_NAME).exists():
-            return Path(folder) / MANIFEST_NAME
-    return None
-
-
-MANIFEST = _manifest()
-pytestmark = pytest.mark.skipif(MANIFEST is None, reason="MindEye2 manifest (shared/fixtures) not found")
+MANIFEST = Path(__file__).resolve().parent / "fixtures" / MANIFEST_NAME
 
 
 def manifest_state_dict() -> dict[str, torch.Tensor]:
@@ -78,7 +71,7 @@ def test_manifest_loads_strictly_into_the_paper_model(state_dict, caplog):
     assert report.unexpected == {"backbone": [], "diffusion_prior": []}
     loaded = {f"{t}.{k}" for t, keys in report.loaded.items() for k in keys}
     assert loaded == set(state_dict) - expected_dropped  # everything else is loaded
-    assert set(model.backbone.state_dict()) == {k[len("backbone."):] for k in loaded if k.startswith("backbone.")}
+    assert set(model.backbone.state_dict()) == {k[len("backbone.") :] for k in loaded if k.startswith("backbone.")}
     assert len(model.diffusion_prior.state_dict()) == 85
     assert model.backbone.backbone_linear.weight.shape == (256 * 1664, 4096)
     assert "dropped 88 keys under backbone.bupsampler" in caplog.text
@@ -94,11 +87,13 @@ def test_stage1_model_drops_the_prior_and_reports_why(state_dict):
 
 def test_unknown_keys_and_shape_mismatches_raise(state_dict):
     with pytest.raises(WeightsError, match="match no mapping rule"):
-        load_mindeye2_backbone_prior({**state_dict, "backbone.new_head.weight": torch.empty(1)}, paper_model(),
-                                     assign=True)
+        load_mindeye2_backbone_prior(
+            {**state_dict, "backbone.new_head.weight": torch.empty(1)}, paper_model(), assign=True
+        )
     with torch.device("meta"):
-        small = NeuronsBrainModel(brain_config("smoke", n_voxels=(10,), n_classes=3,
-                                               dims=FoundationDims(16, 24, 20, 4, 6)))
+        small = NeuronsBrainModel(
+            brain_config("smoke", n_voxels=(10,), n_classes=3, dims=FoundationDims(16, 24, 20, 4, 6))
+        )
     with pytest.raises(WeightsError, match="do not fit"):
         load_mindeye2_backbone_prior(state_dict, small, assign=True)
 
@@ -112,8 +107,9 @@ def test_paper_parameter_counts():
     assert counts["ridge"] + counts["backbone"] == pytest.approx(1.94e9, rel=0.01)
     assert counts["diffusion_prior"] == 259_865_200  # + the 16 rotary freqs, kept as a buffer
     assert counts["clipproj"] == 1664 * 1280 and counts["motion_proj"] == 1664 * 1664 * 6 + 1664 * 6
-    trainable_stage2 = sum(counts[p] for p in ("diffusion_prior", "text_dec", "text_seg_dec", "motion_proj",
-                                              "classifier"))
+    trainable_stage2 = sum(
+        counts[p] for p in ("diffusion_prior", "text_dec", "text_seg_dec", "motion_proj", "classifier")
+    )
     assert trainable_stage2 == pytest.approx(0.41e9, rel=0.02)
 
 
@@ -124,11 +120,20 @@ def _mindeye2_blurry_branch() -> nn.Module:
     branch = nn.Module()
     branch.blin1 = nn.Linear(4096, 64 * 7 * 7)
     branch.bnorm = nn.GroupNorm(1, 64)
-    branch.bupsampler = Decoder(in_channels=64, out_channels=4, up_block_types=("UpDecoderBlock2D",) * 3,
-                                block_out_channels=(32, 64, 128), layers_per_block=1)
+    branch.bupsampler = Decoder(
+        in_channels=64,
+        out_channels=4,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+    )
     branch.b_maps_projector = nn.Sequential(
-        nn.Conv2d(64, 512, 1, bias=False), nn.GroupNorm(1, 512), nn.ReLU(),
-        nn.Conv2d(512, 512, 1, bias=False), nn.GroupNorm(1, 512), nn.ReLU(),
+        nn.Conv2d(64, 512, 1, bias=False),
+        nn.GroupNorm(1, 512),
+        nn.ReLU(),
+        nn.Conv2d(512, 512, 1, bias=False),
+        nn.GroupNorm(1, 512),
+        nn.ReLU(),
         nn.Conv2d(512, 512, 1, bias=True),
     )
     return branch
@@ -138,14 +143,17 @@ def test_mindeye2_total_is_reproduced(state_dict):
     """MindEye2's own construction: our backbone + prior with its 15724-voxel ridge, plus its blurry branch."""
     header = manifest_header_numbers()
     with torch.device("meta"):
-        ours = NeuronsBrainModel(brain_config("paper", n_voxels=(15724,), n_classes=51,
-                                              parts=("ridge", "backbone", "diffusion_prior")))
+        ours = NeuronsBrainModel(
+            brain_config("paper", n_voxels=(15724,), n_classes=51, parts=("ridge", "backbone", "diffusion_prior"))
+        )
         blurry = _mindeye2_blurry_branch()
     blurry_sd = {f"backbone.{k}": v for k, v in blurry.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in blurry_sd.items()} == {
-        k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(DROPPED_PREFIXES[1:])}
+        k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(DROPPED_PREFIXES[1:])
+    }
     assert {k: tuple(v.shape) for k, v in ours.ridge.state_dict().items()} == {
-        k[len("ridge."):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith("ridge.")}
+        k[len("ridge.") :]: tuple(v.shape) for k, v in state_dict.items() if k.startswith("ridge.")
+    }
     rotary = ours.diffusion_prior.net.causal_transformer.layers[0][0].rotary_emb.freqs.numel()  # a Parameter there
     total = sum(p.numel() for p in ours.parameters()) + rotary + sum(p.numel() for p in blurry.parameters())
     assert total == header["parameters"] == 2_227_294_844

@@ -1,0 +1,477 @@
+"""Role ``video``: AnimateDiff v3 + SparseCtrl-RGB on RealisticVision V6.0 B1 (SD-1.5), on diffusers, for stage 5.
+
+Paper weights (fixtures/ANIMATEDIFF.md):
+* ``realisticVisionV60B1_v51VAE.safetensors`` (LDM single file) -> UNet image layers, VAE and CLIP text encoder via
+  ``StableDiffusionPipeline.from_single_file(config=configs/sd15_single_file, local_files_only=True)``; the tokenizer
+  is SD-1.5's CLIP BPE, rebuilt in memory from the BPE file inside the open_clip wheel (no hub).
+* ``v3_sd15_adapter.ckpt`` (domain-adapter LoRA, rank 128, old processor key format, no ``unet.`` prefix): merged
+  exactly as AnimateDiff does, ``W[<attn>.<proj>] += scale * up @ down`` (``to_out`` = ``to_out.0``), into the UNet
+  image layers only (not SparseCtrl). ``lora_peft_state_dict`` gives the ``unet.``-prefixed dict that diffusers'
+  ``load_lora_weights`` would take if peft were installed.
+* ``v3_sd15_mm.ckpt`` -> ``MotionAdapter`` and ``v3_sd15_sparsectrl_rgb.ckpt`` -> ``SparseControlNetModel`` through
+  :func:`convert_animatediff` (explicit renames, ``pos_encoder.pe`` -> ``pos_embed.pe``) and a strict load.
+* Parity patch (on by default): diffusers' ``AnimateDiffTransformer3D`` GroupNorm pools statistics over all frames,
+  AnimateDiff/NeuroClips normalise each frame; :func:`apply_per_frame_norm` swaps the class of those 20 (UNet) + 8
+  (SparseCtrl) norms for :class:`PerFrameGroupNorm` (same keys).
+* DDIM: ``beta_schedule="linear"``, 0.00085 -> 0.012, ``steps_offset=1``, no clipping, "leading" spacing, eta 0.
+
+A toy builder returns ``VideoRole(tiny UNetMotionModel, tiny SparseControlNetModel, tiny AutoencoderKL,
+tiny CLIPTextModel, tokenizer)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.foundation.catalog import entries, resolve
+from models.foundation.common import (
+    build_empty,
+    config_path,
+    finish,
+    load_strict,
+    log_dropped,
+    read_checkpoint,
+    read_json_config,
+    unwrap_state_dict,
+)
+from models.foundation.registry import register
+from utils.errors import WeightsError
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, SparseControlNetModel, UNetMotionModel
+
+log = logging.getLogger(__name__)
+
+MM_FILE = "v3_sd15_mm.ckpt"
+ADAPTER_FILE = "v3_sd15_adapter.ckpt"
+SPARSECTRL_FILE = "v3_sd15_sparsectrl_rgb.ckpt"
+BASE_FILE = "realisticVisionV60B1_v51VAE.safetensors"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# key maps: AnimateDiff (0.11-era) motion modules -> diffusers 0.42
+
+
+_MOTION_RENAMES = (
+    (".temporal_transformer.", "."),
+    (".attention_blocks.0.pos_encoder.pe", ".pos_embed.pe"),
+    (".norms.0.", ".norm1."),
+    (".norms.1.", ".norm2."),
+    (".ff_norm.", ".norm3."),
+    (".attention_blocks.0.", ".attn1."),
+    (".attention_blocks.1.", ".attn2."),
+)
+# diffusers keeps one sinusoid table per transformer block; AnimateDiff's second copy is identical
+_DROP_RE = re.compile(r"\.attention_blocks\.[1-9]\.pos_encoder\.pe$")
+
+
+def convert_animatediff_key(key: str) -> str | None:
+    """One AnimateDiff motion-module / SparseCtrl key -> diffusers key (None: dropped on purpose). Keys outside the
+    motion modules (SparseCtrl image layers) keep their names."""
+    if _DROP_RE.search(key):
+        return None
+    for old, new in _MOTION_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def convert_animatediff(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Motion-module or SparseCtrl state dict -> diffusers ``MotionAdapter`` / ``SparseControlNetModel`` keys."""
+    out, dropped = {}, []
+    for key, value in sd.items():
+        new = convert_animatediff_key(key)
+        if new is None:
+            dropped.append(key)
+        else:
+            out[new] = value
+    log_dropped(what, dropped)
+    return out
+
+
+_LORA_RE = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>down|up)\.weight$")
+
+
+def lora_pairs(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Domain-adapter LoRA -> ``{target weight key: (up, down)}`` with targets named as in
+    ``UNet2DConditionModel`` / ``UNetMotionModel`` (``<attn>.to_q.weight`` ... ``<attn>.to_out.0.weight``)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    bad = []
+    for key, value in sd.items():
+        match = _LORA_RE.match(key)
+        if match is None:
+            bad.append(key)
+            continue
+        proj = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+        parts.setdefault(f"{match['attn']}.{proj}.weight", {})[match["which"]] = value
+    incomplete = sorted(k for k, v in parts.items() if set(v) != {"up", "down"})
+    if bad or incomplete:
+        raise WeightsError(
+            f"domain-adapter LoRA: {len(bad)} unknown keys (e.g. {bad[:2]}), {len(incomplete)} "
+            f"incomplete up/down pairs (e.g. {incomplete[:2]})",
+            "the file is not v3_sd15_adapter.ckpt",
+        )
+    return {k: (v["up"], v["down"]) for k, v in parts.items()}
+
+
+def lora_peft_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``unet.``-prefixed dict that ``pipe.load_lora_weights(d)`` expects (needs peft; not used here)."""
+    return {f"unet.{k}": v for k, v in sd.items()}
+
+
+def check_lora_targets(model_sd: Mapping[str, torch.Tensor], pairs: Mapping[str, tuple]) -> None:
+    """Every LoRA target must be a weight of the model with shape ``(up.out, down.in)``; raise otherwise."""
+    missing = sorted(k for k in pairs if k not in model_sd)
+    shapes = sorted(
+        k
+        for k, (up, down) in pairs.items()
+        if k in model_sd and tuple(model_sd[k].shape) != (up.shape[0], down.shape[1])
+    )
+    ranks = sorted(k for k, (up, down) in pairs.items() if up.shape[1] != down.shape[0])
+    if missing or shapes or ranks:
+        raise WeightsError(
+            f"domain-adapter LoRA: {len(missing)} targets not in the UNet (e.g. {missing[:2]}), "
+            f"{len(shapes)} shape and {len(ranks)} rank mismatches",
+            "check the adapter file",
+        )
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0) -> int:
+    """``W += scale * up @ down`` for every pair (computed in fp32); returns the number of merged layers."""
+    check_lora_targets(model.state_dict(), pairs)
+    for key, (up, down) in pairs.items():
+        weight = model.get_parameter(key)
+        delta = scale * (up.float() @ down.float())
+        weight.copy_(weight.float() + delta.to(weight.device))
+    return len(pairs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-frame GroupNorm (AnimateDiff / NeuroClips parity)
+
+
+class PerFrameGroupNorm(nn.GroupNorm):
+    """GroupNorm that, on 5-D ``(B, C, F, H, W)`` input, normalises every frame on its own (frames folded into the
+    batch), as AnimateDiff's motion modules do. Same parameters and keys as ``nn.GroupNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            return super().forward(x)
+        b, c, f, h, w = x.shape
+        y = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        y = F.group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
+        return y.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def apply_per_frame_norm(model: nn.Module) -> int:
+    """Swap the input GroupNorm of every ``AnimateDiffTransformer3D`` in ``model`` for :class:`PerFrameGroupNorm`
+    (in place, keys unchanged). Returns how many were patched (20 for the v3 UNet, 8 for SparseCtrl-RGB)."""
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, AnimateDiffTransformer3D) and type(module.norm) is nn.GroupNorm:
+            module.norm.__class__ = PerFrameGroupNorm
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tokenizer and scheduler
+
+
+def sd15_tokenizer(max_length: int = 77) -> Any:
+    """SD-1.5's CLIP tokenizer (49408 tokens) built in memory from ``bpe_simple_vocab_16e6.txt.gz`` shipped in the
+    open_clip wheel: byte symbols, the same with ``</w>``, the first 48894 merges, then the two specials."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=max_length,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def make_ddim() -> DDIMScheduler:
+    """AnimateDiff v3 / NeuroClips DDIM (bit-identical timesteps 961, 921, ..., 1 for 25 steps)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# role
+
+
+class VideoRole:
+    """Keyframe-conditioned text-to-video generator. Latent videos are ``(B, C, F, h, w)``; frames ``(B, F, 3, H, W)``
+    in [0, 1]. Attributes: ``num_frames`` (16), ``latent_channels`` (4), ``vae_scale`` (0.18215), ``downsample`` (8),
+    ``text_dim`` (768), ``per_frame_norm``."""
+
+    def __init__(
+        self,
+        unet: UNetMotionModel,
+        controlnet: SparseControlNetModel,
+        vae: AutoencoderKL,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        scheduler: DDIMScheduler | None = None,
+        *,
+        num_frames: int = 16,
+        per_frame_norm: bool = True,
+    ):
+        self.unet, self.controlnet, self.vae = unet, controlnet, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler = scheduler or make_ddim()
+        self.num_frames = num_frames
+        self.latent_channels = int(unet.config.in_channels)
+        self.vae_scale = float(vae.config.scaling_factor)
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.text_dim = int(unet.config.cross_attention_dim)
+        self.per_frame_norm = per_frame_norm
+        if per_frame_norm:
+            n_unet, n_ctrl = apply_per_frame_norm(unet), apply_per_frame_norm(controlnet)
+            log.info("per-frame GroupNorm parity patch: %d UNet + %d SparseCtrl motion norms", n_unet, n_ctrl)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> torch.Tensor:
+        """``list[str]`` (N) -> ``(N, L, text_dim)`` last hidden states of the CLIP text encoder."""
+        ids = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_frames(self, frames01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(..., 3, H, W)`` in [0, 1] -> ``(..., C, H/8, W/8)``: posterior sample of ``2x - 1`` times the scale."""
+        lead = frames01.shape[:-3]
+        x = frames01.reshape(-1, *frames01.shape[-3:]).to(self.device, self.vae.dtype) * 2.0 - 1.0
+        z = self.vae.encode(x).latent_dist.sample(generator=generator) * self.vae_scale
+        return z.reshape(*lead, *z.shape[1:])
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, F, h, w)`` -> ``(B, F, 3, 8h, 8w)`` in [0, 1], decoded frame by frame."""
+        b, _, f = latents.shape[:3]
+        z = latents.permute(0, 2, 1, 3, 4).reshape(b * f, *latents.shape[1:2], *latents.shape[3:])
+        frames = [self.vae.decode(zi[None].to(self.device, self.vae.dtype) / self.vae_scale).sample for zi in z]
+        x = (torch.cat(frames).float() / 2.0 + 0.5).clamp(0.0, 1.0)
+        return x.reshape(b, f, *x.shape[1:])
+
+    @staticmethod
+    def keyframe_condition(
+        key_latents: torch.Tensor, num_frames: int, index: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, h, w)`` keyframe latents -> SparseCtrl ``cond (B, C, F, h, w)`` (zeros except frame ``index``)
+        and ``mask (B, 1, F, h, w)`` (1 at ``index``)."""
+        b, c, h, w = key_latents.shape
+        cond = key_latents.new_zeros(b, c, num_frames, h, w)
+        mask = key_latents.new_zeros(b, 1, num_frames, h, w)
+        cond[:, :, index] = key_latents
+        mask[:, :, index] = 1.0
+        return cond, mask
+
+    def noisy_start(self, init_latents: torch.Tensor, noise: torch.Tensor, num_steps: int = 25) -> torch.Tensor:
+        """NeuroClips "low_strength" start: ``init_latents`` noised at the FIRST timestep of the ``num_steps`` DDIM
+        grid (t = 961 for 25 steps, whatever the strength). ``(B, C, F, h, w)`` -> same."""
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        t0 = self.scheduler.timesteps[:1]
+        return self.scheduler.add_noise(init_latents.to(self.device), noise.to(self.device), t0)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        num_steps: int = 25,
+        guidance: float = 8.5,
+        cond_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """DDIM (eta 0) with CFG [negative, positive] and SparseCtrl residuals.
+        ``latents (B, C, F, h, w)``, embeds ``(B, L, D)``, ``cond (B, C, F, h, w)``, ``cond_mask (B, 1, F, h, w)``
+        -> ``(B, C, F, h, w)``."""
+        sched = self.scheduler
+        sched.set_timesteps(num_steps, device=self.device)
+        x = latents.to(self.device, self.dtype)
+        frames = latents.shape[2]
+        # diffusers 0.42 motion models take per-frame text states (B*F, L, D), as its pipeline repeats them
+        embeds = torch.cat([negative_embeds, prompt_embeds]).repeat_interleave(frames, dim=0)
+        embeds = embeds.to(self.device, self.dtype)
+        cond2 = torch.cat([cond, cond]).to(self.device, self.dtype)
+        mask2 = torch.cat([cond_mask, cond_mask]).to(self.device, self.dtype)
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(torch.cat([x, x]), t)
+            down, mid = self.controlnet(
+                x_in,
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=cond2,
+                conditioning_mask=mask2,
+                conditioning_scale=cond_scale,
+                return_dict=False,
+            )
+            eps = self.unet(
+                x_in,
+                t,
+                encoder_hidden_states=embeds,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
+            eps_u, eps_c = eps.chunk(2)
+            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+        return x
+
+    def generate(
+        self,
+        prompts: list[str],
+        negative_prompt: str,
+        keyframes01: torch.Tensor,
+        init_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_steps: int = 25,
+        guidance: float = 8.5,
+        cond_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Keyframe ``(B, 3, H, W)`` in [0, 1] at frame 0 + captions -> video ``(B, F, 3, H, W)`` in [0, 1].
+        ``init_latents (B, C, F, h, w)`` (e.g. the encoded blurry video) are noised at the first timestep; without
+        them the start is pure noise. RNG order: keyframe VAE sample, then the start noise."""
+        key = self.encode_frames(keyframes01, generator=generator)
+        b, c, h, w = key.shape
+        cond, mask = self.keyframe_condition(key, self.num_frames)
+        shape = (b, c, self.num_frames, h, w)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(shape, generator=generator, device=gen_device).to(self.device)
+        start = noise if init_latents is None else self.noisy_start(init_latents, noise, num_steps)
+        pos = self.encode_prompt(prompts)
+        neg = self.encode_prompt([negative_prompt] * b)
+        out = self.denoise(start, pos, neg, cond, mask, num_steps, guidance, cond_scale)
+        return self.decode_latents(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# paper builder
+
+
+def motion_adapter_config() -> dict:
+    return read_json_config("motion_adapter_v3", "config.json")
+
+
+def sparsectrl_config() -> dict:
+    return read_json_config("sparsectrl_rgb", "config.json")
+
+
+def load_motion_adapter(path: Path) -> MotionAdapter:
+    from diffusers import MotionAdapter
+
+    sd = convert_animatediff(unwrap_state_dict(read_checkpoint(path), path), f"motion module {path.name}")
+    return load_strict(
+        build_empty(lambda: MotionAdapter.from_config(motion_adapter_config())), sd, f"motion module {path.name}"
+    )
+
+
+def load_sparsectrl(path: Path) -> SparseControlNetModel:
+    from diffusers import SparseControlNetModel
+
+    raw = unwrap_state_dict(read_checkpoint(path), path, wrappers=("state_dict", "controlnet"))
+    sd = convert_animatediff(raw, f"SparseCtrl {path.name}")
+    return load_strict(
+        build_empty(lambda: SparseControlNetModel.from_config(sparsectrl_config())), sd, f"SparseCtrl {path.name}"
+    )
+
+
+def load_base_pipeline(path: Path, tokenizer: Any) -> Any:
+    """RealisticVision LDM single file -> diffusers ``StableDiffusionPipeline`` (UNet2D, VAE, text encoder)."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config_path("sd15_single_file")),
+            local_files_only=True,
+            tokenizer=tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise WeightsError(
+            f"cannot load {path} as an SD-1.5 single file ({type(err).__name__}: {str(err)[:200]})",
+            "delete it and download it again with `python download_dataset.py --weights`",
+        ) from err
+
+
+@register("video", "paper")
+def build_paper(
+    weights_root: Path,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    per_frame_norm: bool = True,
+    lora_scale: float = 1.0,
+    num_frames: int = 16,
+    **_: object,
+) -> VideoRole:
+    """Assemble the NeuroClips stage-5 generator from the four local files (see the module docstring)."""
+    from diffusers import UNetMotionModel
+
+    paths = {e.filename: resolve(e, weights_root) for e in entries(["video"])}
+    tokenizer = sd15_tokenizer()
+    pipe = load_base_pipeline(paths[BASE_FILE], tokenizer)
+    adapter_path = paths[ADAPTER_FILE]
+    n = merge_lora(pipe.unet, lora_pairs(unwrap_state_dict(read_checkpoint(adapter_path), adapter_path)), lora_scale)
+    log.info("merged %d domain-adapter LoRA layers at scale %.2f", n, lora_scale)
+    unet = UNetMotionModel.from_unet2d(pipe.unet, load_motion_adapter(paths[MM_FILE]))
+    controlnet = load_sparsectrl(paths[SPARSECTRL_FILE])
+    return VideoRole(
+        finish(unet, device, dtype),
+        finish(controlnet, device, dtype),
+        finish(pipe.vae, device, dtype),
+        finish(pipe.text_encoder, device, dtype),
+        tokenizer,
+        num_frames=num_frames,
+        per_frame_norm=per_frame_norm,
+    )

@@ -1,0 +1,61 @@
+"""Role ``video_classifier``: VideoMAE-B fine-tuned on Kinetics-400 (``MCG-NJU/videomae-base-finetuned-kinetics``),
+loaded with ``num_frames=6`` as upstream does (its position table is the fixed sinusoid, so no weight changes), for the
+video-based n-way semantic metric (upstream §7).
+
+``probs(videos01)``: ``(N, F, 3, H, W)`` in [0, 1] (or uint8), F = ``num_frames`` -> ``(N, num_classes)`` softmax.
+
+A toy builder returns ``VideoClassifierRole(VideoMAEForVideoClassification(tiny), VideoMAEImageProcessor(size=...))``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
+from models.foundation.registry import register
+
+PAPER_NUM_FRAMES = 6
+
+
+class VideoClassifierRole:
+    """Video classifier. Attributes: ``num_classes`` (400), ``num_frames`` (6), ``labels``."""
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+        self.num_classes = int(model.config.num_labels)
+        self.num_frames = int(model.config.num_frames)
+        self.labels = {int(k): v for k, v in model.config.id2label.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def probs(self, videos01: torch.Tensor) -> torch.Tensor:
+        """``(N, F, 3, H, W)`` -> ``(N, num_classes)`` float32 probabilities."""
+        if videos01.shape[1] != self.num_frames:
+            raise ValueError(f"video classifier expects {self.num_frames} frames, got {videos01.shape[1]}")
+        videos = [to_uint8_images(v) for v in videos01]
+        pixels = self.processor(videos, return_tensors="pt")["pixel_values"]
+        logits = self.model(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype)).logits
+        return logits.float().softmax(dim=-1)
+
+
+@register("video_classifier", "paper")
+def build_paper(
+    weights_root: Path,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    num_frames: int = PAPER_NUM_FRAMES,
+    **_: object,
+) -> VideoClassifierRole:
+    from transformers import AutoImageProcessor, VideoMAEForVideoClassification
+
+    local = hf_dir(weights_root, "video_classifier")
+    model = hf_from_pretrained(VideoMAEForVideoClassification, local, "VideoMAE", dtype, num_frames=num_frames)
+    return VideoClassifierRole(finish(model, device, dtype), hf_processor(AutoImageProcessor, local, "VideoMAE"))
