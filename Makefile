@@ -20,11 +20,10 @@ venv:
 		sha256sum requirements.txt > $(STAMP); \
 	fi
 
-# The toy cortex world for subject 1: data, annotations, baseline, then every pipeline stage this checkout has.
+# The toy cortex world: data and key objects, the ridge baseline, then every pipeline stage this checkout has.
 demo: venv
 	$(PY) download_dataset.py --toy --profile $(PROFILE)
-	$(PY) -m tasks_construction.find_key_obj --profile $(PROFILE)
-	$(PY) -m tasks_construction.ridge_baseline --profile $(PROFILE) --subj $(SUBJ)
+	$(PY) -m tasks_construction.ridge_baseline --profile $(PROFILE)
 	@stages=""; for k in 1 2 3 4 5 6 e; do \
 		case $$k in 1) s=train_neurons.py;; 2) s=train_decoupler.py;; 3) s=recon_decoupled.py;; \
 			4) s=caption_blip2.py;; 5) s=recon_video.py;; 6) s=eval_metrics.py;; e) s=gen_decoupled_outputs.py;; esac; \

@@ -24,6 +24,7 @@ from utils.errors import ConfigError, DataError, NeuronsError
 from utils.runs import setup_logging
 
 log = logging.getLogger("download_dataset")
+SPLITS = ("train", "test")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_toy(args) -> int:
+    from tasks_construction import find_key_obj
     from tasks_construction.toy_cortex import build_world
 
     cfg = load_config("world", args.profile or "toy", args.overrides)
@@ -49,6 +51,10 @@ def build_toy(args) -> int:
         )
     out = Path(args.out or cfg.paths.data_root)
     summary = build_world(cfg.world, out)
+    if summary.get("skipped") and all((out / "masks" / f"key_objects_info_{s}.json").exists() for s in SPLITS):
+        log.info("toy cortex world in %s is complete; nothing to do", out)
+    else:
+        find_key_obj.run(out, SPLITS)
     ceiling = summary.get("ceiling", {})
     log.info("toy cortex world ready in %s", out)
     for subj, scores in sorted(ceiling.items()):
@@ -70,11 +76,18 @@ def hub_reachable() -> bool:
         return False
 
 
-def fetch(entry: DataFile, root: Path) -> None:
-    from huggingface_hub import hf_hub_download  # the one place where the project downloads data
+def download(repo: str, filename: str, repo_type: str, target: Path, revision: str | None = None) -> Path:
+    """Fetch one file to ``target`` (the one place where the project downloads anything)."""
+    from huggingface_hub import hf_hub_download
 
-    log.info("downloading %s (%s) from %s", entry.relpath, human_size(entry.approx_bytes), entry.repo)
-    path = Path(hf_hub_download(entry.repo, entry.relpath, repo_type=entry.repo_type, local_dir=root))
+    local_dir = Path(str(target)[: len(str(target)) - len(filename)] or ".")
+    log.info("downloading %s from %s into %s", filename, repo, local_dir)
+    return Path(hf_hub_download(repo, filename, repo_type=repo_type, revision=revision, local_dir=local_dir))
+
+
+def fetch(entry: DataFile, root: Path) -> None:
+    log.info("%s is about %s", entry.relpath, human_size(entry.approx_bytes))
+    path = download(entry.repo, entry.relpath, entry.repo_type, root / entry.relpath)
     if entry.extract:
         with tarfile.open(path) as tar:
             tar.extractall(path.parent, filter="data")
@@ -107,10 +120,25 @@ def real_data(args) -> int:
 
 
 def list_weights(args) -> int:
-    from models.foundation.catalog import print_catalog
+    """Print every paper weight file (role, source, size, local path) and fetch the missing ones when the hub answers;
+    otherwise exit 1 with the command that gets each missing file."""
+    from models.foundation.catalog import describe_missing, missing_weights, print_catalog
 
     cfg = load_config("1", args.profile or "paper", args.overrides)
-    return print_catalog(Path(cfg.paths.weights_root))
+    root = Path(cfg.paths.weights_root)
+    print(print_catalog(root))
+    missing = missing_weights(root)
+    if missing and not args.check and hub_reachable():
+        for entry in missing:
+            download(entry.repo, entry.filename, entry.repo_type, root / entry.relpath, entry.revision)
+        missing = missing_weights(root)
+    if not missing:
+        print(f"all weight files are in {root}")
+        return 0
+    print(f"\n{describe_missing(root)}\nGet them with:")
+    for entry in missing:
+        print(f"  {entry.download_hint(root)}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,9 +49,15 @@ class MindEyeBackbone(nn.Module):
         self.mixer_blocks2 = nn.ModuleList(self._mixer(seq_len, drop) for _ in range(n_blocks))
         self.backbone_linear = nn.Linear(hidden_dim * seq_len, clip_tokens * clip_dim)
         self.clip_proj = nn.Sequential(
-            nn.LayerNorm(clip_dim), nn.GELU(), nn.Linear(clip_dim, clip_dim),
-            nn.LayerNorm(clip_dim), nn.GELU(), nn.Linear(clip_dim, clip_dim),
-            nn.LayerNorm(clip_dim), nn.GELU(), nn.Linear(clip_dim, clip_dim),
+            nn.LayerNorm(clip_dim),
+            nn.GELU(),
+            nn.Linear(clip_dim, clip_dim),
+            nn.LayerNorm(clip_dim),
+            nn.GELU(),
+            nn.Linear(clip_dim, clip_dim),
+            nn.LayerNorm(clip_dim),
+            nn.GELU(),
+            nn.Linear(clip_dim, clip_dim),
         )
 
     @staticmethod
@@ -87,8 +93,9 @@ class NeuronsBrainModel(nn.Module):
         if "ridge" in parts:
             self.ridge = RidgeRegression(cfg.n_voxels, w.hidden_dim)
         if "backbone" in parts:
-            self.backbone = MindEyeBackbone(w.hidden_dim, cfg.seq_len, w.n_blocks, d.clip_tokens, d.clip_dim,
-                                            w.backbone_dropout)
+            self.backbone = MindEyeBackbone(
+                w.hidden_dim, cfg.seq_len, w.n_blocks, d.clip_tokens, d.clip_dim, w.backbone_dropout
+            )
         if "clipproj" in parts:
             self.clipproj = CLIPProj(d.clip_dim, d.text_dim)
         if "diffusion_prior" in parts:
@@ -165,8 +172,13 @@ class NeuronsBrainModel(nn.Module):
         prior_tokens = self.diffusion_prior.sample(cond, generators)
         motion = self.motion(prior_tokens)
         text = self.text_embed(motion)
-        out = {"prior_tokens": prior_tokens, "motion": motion, "caption_vector": text,
-               "concept_logits": self.concept_logits(motion), "latents": self.decode_latents(motion, text)}
+        out = {
+            "prior_tokens": prior_tokens,
+            "motion": motion,
+            "caption_vector": text,
+            "concept_logits": self.concept_logits(motion),
+            "latents": self.decode_latents(motion, text),
+        }
         if key_text is not None:
             out["mask_logits"] = self.decode_masks(motion, key_text)
         return out
@@ -174,8 +186,11 @@ class NeuronsBrainModel(nn.Module):
 
 def build_gpt2(cfg: BrainConfig) -> GPT2LMHeadModel:
     g = cfg.dims.gpt2
-    return GPT2LMHeadModel(GPT2Config(n_embd=g.n_embd, n_layer=g.n_layer, n_head=g.n_head, vocab_size=g.vocab_size,
-                                      n_positions=g.n_positions))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=g.n_embd, n_layer=g.n_layer, n_head=g.n_head, vocab_size=g.vocab_size, n_positions=g.n_positions
+        )
+    )
 
 
 @torch.no_grad()

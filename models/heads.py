@@ -169,8 +169,10 @@ class ConceptNamer:
         if self.mode in ("fine", "upstream") or key_object in self.class_names:
             return key_object
         if key_object not in self.key_object_to_class:
-            raise DataError(f"key object {key_object!r} has no concept class",
-                            "add it to the key-object → class map built by tasks_construction")
+            raise DataError(
+                f"key object {key_object!r} has no concept class",
+                "add it to the key-object → class map built by tasks_construction",
+            )
         return self.key_object_to_class[key_object]
 
     def infer_name(self, class_logits: torch.Tensor) -> list[str]:

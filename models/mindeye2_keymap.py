@@ -77,7 +77,7 @@ def map_mindeye2_keys(
         if rule is not None:
             src, target, dst = rule
             if target in targets:
-                mapped[target][dst + key[len(src):]] = tensor
+                mapped[target][dst + key[len(src) :]] = tensor
             else:
                 dropped[key] = f"model has no {target} (not built for this stage)"
             continue
@@ -113,16 +113,22 @@ def load_mindeye2_backbone_prior(
         try:
             result = getattr(model, target).load_state_dict(mapped[target], strict=True, assign=assign)
         except RuntimeError as err:
-            raise WeightsError(f"MindEye2 weights do not fit the model's {target}: {err}",
-                               "build the model with the paper size and MindEye2's prior config") from err
+            raise WeightsError(
+                f"MindEye2 weights do not fit the model's {target}: {err}",
+                "build the model with the paper size and MindEye2's prior config",
+            ) from err
         report.loaded[target] = sorted(mapped[target])
         report.missing[target] = list(result.missing_keys)
         report.unexpected[target] = list(result.unexpected_keys)
     log.info("MindEye2 weights: %s", report.summary())
     for prefix in sorted({_prefix_of(k) for k in dropped}):
         n = sum(1 for k in dropped if _prefix_of(k) == prefix)
-        log.info("MindEye2 weights: dropped %d keys under %s (%s)", n, prefix,
-                 next(v for k, v in dropped.items() if _prefix_of(k) == prefix))
+        log.info(
+            "MindEye2 weights: dropped %d keys under %s (%s)",
+            n,
+            prefix,
+            next(v for k, v in dropped.items() if _prefix_of(k) == prefix),
+        )
     return report
 
 

@@ -117,11 +117,14 @@ class RelPosBias(nn.Module):
         n = torch.clamp(-rel, min=0)
         max_exact = self.num_buckets // 2
         is_small = n < max_exact
-        large = max_exact + (
-            torch.log(n.clamp(min=1).float() / max_exact)
-            / math.log(self.max_distance / max_exact)
-            * (self.num_buckets - max_exact)
-        ).long()
+        large = (
+            max_exact
+            + (
+                torch.log(n.clamp(min=1).float() / max_exact)
+                / math.log(self.max_distance / max_exact)
+                * (self.num_buckets - max_exact)
+            ).long()
+        )
         large = torch.clamp(large, max=self.num_buckets - 1)
         return torch.where(is_small, n, large)
 
@@ -138,8 +141,15 @@ class MultiQueryAttention(nn.Module):
     A learned null key/value is prepended to the keys. x (B, N, dim) → (B, N, dim).
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, rotary: RotaryEmbedding, cosine_sim_scale: float,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        rotary: RotaryEmbedding,
+        cosine_sim_scale: float,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.heads, self.scale = heads, cosine_sim_scale
         self.norm = GainLayerNorm(dim)
@@ -194,10 +204,12 @@ class PriorTransformer(nn.Module):
         self.rel_pos_bias = RelPosBias(cfg.heads, cfg.rel_pos_buckets, cfg.rel_pos_max_distance)
         rotary = RotaryEmbedding(cfg.rotary_dim)  # shared by every layer, as upstream
         self.layers = nn.ModuleList(
-            nn.ModuleList([
-                MultiQueryAttention(dim, cfg.heads, cfg.dim_head, rotary, cfg.cosine_sim_scale),
-                feed_forward(dim, cfg.ff_mult),
-            ])
+            nn.ModuleList(
+                [
+                    MultiQueryAttention(dim, cfg.heads, cfg.dim_head, rotary, cfg.cosine_sim_scale),
+                    feed_forward(dim, cfg.ff_mult),
+                ]
+            )
             for _ in range(cfg.depth)
         )
         self.norm = GainLayerNorm(dim, stable=True)
@@ -308,13 +320,17 @@ class NoiseScheduler(nn.Module):
         return table.gather(0, t).view(-1, *([1] * (ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (self.extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
-                + self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+        return (
+            self.extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self.extract(self.posterior_mean_coef1, t, xt.ndim) * x0
-                + self.extract(self.posterior_mean_coef2, t, xt.ndim) * xt)
+        mean = (
+            self.extract(self.posterior_mean_coef1, t, xt.ndim) * x0
+            + self.extract(self.posterior_mean_coef2, t, xt.ndim) * xt
+        )
         return mean, self.extract(self.posterior_log_variance_clipped, t, xt.ndim)
 
 
@@ -332,8 +348,12 @@ def randn_per_sample(shape: tuple[int, ...], generator: Generators, device, dtyp
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
-                        for g in _as_list(generator, shape[0])])
+    return torch.stack(
+        [
+            torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
+            for g in _as_list(generator, shape[0])
+        ]
+    )
 
 
 def rand_per_sample(shape: tuple[int, ...], generator: Generators, device, dtype) -> torch.Tensor:
@@ -341,8 +361,12 @@ def rand_per_sample(shape: tuple[int, ...], generator: Generators, device, dtype
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
         return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-    return torch.stack([torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
-                        for g in _as_list(generator, shape[0])])
+    return torch.stack(
+        [
+            torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
+            for g in _as_list(generator, shape[0])
+        ]
+    )
 
 
 class BrainDiffusionPrior(nn.Module):
@@ -368,8 +392,9 @@ class BrainDiffusionPrior(nn.Module):
         noise = randn_per_sample(tuple(image_embed.shape), generator, device, image_embed.dtype)
         noisy = self.noise_scheduler.q_sample(image_embed, times, noise)
         drop = self.cfg.cond_drop_prob if self.training else 0.0
-        pred = self.net(noisy, times, brain_embed, brain_cond_drop_prob=drop, image_cond_drop_prob=drop,
-                        generator=generator)
+        pred = self.net(
+            noisy, times, brain_embed, brain_cond_drop_prob=drop, image_cond_drop_prob=drop, generator=generator
+        )
         return F.mse_loss(pred, image_embed), pred
 
     @torch.no_grad()

@@ -38,7 +38,14 @@ TemporalScope = Literal["clip", "batch"]
 CaptionPad = Literal["dedicated", "clip_zero"]
 
 ALL_PARTS = (
-    "ridge", "backbone", "clipproj", "diffusion_prior", "motion_proj", "classifier", "text_dec", "text_seg_dec",
+    "ridge",
+    "backbone",
+    "clipproj",
+    "diffusion_prior",
+    "motion_proj",
+    "classifier",
+    "text_dec",
+    "text_seg_dec",
 )
 STAGE1_PARTS = ("ridge", "backbone", "clipproj")
 
@@ -225,8 +232,9 @@ def brain_config(
             decoder=replace(widths.decoder, **decoder_overrides),
             prior=replace(widths.prior, **prior_overrides),
         )
-    return BrainConfig(n_voxels=tuple(int(v) for v in n_voxels), n_classes=n_classes, dims=dims, widths=widths,
-                       **overrides)
+    return BrainConfig(
+        n_voxels=tuple(int(v) for v in n_voxels), n_classes=n_classes, dims=dims, widths=widths, **overrides
+    )
 
 
 def _validate(cfg: BrainConfig) -> None:
@@ -237,17 +245,28 @@ def _validate(cfg: BrainConfig) -> None:
     dec = cfg.widths.decoder
     check(len(cfg.n_voxels) >= 1 and min(cfg.n_voxels) > 0, f"bad n_voxels {cfg.n_voxels}", "one count per subject")
     check(cfg.n_classes > 0, f"bad n_classes {cfg.n_classes}", "read it from the concept labels")
-    check(math.isqrt(cfg.clip_tokens) ** 2 == cfg.clip_tokens, f"clip_tokens={cfg.clip_tokens} is not a square grid",
-          "the decoder reshapes tokens to a square map")
+    check(
+        math.isqrt(cfg.clip_tokens) ** 2 == cfg.clip_tokens,
+        f"clip_tokens={cfg.clip_tokens} is not a square grid",
+        "the decoder reshapes tokens to a square map",
+    )
     check(dec.text_attention in ("own", "batch"), f"bad text_attention {dec.text_attention!r}", "use 'own' or 'batch'")
     check(dec.temporal_scope in ("clip", "batch"), f"bad temporal_scope {dec.temporal_scope!r}", "use 'clip'/'batch'")
-    check(cfg.caption_pad in ("dedicated", "clip_zero"), f"bad caption_pad {cfg.caption_pad!r}",
-          "use 'dedicated' or 'clip_zero'")
-    check(all(c % dec.norm_groups == 0 for c in dec.block_out_channels),
-          f"decoder channels {dec.block_out_channels} not divisible by norm_groups={dec.norm_groups}",
-          "pick norm_groups dividing every block width")
+    check(
+        cfg.caption_pad in ("dedicated", "clip_zero"),
+        f"bad caption_pad {cfg.caption_pad!r}",
+        "use 'dedicated' or 'clip_zero'",
+    )
+    check(
+        all(c % dec.norm_groups == 0 for c in dec.block_out_channels),
+        f"decoder channels {dec.block_out_channels} not divisible by norm_groups={dec.norm_groups}",
+        "pick norm_groups dividing every block width",
+    )
     check(len(dec.map_channels) == 3, f"map_channels {dec.map_channels} must have 3 entries", "e.g. (512, 128, 64)")
-    check(cfg.widths.prior.rotary_dim <= cfg.widths.prior.dim_head and cfg.widths.prior.rotary_dim % 2 == 0,
-          "prior rotary_dim must be even and <= dim_head", "e.g. rotary_dim=min(32, dim_head)")
+    check(
+        cfg.widths.prior.rotary_dim <= cfg.widths.prior.dim_head and cfg.widths.prior.rotary_dim % 2 == 0,
+        "prior rotary_dim must be even and <= dim_head",
+        "e.g. rotary_dim=min(32, dim_head)",
+    )
     unknown = set(cfg.parts) - set(ALL_PARTS)
     check(not unknown, f"unknown model parts {sorted(unknown)}", f"choose from {ALL_PARTS}")

@@ -126,8 +126,13 @@ class DecoderVideo(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], cfg.norm_groups)
         self.up_blocks = nn.ModuleList(
-            UpBlock(widths[max(i - 1, 0)], widths[i], cfg.layers_per_block + 1, cfg.norm_groups,
-                    upsample=i < len(widths) - 1)
+            UpBlock(
+                widths[max(i - 1, 0)],
+                widths[i],
+                cfg.layers_per_block + 1,
+                cfg.norm_groups,
+                upsample=i < len(widths) - 1,
+            )
             for i in range(len(widths))
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, widths[-1], eps=1e-6)
@@ -155,8 +160,12 @@ class TextDrivenDecoder(nn.Module):
         self.proj_dropout = nn.Dropout(cfg.attn_dropout)
         m0, m1, m2 = cfg.map_channels
         self.maps_projector = nn.Sequential(
-            nn.Conv2d(text_dim, m0, 1, bias=False), nn.GroupNorm(1, m0), nn.ReLU(),
-            nn.Conv2d(m0, m1, 1, bias=False), nn.GroupNorm(1, m1), nn.ReLU(),
+            nn.Conv2d(text_dim, m0, 1, bias=False),
+            nn.GroupNorm(1, m0),
+            nn.ReLU(),
+            nn.Conv2d(m0, m1, 1, bias=False),
+            nn.GroupNorm(1, m1),
+            nn.ReLU(),
             nn.Conv2d(m1, m2, 1, bias=True),
         )
         self.dropout = nn.Dropout(cfg.map_dropout)

@@ -22,8 +22,14 @@ def clip_seeds(base: int, indices) -> list[torch.Generator]:
     return clip_generators([base * 1000 + i for i in indices])
 
 
-DIMS = FoundationDims(clip_tokens=16, clip_dim=24, text_dim=20, latent_channels=4, latent_size=6,
-                      gpt2=GPT2Dims(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32))
+DIMS = FoundationDims(
+    clip_tokens=16,
+    clip_dim=24,
+    text_dim=20,
+    latent_channels=4,
+    latent_size=6,
+    gpt2=GPT2Dims(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32),
+)
 N_VOX, N_CLS, F_ = 40, 7, 3
 
 
@@ -47,8 +53,13 @@ def model() -> NeuronsBrainModel:
 
 def test_config_registry_and_errors():
     cfg = brain_config("paper", n_voxels=[13447], n_classes=51)
-    assert (cfg.widths.hidden_dim, cfg.clip_tokens, cfg.clip_dim, cfg.text_dim, cfg.n_frames) == (4096, 256, 1664,
-                                                                                                   1280, 6)
+    assert (cfg.widths.hidden_dim, cfg.clip_tokens, cfg.clip_dim, cfg.text_dim, cfg.n_frames) == (
+        4096,
+        256,
+        1664,
+        1280,
+        6,
+    )
     assert (cfg.widths.prior.depth, cfg.widths.prior.heads, cfg.widths.prior.dim_head) == (6, 32, 52)
     assert (cfg.dims.gpt2.n_embd, cfg.decoder_size, cfg.token_grid) == (768, 64, 16)
     with pytest.raises(ConfigError, match="foundation dims"):
@@ -59,8 +70,15 @@ def test_config_registry_and_errors():
         brain_config("smoke", n_voxels=[10], n_classes=3, dims=FoundationDims(15, 8, 8, 4, 4))
     with pytest.raises(ConfigError):
         brain_config("smoke", n_voxels=[10], n_classes=3, dims=DIMS, text_attention="everyone")
-    flagged = brain_config("smoke", n_voxels=[10], n_classes=3, dims=DIMS, text_attention="batch",
-                           temporal_scope="batch", caption_pad="clip_zero")
+    flagged = brain_config(
+        "smoke",
+        n_voxels=[10],
+        n_classes=3,
+        dims=DIMS,
+        text_attention="batch",
+        temporal_scope="batch",
+        caption_pad="clip_zero",
+    )
     assert (flagged.widths.decoder.text_attention, flagged.widths.decoder.temporal_scope) == ("batch", "batch")
 
 
@@ -131,7 +149,8 @@ def test_noise_scheduler_tables():
     assert torch.all(betas > 0) and torch.all(betas <= 0.999 + 1e-6) and torch.all(sched.p2_loss_weight == 1)
     t = 7
     assert sched.posterior_mean_coef1[t].item() == pytest.approx(
-        (betas[t] * ac[t - 1].sqrt() / (1 - ac[t])).item(), rel=1e-5)
+        (betas[t] * ac[t - 1].sqrt() / (1 - ac[t])).item(), rel=1e-5
+    )
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -245,8 +264,9 @@ def test_initialisation_and_parts():
     assert not m.clipproj.proj.requires_grad
     initialize_weights(m)
     assert all(torch.equal(before[k], v) for k, v in gpt2.state_dict().items())
-    stage1 = NeuronsBrainModel(brain_config("smoke", n_voxels=(N_VOX,), n_classes=N_CLS, dims=DIMS,
-                                            parts=STAGE1_PARTS))
+    stage1 = NeuronsBrainModel(
+        brain_config("smoke", n_voxels=(N_VOX,), n_classes=N_CLS, dims=DIMS, parts=STAGE1_PARTS)
+    )
     assert set(dict(stage1.named_children())) == set(STAGE1_PARTS)
     counts = parameter_counts(stage1)
     assert counts["total"] == counts["ridge"] + counts["backbone"] + counts["clipproj"]

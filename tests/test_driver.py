@@ -58,12 +58,12 @@ def drive(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.C
 
 @pytest.fixture
 def probe_repo(tmp_path: Path) -> Path:
-    """A copy of the driver, utils/ and configs/ with probe stage scripts, plus a profile whose data root exists."""
+    """A copy of the driver and its packages with probe stage scripts, plus a profile whose data root exists."""
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(REPO / "train_neurons.sh", repo)
-    shutil.copytree(REPO / "utils", repo / "utils", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "configs", repo / "configs")
+    for package in ("utils", "configs", "tasks_construction"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     for stage, script in SCRIPTS.items():
         (repo / script).write_text(PROBE.replace("STAGE", stage))
     (tmp_path / "data").mkdir()

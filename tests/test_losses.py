@@ -89,8 +89,10 @@ def test_mixco_mixes_selected_samples_with_their_partner():
     assert sorted(out.perm.tolist()) == list(range(8))
     for i in range(8):
         if out.select[i]:
-            expect = [out.betas[i].item() * a + (1 - out.betas[i].item()) * b
-                      for a, b in zip(x[i].tolist(), x[out.perm[i]].tolist())]
+            expect = [
+                out.betas[i].item() * a + (1 - out.betas[i].item()) * b
+                for a, b in zip(x[i].tolist(), x[out.perm[i]].tolist())
+            ]
             assert out.voxels[i].tolist() == pytest.approx(expect)
             assert 0.0 <= out.betas[i].item() <= 1.0
         else:
@@ -218,8 +220,9 @@ def test_caption_ce_label_smoothing_and_ignore_index_match_loop_reference():
             total += (1 - eps) * -logp[y] + eps * sum(-v for v in logp) / 6
             count += 1
     assert caption_ce(logits, labels, label_smoothing=eps).item() == pytest.approx(total / count, rel=1e-6)
-    hits = [logits[b, i].argmax().item() == labels[b, i].item()
-            for b in range(2) for i in range(4) if labels[b, i] != -100]
+    hits = [
+        logits[b, i].argmax().item() == labels[b, i].item() for b in range(2) for i in range(4) if labels[b, i] != -100
+    ]
     assert caption_token_accuracy(logits, labels) == pytest.approx(sum(hits) / len(hits))
 
 

@@ -86,6 +86,22 @@ def run_stage(
         return 130
 
 
+def add_data_root_args(parser: argparse.ArgumentParser) -> None:
+    """``--data-root DIR``, or ``--profile`` (+ ``--set``) whose ``paths.data_root`` is used."""
+    parser.add_argument("--data-root", type=Path, help="data folder (default: the profile's paths.data_root)")
+    parser.add_argument("--profile", default="toy", help="profile giving paths.data_root (default toy)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def data_root_of(args: argparse.Namespace) -> Path:
+    if args.data_root is not None:
+        return Path(args.data_root)
+    try:
+        return Path(load_config("1", args.profile, args.overrides).paths.data_root)
+    except NeuronsError as err:
+        sys.exit(report_error(err))
+
+
 def run_dir_of(argv: Sequence[str]) -> Path:
     """The run folder that a stage invoked with ``argv`` would use (the driver asks this before it runs anything)."""
     args = stage_parser("1", None).parse_args(argv)

@@ -26,7 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from utils.errors import ConfigError
-from utils.stage_configs import SHARED_SECTIONS, STAGE_CONFIGS, STAGE_SECTIONS
+from utils.stage_configs import SHARED_SECTIONS, STAGE_CONFIGS, STAGE_SECTIONS, TOOL_CONFIGS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BUILTIN_PROFILES = ("paper", "toy", "smoke")
@@ -256,7 +256,7 @@ def parse_set(items: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
     return layers
 
 
-def split_profile_layer(data: Mapping[str, Any], section: str, cls: type, source: str) -> dict[str, Any]:
+def split_profile_layer(data: Mapping[str, Any], section: str | None, cls: type, source: str) -> dict[str, Any]:
     """Pick from one profile mapping the shared sections that ``cls`` has plus its own ``section`` block."""
     own = {f.name for f in dataclasses.fields(cls)}
     known = set(SHARED_SECTIONS) | set(STAGE_SECTIONS.values())
@@ -271,7 +271,7 @@ def split_profile_layer(data: Mapping[str, Any], section: str, cls: type, source
             raise ConfigError(f"unknown section '{key}' in {source}", _nearest(key, sorted(known)))
         if key in own and key in SHARED_SECTIONS:
             picked[key] = value
-    stage_block = data.get(section) or {}
+    stage_block = (data.get(section) if section else None) or {}
     if not isinstance(stage_block, Mapping):
         raise ConfigError(f"section '{section}' in {source} must be a mapping", f"write '{section}:' then keys")
     return _deep_merge(picked, stage_block)
@@ -293,10 +293,12 @@ def load_config(
     overrides: Iterable[str] = (),
     cli: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Build the typed config of ``stage`` (a :data:`STAGE_CONFIGS` key) from defaults, profile, CLI and ``--set``."""
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"unknown stage '{stage}'", f"use one of {', '.join(STAGE_CONFIGS)}")
-    cls, section = STAGE_CONFIGS[stage], STAGE_SECTIONS[stage]
+    """Build the typed config of ``stage`` (a :data:`STAGE_CONFIGS` or :data:`TOOL_CONFIGS` key) from defaults,
+    profile, CLI and ``--set``."""
+    configs = {**STAGE_CONFIGS, **TOOL_CONFIGS}
+    if stage not in configs:
+        raise ConfigError(f"unknown stage '{stage}'", f"use one of {', '.join(configs)}")
+    cls, section = configs[stage], STAGE_SECTIONS.get(stage)
     cfg = cls()
     for source, data in load_profile(profile):
         cfg = build(cls, split_profile_layer(data, section, cls, source), source, base=cfg)
@@ -338,6 +340,6 @@ def run_dir(cfg: Any) -> Path:
 def all_stage_sections() -> set[str]:
     """Every field name of every stage config (``train``, ``sample``, ``eval``, ...)."""
     names: set[str] = set()
-    for cls in STAGE_CONFIGS.values():
+    for cls in [*STAGE_CONFIGS.values(), *TOOL_CONFIGS.values()]:
         names |= {f.name for f in dataclasses.fields(cls)}
     return names

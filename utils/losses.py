@@ -169,8 +169,9 @@ def caption_ce(
 
     Label-smoothed cross-entropy averaged over the positions whose label is not `ignore_index`.
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
 
 
 def caption_token_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> float:
@@ -209,8 +210,10 @@ def progressive_weights(
     peak: float = 10.0,
 ) -> dict[str, float]:
     """Progressive weights of all tasks named in `starts` (e.g. {"dice": 0, "concepts": 10, ...})."""
-    return {name: progressive_weight(epoch, batch_idx, batches_per_epoch, s, window_epochs, peak)
-            for name, s in starts.items()}
+    return {
+        name: progressive_weight(epoch, batch_idx, batches_per_epoch, s, window_epochs, peak)
+        for name, s in starts.items()
+    }
 
 
 def upstream_progressive_windows(

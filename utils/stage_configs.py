@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tasks_construction.toy_cortex.config import ToyWorldConfig
+
 Mode = Literal["enhance", "motion"]
 
 
@@ -41,6 +43,9 @@ class PathsConfig:
 class DataConfig:
     caption_source: Literal["blip2", "qwen"] = "blip2"  # upstream trained on BLIP-2 captions since f758cf7 (§2.6)
     val_fraction: float = 0.1  # held out from the training clips for model selection (fixes defect 16)
+    val_block_clips: int = 20  # the validation split is made of whole blocks of contiguous clips ...
+    val_guard_clips: int = 1  # ... with this many clips dropped on each side (neighbouring clips are correlated)
+    val_seed: int = 0
     num_workers: int = 0
 
 
@@ -115,7 +120,7 @@ class UpstreamFlags:
     temporal_scope: Literal["clip", "batch"] = "clip"  # defect 15
     caption_pad: Literal["dedicated", "clip_zero"] = "dedicated"  # defect 21
     dice_reduction: Literal["sample", "batch"] = "sample"  # defect 23
-    concept_names: Literal["fine", "coarse"] = "fine"  # defect 22
+    concept_names: Literal["class", "fine", "upstream"] = "class"  # defect 22 (models.heads.ConceptNamer modes)
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,16 @@ class DiagnosticsConfig:
     upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
 
 
+@dataclass(frozen=True)
+class WorldBuildConfig:
+    """``download_dataset.py --toy``: builds the toy cortex world described by ``world`` into ``paths.data_root``."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+
+
 SHARED_SECTIONS = ("run", "paths", "data", "model", "world")
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -258,6 +273,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "e": DiagnosticsConfig,
 }
 STAGE_SECTIONS = {key: f"stage{key}" for key in STAGE_CONFIGS}
+# Configs of the tools around the stages; they read only the shared sections of a profile.
+TOOL_CONFIGS: dict[str, type] = {"world": WorldBuildConfig}
 STAGE_NAMES = {
     "1": "brain model",
     "2": "decoupler",
