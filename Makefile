@@ -20,9 +20,10 @@ venv:
 		sha256sum requirements.txt > $(STAMP); \
 	fi
 
-# The toy cortex world: data and key objects, the ridge baseline, then every pipeline stage this checkout has.
+# The toy cortex world (data, key objects, toy foundation models), the ridge baseline, then every stage this checkout has.
 demo: venv
 	$(PY) download_dataset.py --toy --profile $(PROFILE)
+	$(PY) download_dataset.py --toy-weights --profile $(PROFILE)
 	$(PY) -m tasks_construction.ridge_baseline --profile $(PROFILE)
 	@stages=""; for k in 1 2 3 4 5 6 e; do \
 		case $$k in 1) s=train_neurons.py;; 2) s=train_decoupler.py;; 3) s=recon_decoupled.py;; \

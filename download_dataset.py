@@ -2,6 +2,7 @@
 
     python download_dataset.py                         # the real cc2017 data + NEURONS annotations (paper profile)
     python download_dataset.py --toy --profile toy     # build the toy cortex world (smoke: --profile smoke)
+    python download_dataset.py --toy-weights           # pretrain the toy foundation models on it
     python download_dataset.py --weights               # every weight file of the paper profile, with its source
 
 Real files are downloaded only when the hub can be reached; otherwise the script prints exactly which files are needed,
@@ -32,6 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--toy", action="store_true", help="build the toy cortex world instead of downloading cc2017")
     what.add_argument("--weights", action="store_true", help="list (and fetch when possible) the paper weights")
+    what.add_argument(
+        "--toy-weights",
+        action="store_true",
+        help="pretrain the toy foundation models on the toy world (+ caption embeddings)",
+    )
     parser.add_argument("--profile", help="paper (default), toy, smoke or a YAML path; --toy defaults to toy")
     parser.add_argument("--out", help="output folder (default: the profile's paths.data_root)")
     parser.add_argument("--subj", type=int, choices=(1, 2, 3), action="append", help="real data: subjects (all)")
@@ -59,6 +65,29 @@ def build_toy(args) -> int:
     log.info("toy cortex world ready in %s", out)
     for subj, scores in sorted(ceiling.items()):
         log.info("noise ceiling %s: %s", subj, scores)
+    return 0
+
+
+def build_toy_weights(args) -> int:
+    """Pretrain the toy foundation models on the world's training split, then embed its captions with the toy CLIP."""
+    from models.foundation import build_role
+    from models.foundation.toy.build import build_toy_weights as build
+    from tasks_construction import gen_GT_clip_embeds
+
+    cfg = load_config("world", args.profile or "toy", args.overrides)
+    if cfg.model.size == "paper":
+        raise ConfigError(f"profile '{cfg.run.profile}' uses the real weights", "use --profile toy or smoke")
+    data_root, weights_root = Path(args.out or cfg.paths.data_root), Path(cfg.paths.weights_root)
+    if not (data_root / "world.json").exists():
+        raise DataError(
+            f"no toy world in {data_root}",
+            f"build it first: python download_dataset.py --toy --profile {cfg.run.profile}",
+        )
+    summary = build(data_root, weights_root, cfg.model.size, cfg.world.seed)
+    log.info("toy foundation models ready in %s (%.0f s)", weights_root, summary.get("seconds", 0.0))
+    clip = build_role("clip", cfg.model.size, weights_root, "cpu")
+    gen_GT_clip_embeds.run(data_root, clip, cfg.data.caption_source)
+    gen_GT_clip_embeds.copy_toy_tokens_proj(weights_root, data_root)
     return 0
 
 
@@ -149,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return build_toy(args)
         if args.weights:
             return list_weights(args)
+        if args.toy_weights:
+            return build_toy_weights(args)
         return real_data(args)
     except NeuronsError as err:
         return report_error(err)

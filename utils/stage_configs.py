@@ -65,7 +65,8 @@ class OptimConfig:
     final_div_factor: float = 1000.0
     cycle_momentum: bool = True  # upstream OneCycleLR cycles AdamW beta1 (defect 20); kept for fidelity
     grad_clip: float | None = None
-    ckpt_every_epochs: int = 1
+    resume: bool = False  # continue from checkpoints/last (exactly where it stopped)
+    log_every: int = 10  # training-loss records every N steps
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class Stage1Train(OptimConfig):
     temp_text: float = 0.1
     text_weight: float = 0.25
     mixco_self_partner_quirk: bool = False  # defect 17: MindEye overwrites the diagonal when a sample is its partner
+    text_nce_soft_labels: bool = True  # defect 17: upstream used hard labels for the text NCE on mixed voxels
+    target_frame: int = 2  # CLIP target frame of a clip ...
+    alternate_target_frame: bool = True  # ... alternating with the next one by epoch parity, as upstream
+    init_from_mindeye2: bool = True  # start the backbone from MindEye2's subject-1 weights (weights_root/last.pth)
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,7 @@ class WorldBuildConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 

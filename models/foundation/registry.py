@@ -9,6 +9,7 @@ branch on the profile.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,9 @@ def _load_role_module(role: str) -> None:
     if role not in ROLE_MODULES:
         raise WeightsError(f"unknown foundation role {role!r}", f"use one of {sorted(ROLE_MODULES)}")
     importlib.import_module(ROLE_MODULES[role])
+    toy_module = f"models.foundation.toy.{role}"  # the in-house toy builders, where the role has them
+    if importlib.util.find_spec(toy_module) is not None:
+        importlib.import_module(toy_module)
 
 
 def available(role: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""The stages' logic; the top-level scripts only parse arguments and call into here."""

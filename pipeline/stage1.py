@@ -1,0 +1,249 @@
+"""Stage 1: train the brain model (ridge + MindEye2 backbone) to predict CLIP image tokens from fMRI (spec §3.4).
+
+Per step: voxels of one repeat (alternating by epoch) → ridge → backbone → ``clip_vision_embeds (B, T, D)``; targets
+are the CLIP image tokens of frame ``target_frame + epoch % 2``. Loss = BiMixCo NCE (τ_img) while
+``epoch < mixup_pct · epochs`` (SoftCLIP afterwards) + ``text_weight`` · InfoNCE (τ_txt) between ``clipproj`` of the
+prediction and the caption embedding. Model selection uses the held-out validation clips (never the test set):
+brain→image + image→brain top-1 + caption top-5 retrieval.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from models.brain import NeuronsBrainModel
+from models.foundation import build_role
+from models.mindeye2_keymap import load_mindeye2_backbone_prior
+from models.sizes import STAGE1_PARTS
+from pipeline.common import (
+    TOKENS_PROJ_FILE,
+    data_files,
+    foundation_dims,
+    foundation_kind,
+    load_data,
+    load_tokens_proj,
+    make_brain_config,
+)
+from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.cli import begin_stage
+from utils.errors import WeightsError
+from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
+from utils.training import BatchPlan, MetricsLog, build_accelerator, one_cycle, seed_everything
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("voxel", "frames", "caption_emb")
+MINDEYE2_FILE = "last.pth"
+MINDEYE2_SOURCE = "hf download pscotti/mindeyev2 train_logs/final_subj01_pretrained_40sess_24bs/last.pth"
+
+
+@dataclass
+class Stage1:
+    """Everything one stage-1 run holds."""
+
+    cfg: Any
+    data: Any
+    clip: Any
+    model: NeuronsBrainModel
+    accelerator: Any
+    out_dir: Path
+
+
+def setup(cfg: Any) -> Stage1:
+    """Validate inputs and build the model (no output is touched here)."""
+    data = load_data(cfg, FIELDS)
+    if cfg.train.init_from_mindeye2 and not (Path(cfg.paths.weights_root) / MINDEYE2_FILE).is_file():
+        raise WeightsError(
+            f"missing MindEye2 weights {Path(cfg.paths.weights_root) / MINDEYE2_FILE}",
+            f"get them with `{MINDEYE2_SOURCE} --repo-type dataset` into weights_root, "
+            "or --set train.init_from_mindeye2=false",
+        )
+    accelerator = build_accelerator(cfg)
+    clip = build_role("clip", foundation_kind(cfg), cfg.paths.weights_root, accelerator.device)
+    dims = foundation_dims(cfg, clip, data)
+    model = NeuronsBrainModel(make_brain_config(cfg, data, dims, STAGE1_PARTS))
+    model.clipproj.proj.data.copy_(load_tokens_proj(cfg.paths.data_root, (dims.clip_dim, dims.text_dim)))
+    if cfg.train.init_from_mindeye2:
+        state = torch.load(Path(cfg.paths.weights_root) / MINDEYE2_FILE, map_location="cpu", weights_only=True)
+        load_mindeye2_backbone_prior(state, model)
+    from utils.runs import RunPaths
+
+    return Stage1(cfg, data, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"))
+
+
+def step_loss(s: Stage1, idx: Any, epoch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Losses of one step on the clips ``idx`` of the training split."""
+    t, device = s.cfg.train, s.accelerator.device
+    voxels = s.data.voxels("train", epoch)[idx].to(device)  # (B, V), repeat epoch % R
+    frame = min(t.target_frame + (epoch % 2 if t.alternate_target_frame else 0), s.data.n_frames - 1)
+    with torch.no_grad():
+        targets = s.clip.image_tokens(s.data.frames("train", idx)[:, frame].to(device)).float()  # (B, T, D)
+    captions = s.data.caption_embeddings("train")[idx].to(device)  # (B, Dt)
+    mixing = epoch < t.mixup_pct * t.num_epochs
+    labels = None
+    if mixing:
+        mixed = mixco(voxels, t.bimixco_beta, t.bimixco_prob, generator)
+        voxels = mixed.voxels
+        labels = mixco_soft_labels(mixed.perm, mixed.betas, t.mixco_self_partner_quirk).to(device)
+    preds = s.model.encode(voxels)  # (B, T, D)
+    if mixing:
+        image = mixco_nce(preds, targets, t.temp_image, mixed.perm, mixed.betas, True, t.mixco_self_partner_quirk)
+    else:
+        image = soft_clip_loss(preds, targets, softclip_temperature(epoch, t.num_epochs))
+    text_labels = labels if (mixing and t.text_nce_soft_labels) else None  # hard labels upstream (defect 17)
+    text = symmetric_infonce(s.model.text_embed(preds), captions, t.temp_text, text_labels)
+    return {"image": image, "text": text, "loss": image + t.text_weight * text}
+
+
+@torch.no_grad()
+def evaluate(s: Stage1, split: str = "val", chunk: int = 100) -> dict[str, float]:
+    """Retrieval within chunks of ``chunk`` clips (upstream used batches of 100): brain→image, image→brain top-1,
+    and caption top-5 from ``clipproj`` of the prediction."""
+    model, device, frame = s.model, s.accelerator.device, s.cfg.train.target_frame
+    model.eval()
+    n = s.data.n_clips(split)
+    voxels = s.data.voxels(split)
+    hits = {"fwd_top1": 0.0, "bwd_top1": 0.0, "text_top5": 0.0}
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
+        preds = model.encode(voxels[idx].to(device))  # (b, T, D)
+        targets = s.clip.image_tokens(s.data.frames(split, idx)[:, frame].to(device)).float()  # (b, T, D)
+        sims = F.normalize(preds.flatten(1), dim=-1) @ F.normalize(targets.flatten(1), dim=-1).T  # (b, b)
+        truth = torch.arange(len(idx), device=device)
+        hits["fwd_top1"] += (sims.argmax(1) == truth).float().sum().item()
+        hits["bwd_top1"] += (sims.argmax(0) == truth).float().sum().item()
+        text = F.normalize(model.text_embed(preds), dim=-1)  # (b, Dt)
+        caps = F.normalize(s.data.caption_embeddings(split)[idx].to(device), dim=-1)
+        top5 = (text @ caps.T).topk(min(5, len(idx)), dim=1).indices
+        hits["text_top5"] += (top5 == truth[:, None]).any(1).float().sum().item()
+    model.train()
+    scores = {k: v / n for k, v in hits.items()}
+    scores["metric"] = scores["fwd_top1"] + scores["bwd_top1"] + scores["text_top5"]
+    return scores
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so that a resumed run continues exactly."""
+
+    epoch: int = 0  # current epoch
+    batch: int = 0  # batches of ``epoch`` already done
+    step: int = 0  # optimiser steps so far
+    best: float = float("-inf")  # best validation metric
+
+
+def save(s: Stage1, name: str, opt, sched, prog: Progress, mixco_gen: torch.Generator) -> None:
+    if not s.accelerator.is_main_process:
+        return
+    state = {
+        "epoch": prog.epoch,
+        "batch": prog.batch,
+        "step": prog.step,
+        "best": prog.best,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "mixco_rng": mixco_gen.get_state(),
+    }
+    save_checkpoint(s.out_dir / "checkpoints" / name, s.accelerator.unwrap_model(s.model).state_dict(), s.cfg, state)
+
+
+def restore(s: Stage1, opt, sched, mixco_gen: torch.Generator, metrics: MetricsLog) -> Progress:
+    """Continue from ``checkpoints/last`` when ``train.resume`` is set and it exists; else start afresh."""
+    last = s.out_dir / "checkpoints" / "last"
+    if not s.cfg.train.resume:
+        metrics.path.unlink(missing_ok=True)
+        return Progress()
+    try:
+        resolve_checkpoint(last)
+    except WeightsError:
+        log.info("train.resume is set but there is no checkpoint yet; starting from scratch")
+        metrics.path.unlink(missing_ok=True)
+        return Progress()
+    state = load_checkpoint(last, s.accelerator.unwrap_model(s.model), s.cfg)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    mixco_gen.set_state(state["mixco_rng"])
+    prog = Progress(state["epoch"], state["batch"], state["step"], state["best"])
+    metrics.truncate_after(prog.step)
+    log.info("resuming from %s: epoch %d, batch %d, step %d", last, prog.epoch, prog.batch, prog.step)
+    return prog
+
+
+def train_epoch(s: Stage1, plan: BatchPlan, opt, sched, prog: Progress, gen: torch.Generator, metrics) -> None:
+    t, acc = s.cfg.train, s.accelerator
+    for i, idx in enumerate(plan.batches(prog.epoch, acc.process_index)):
+        if i < prog.batch:  # resumed mid-epoch
+            continue
+        with acc.autocast():
+            losses = step_loss(s, idx, prog.epoch, gen)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(losses["loss"])
+        if t.grad_clip is not None:
+            acc.clip_grad_norm_(s.model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        prog.batch, prog.step = i + 1, prog.step + 1
+        if acc.is_main_process and (prog.step % t.log_every == 0 or prog.batch == plan.steps_per_epoch):
+            record = {k: float(v.detach()) for k, v in losses.items()}
+            metrics.write(
+                {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0], **record}
+            )
+
+
+def train(cfg: Any) -> Path:
+    """Run stage 1; returns the stage folder."""
+    s = setup(cfg)
+    _, recorder = begin_stage(cfg, "1")
+    seed_everything(cfg.run.seed)
+    t, acc = cfg.train, s.accelerator
+    plan = BatchPlan(s.data.n_clips("train"), t.batch_size, acc.num_processes, cfg.run.seed)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
+    sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
+    s.model, opt = acc.prepare(s.model, opt)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    metrics = MetricsLog(s.out_dir / "metrics.jsonl")
+    prog = restore(s, opt, sched, gen, metrics)
+    log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes", plan.n_items,
+             s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes)  # fmt: skip
+    try:
+        while prog.epoch < t.num_epochs:
+            train_epoch(s, plan, opt, sched, prog, gen, metrics)
+            scores = evaluate(s)
+            if acc.is_main_process:
+                metrics.write({"split": "val", "step": prog.step, "epoch": prog.epoch, **scores})
+                log.info("epoch %d: %s", prog.epoch, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            if scores["metric"] > prog.best:
+                prog.best = scores["metric"]
+                save(s, "best", opt, sched, prog, gen)
+            prog.epoch, prog.batch = prog.epoch + 1, 0
+            save(s, "last", opt, sched, prog, gen)
+            acc.wait_for_everyone()
+    except KeyboardInterrupt:
+        save(s, "last", opt, sched, prog, gen)
+        log.info("interrupted: saved %s at step %d", s.out_dir / "checkpoints" / "last", prog.step)
+        raise
+    if acc.is_main_process:
+        finish_stage(s, recorder, metrics)
+    return s.out_dir
+
+
+def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
+    curves = metrics.plot(s.out_dir / "curves.png")
+    subj = s.cfg.run.subj
+    names = (f"subj0{subj}_train_fmri.pt", "GT_train_3fps.pt", "GT_train_caption_emb.pt", TOKENS_PROJ_FILE)
+    for path in data_files(s.data, names):
+        recorder.add_input(path)
+    for name in ("best", "last"):
+        recorder.add_output(s.out_dir / "checkpoints" / name / "model.safetensors")
+    recorder.add_output(metrics.path)
+    recorder.add_output(curves)
+    recorder.finish()

@@ -1,0 +1,22 @@
+"""Stage 1: train the NEURONS brain model (ridge + MindEye2 backbone) to predict CLIP image tokens from fMRI.
+
+    python train_neurons.py --profile toy --subj 1 --exp demo [--set train.batch_size=8]
+
+Outputs in <exp_root>/exp_<EXP>/subj_<SUBJ>/stage1/: checkpoints/{best,last}/, metrics.jsonl, curves.png and
+manifest.json.
+Resume an interrupted run with --set train.resume=true.
+"""
+
+import sys
+
+from utils.cli import run_stage
+
+
+def main(cfg) -> None:
+    from pipeline.stage1 import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("1", main, __doc__))
