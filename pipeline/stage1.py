@@ -204,7 +204,7 @@ def train(cfg: Any) -> Path:
     _, recorder = begin_stage(cfg, "1")
     seed_everything(cfg.run.seed)
     t, acc = cfg.train, s.accelerator
-    plan = BatchPlan(s.data.n_clips("train"), t.batch_size, acc.num_processes, cfg.run.seed)
+    plan = BatchPlan(s.data.n_clips("train"), t.batch_size, acc.num_processes, cfg.run.seed, t.drop_last)
     params = [p for p in s.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
     sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)

@@ -13,16 +13,23 @@ from utils.training import BatchPlan, MetricsLog, clip_seed, one_cycle
 
 @pytest.mark.parametrize("num_processes", [1, 2, 3])
 def test_every_clip_once_per_epoch_whatever_the_process_count(num_processes):
-    plan = BatchPlan(n_items=23, global_batch=6, num_processes=num_processes, seed=5)
+    plan = BatchPlan(n_items=23, global_batch=6, num_processes=num_processes, seed=5, drop_last=False)
     assert plan.steps_per_epoch == 4
     for epoch in (0, 1):
         per_step = [np.concatenate(s) for s in zip(*(plan.batches(epoch, r) for r in range(num_processes)))]
-        single = list(BatchPlan(23, 6, 1, seed=5).batches(epoch))
+        single = list(BatchPlan(23, 6, 1, seed=5, drop_last=False).batches(epoch))
         assert len(per_step) == len(single) == 4
         for union, reference in zip(per_step, single):
             assert np.array_equal(union, reference)  # the same global batch, in the same order
         assert sorted(np.concatenate(per_step)) == list(range(23))
     assert not np.array_equal(plan.permutation(0), plan.permutation(1))
+
+
+def test_drop_last_skips_the_partial_batch():
+    plan = BatchPlan(n_items=23, global_batch=6, seed=5)
+    batches = list(plan.batches(0))
+    assert plan.steps_per_epoch == 3 and [len(b) for b in batches] == [6, 6, 6]
+    assert set(np.concatenate(batches)) < set(range(23))
 
 
 def test_batch_plan_rejects_impossible_sizes():

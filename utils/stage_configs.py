@@ -65,6 +65,7 @@ class OptimConfig:
     final_div_factor: float = 1000.0
     cycle_momentum: bool = True  # upstream OneCycleLR cycles AdamW beta1 (defect 20); kept for fidelity
     grad_clip: float | None = None
+    drop_last: bool = True  # skip a last partial batch each epoch (reshuffled, so every clip is still used)
     resume: bool = False  # continue from checkpoints/last (exactly where it stopped)
     log_every: int = 10  # training-loss records every N steps
 

@@ -68,6 +68,7 @@ class BatchPlan:
     global_batch: int
     num_processes: int = 1
     seed: int = 0
+    drop_last: bool = True  # a last partial batch (a handful of clips) gives contrastive losses no negatives
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -85,6 +86,8 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.n_items // self.global_batch
         return math.ceil(self.n_items / self.global_batch)
 
     def permutation(self, epoch: int) -> np.ndarray:
