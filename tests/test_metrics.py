@@ -1,0 +1,315 @@
+"""Stage-6 metric library against scikit-image, torchmetrics, scipy or brute force on tiny cases, including the
+cases where the "neurons" and "standard" protocols differ."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb2gray
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from utils.errors import ConfigError, DataError
+from utils.metrics import (
+    blurry_video_ssim,
+    caption_bleu,
+    caption_bleu_per_sample,
+    chance_level,
+    chance_levels,
+    clip_pcc,
+    concept_f1,
+    dice_per_sample,
+    evaluate_videos,
+    n_way_accuracy,
+    psnr,
+    retrieval_accuracy,
+    ssim,
+    summarise,
+)
+
+UPSTREAM_SSIM = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 1.0}
+
+
+def _videos(n: int = 2, f: int = 3, h: int = 20, w: int = 18, noise: float = 0.25, seed: int = 0):
+    """Smooth-ish ground truth and a noisy prediction, (n, f, 3, h, w) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(n, f, 3, h, w, generator=g).cumsum(-1) / w
+    pred = (gt + noise * (torch.rand(n, f, 3, h, w, generator=g) - 0.5)).clamp(0, 1)
+    return pred, gt
+
+
+def _hwc_uint8(frame: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float → (H, W, 3) uint8 truncated, as upstream's GIFs."""
+    return (frame.float() * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# ---- SSIM / PSNR ---------------------------------------------------------------------------------------------------
+def test_ssim_neurons_equals_upstream_skimage_call():
+    pred, gt = _videos()
+    ours = ssim(pred, gt, "neurons")
+    ref = [
+        [
+            structural_similarity(rgb2gray(_hwc_uint8(p)), rgb2gray(_hwc_uint8(g)), channel_axis=-1, **UPSTREAM_SSIM)
+            for p, g in zip(pv, gv)
+        ]
+        for pv, gv in zip(pred, gt)
+    ]
+    assert ours.shape == (2, 3)
+    torch.testing.assert_close(ours, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_ssim_neurons_is_per_column_1d_not_2d():
+    """Defect 29: the upstream call is the mean of 1-D SSIMs down the columns, not a 2-D SSIM of the grey image."""
+    pred, gt = _videos(n=1, f=1)
+    x, y = rgb2gray(_hwc_uint8(pred[0, 0])), rgb2gray(_hwc_uint8(gt[0, 0]))
+    per_column = np.mean([structural_similarity(x[:, j], y[:, j], **UPSTREAM_SSIM) for j in range(x.shape[1])])
+    two_d = structural_similarity(x, y, **UPSTREAM_SSIM)
+    ours = ssim(pred, gt, "neurons").item()
+    assert ours == pytest.approx(per_column, abs=1e-10)
+    assert abs(ours - two_d) > 1e-3
+
+
+def test_ssim_standard_equals_skimage_colour_ssim_and_differs_from_neurons():
+    pred, gt = _videos(seed=1)
+    ours = ssim(pred, gt)  # default protocol = standard
+    ref = [
+        [
+            structural_similarity(
+                p.permute(1, 2, 0).double().numpy(), g.permute(1, 2, 0).double().numpy(), channel_axis=-1, data_range=1
+            )
+            for p, g in zip(pv, gv)
+        ]
+        for pv, gv in zip(pred, gt)
+    ]
+    torch.testing.assert_close(ours, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert (ours - ssim(pred, gt, "neurons")).abs().min() > 1e-3
+
+
+def test_ssim_identical_is_one_and_blurry_uses_same_function():
+    pred, gt = _videos(n=1, f=2)
+    for protocol in ("neurons", "standard"):
+        torch.testing.assert_close(ssim(gt, gt, protocol), torch.ones(1, 2, dtype=torch.float64))
+        torch.testing.assert_close(blurry_video_ssim(pred, gt, protocol), ssim(pred, gt, protocol))
+
+
+def test_psnr_both_protocols_against_libraries():
+    from torchmetrics.functional import peak_signal_noise_ratio as tm_psnr
+
+    pred, gt = _videos(seed=2, noise=0.05)
+    neurons = psnr(pred, gt, "neurons")
+    ref = [
+        [peak_signal_noise_ratio(_hwc_uint8(g), _hwc_uint8(p), data_range=255) for p, g in zip(pv, gv)]
+        for pv, gv in zip(pred, gt)
+    ]
+    torch.testing.assert_close(neurons, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-9)
+    standard = psnr(pred, gt, "standard")
+    flat = (pred.reshape(-1, *pred.shape[2:]).double(), gt.reshape(-1, *gt.shape[2:]).double())
+    tm = tm_psnr(*flat, data_range=1.0, reduction="none", dim=(1, 2, 3)).reshape(2, 3)
+    torch.testing.assert_close(standard, tm, rtol=0, atol=1e-5)  # torchmetrics works in float32
+    assert (standard - neurons).abs().max() > 1e-3  # uint8 truncation changes the neurons value
+    assert torch.isinf(psnr(gt, gt)).all()
+
+
+# ---- N-way classification and chance -------------------------------------------------------------------------------
+def _exact_n_way(pred: list[float], positives: list[int], n_way: int, top_k: int = 1) -> float:
+    """Brute force over every distractor subset: fraction where < top_k distractors score ≥ the best positive."""
+    best = max(pred[i] for i in positives)
+    pool = [i for i in range(len(pred)) if i not in positives]
+    subsets = list(itertools.combinations(pool, n_way - 1))
+    return sum(sum(pred[d] >= best for d in s) < top_k for s in subsets) / len(subsets)
+
+
+def test_n_way_matches_subset_enumeration():
+    g = torch.Generator().manual_seed(3)
+    gt, pred = torch.rand(4, 8, generator=g), torch.rand(4, 8, generator=g)
+    acc, std = n_way_accuracy(gt, pred, 3, trials=4000, seed=1)
+    positives = gt.topk(3, dim=1).indices.tolist()
+    exact = torch.tensor([_exact_n_way(p, pos, 3) for p, pos in zip(pred.tolist(), positives)], dtype=torch.float64)
+    torch.testing.assert_close(acc, exact, rtol=0, atol=0.04)
+    torch.testing.assert_close(std, (acc * (1 - acc) / 4000).sqrt())
+    # all remaining classes as distractors: deterministic and exact
+    full, _ = n_way_accuracy(gt, pred, 6, trials=7, top_k=2)
+    exact_full = [_exact_n_way(p, pos, 6, top_k=2) for p, pos in zip(pred.tolist(), positives)]
+    assert full.tolist() == exact_full
+
+
+def test_n_way_seeded_frame_level_and_perfect_prediction():
+    g = torch.Generator().manual_seed(4)
+    gt = torch.rand(3, 2, 20, generator=g).softmax(-1)
+    pred = torch.rand(3, 2, 20, generator=g).softmax(-1)
+    a1, _ = n_way_accuracy(gt, pred, 5, seed=7)
+    a2, _ = n_way_accuracy(gt, pred, 5, seed=7)
+    assert a1.shape == (3, 2) and torch.equal(a1, a2)
+    per_frame = [n_way_accuracy(gt[:, f], pred[:, f], 5, trials=2000, seed=f)[0] for f in range(2)]
+    torch.testing.assert_close(
+        n_way_accuracy(gt, pred, 5, trials=2000)[0], torch.stack(per_frame, 1), atol=0.05, rtol=0
+    )
+    perfect, perfect_std = n_way_accuracy(gt, gt, 5)
+    assert perfect.eq(1).all() and perfect_std.eq(0).all()
+    constant, _ = n_way_accuracy(gt, torch.full_like(gt, 0.05), 2)  # ties count against the positive
+    assert constant.eq(0).all()
+
+
+def test_chance_level_analytic_equals_enumeration_and_simulation():
+    assert chance_levels() == pytest.approx({"2-way": 0.75, "50-way": 3 / 52})
+    assert chance_level(10, gt_top_k=1) == pytest.approx(0.1)  # retrieval: 1/n
+    for n, k, t in [(2, 3, 1), (3, 3, 1), (4, 2, 2)]:  # random rankings of k positives + n−1 distractors
+        perms = list(itertools.permutations(range(n - 1 + k)))  # ranking, best first; items < k are positives
+        wins = sum(next(j for j, x in enumerate(p) if x < k) < t for p in perms)  # distractors above best positive
+        assert chance_level(n, k, t) == pytest.approx(wins / len(perms))
+    g = torch.Generator().manual_seed(5)
+    gt, pred = torch.rand(300, 60, generator=g), torch.rand(300, 60, generator=g)
+    for n in (2, 50):
+        sim = n_way_accuracy(gt, pred, n, trials=50)[0].mean().item()
+        assert sim == pytest.approx(chance_level(n), abs=0.02)
+
+
+def test_n_way_input_errors():
+    x = torch.rand(4, 10)
+    with pytest.raises(DataError, match="distractors"):
+        n_way_accuracy(x, x, 9)  # 10 classes − 3 positives < 8 distractors
+    with pytest.raises(DataError, match="shape"):
+        n_way_accuracy(x, torch.rand(4, 11), 2)
+    with pytest.raises(DataError, match="invalid rule"):
+        n_way_accuracy(x, x, 2, top_k=2)
+
+
+# ---- retrieval -----------------------------------------------------------------------------------------------------
+def test_retrieval_hand_case_and_sampled_n_way():
+    image = torch.eye(3)
+    brain = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.2, 1.0]])
+    # cos(brain_i, image_j) = normalised brain rows; brain 1 is closest to image 0
+    out = retrieval_accuracy(brain, image)
+    assert out["brain_to_image"].tolist() == [1.0, 0.0, 1.0]
+    # image 0's closest brain is brain 0 (cos 1 > 0.994); image 1's is brain 2 (0.196 > 0.110); image 2 → brain 2
+    assert out["image_to_brain"].tolist() == [1.0, 0.0, 1.0]
+    g = torch.Generator().manual_seed(6)
+    b, i = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    sampled = retrieval_accuracy(b, i, 3, trials=4000, seed=2)["brain_to_image"]
+    sim = (torch.nn.functional.normalize(b, dim=1) @ torch.nn.functional.normalize(i, dim=1).T).tolist()
+    exact = torch.tensor([_exact_n_way(row, [q], 3) for q, row in enumerate(sim)], dtype=torch.float64)
+    torch.testing.assert_close(sampled, exact, rtol=0, atol=0.04)
+    with pytest.raises(DataError, match="candidates left"):
+        retrieval_accuracy(b, i, 7)
+
+
+# ---- CLIP-pcc ------------------------------------------------------------------------------------------------------
+def test_clip_pcc_all_pairs_vs_adjacent():
+    angles = torch.tensor([0.0, 0.5, 1.0, 1.5])  # frames drift on a circle: adjacent cos 0.5 rad, far pairs less
+    feats = torch.stack([angles.cos(), angles.sin(), torch.zeros(4)], dim=-1)[None] * 3.0  # (1, 4, 3) unnormalised
+    pairs = [math.cos(a - b) for a, b in itertools.permutations(angles.tolist(), 2)]
+    adjacent = [math.cos(0.5)] * 3
+    assert clip_pcc(feats, "neurons").item() == pytest.approx(sum(pairs) / len(pairs))
+    assert clip_pcc(feats, "standard").item() == pytest.approx(sum(adjacent) / 3)
+    assert clip_pcc(feats, "neurons").item() < clip_pcc(feats).item() - 0.1
+    frozen = torch.randn(2, 1, 8).expand(2, 6, 8)
+    for protocol in ("neurons", "standard"):
+        torch.testing.assert_close(clip_pcc(frozen, protocol), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(DataError, match="at least 2"):
+        clip_pcc(torch.randn(2, 1, 8))
+
+
+# ---- tasks: concept F1, Dice, BLEU ---------------------------------------------------------------------------------
+def test_concept_f1_against_torchmetrics_and_sklearn():
+    from sklearn.metrics import f1_score
+    from torchmetrics.functional.classification import multilabel_f1_score
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(12, 6, generator=g)
+    targets = (torch.rand(12, 6, generator=g) < 0.4).long()
+    logits[:, 5], targets[:, 5] = -5.0, 0  # a class absent from targets and predictions
+    out = concept_f1(logits, targets, from_logits=True)
+    micro = multilabel_f1_score(logits.sigmoid(), targets, num_labels=6, average="micro").item()
+    assert out["micro"] == pytest.approx(micro, abs=1e-6)
+    ref_per = multilabel_f1_score(logits.sigmoid(), targets, num_labels=6, average="none")
+    torch.testing.assert_close(out["per_class_f1"][:5].float(), ref_per[:5])
+    # macro skips the undefined class (sklearn zero_division=nan); torchmetrics would count it as 0
+    binary = (logits.sigmoid() > 0.5).numpy()
+    macro = f1_score(targets.numpy(), binary, average="macro", zero_division=np.nan)
+    assert out["macro"] == pytest.approx(macro)
+    assert math.isnan(out["per_class_f1"][5]) and math.isnan(out["per_class_recall"][5])
+    assert concept_f1(logits.sigmoid(), targets)["micro"] == pytest.approx(out["micro"])
+    with pytest.raises(DataError, match="outside"):
+        concept_f1(logits, targets)
+
+
+def test_dice_per_sample_against_scipy():
+    from scipy.spatial.distance import dice as dice_dissimilarity
+
+    g = torch.Generator().manual_seed(9)
+    pred = torch.rand(4, 2, 5, 5, generator=g) > 0.5
+    gt = torch.rand(4, 2, 5, 5, generator=g) > 0.6
+    ref = [1 - dice_dissimilarity(p.flatten().numpy(), t.flatten().numpy()) for p, t in zip(pred, gt)]
+    torch.testing.assert_close(dice_per_sample(pred, gt.float()), torch.tensor(ref, dtype=torch.float64))
+    empty = torch.zeros(2, 3, 3)
+    assert dice_per_sample(empty, empty).tolist() == [1.0, 1.0]
+    with pytest.raises(DataError, match="0 and 1"):
+        dice_per_sample(torch.rand(2, 3, 3), empty)
+
+
+def test_caption_bleu_hand_computed():
+    # BLEU-3: p1 5/6, p2 3/5, p3 1/4, equal lengths (BP 1) → (1/8)^(1/3) = 0.5
+    assert caption_bleu(["The cat sat on the mat."], ["the cat is on the mat"], n_gram=3) == pytest.approx(0.5)
+    # BLEU-4: p 9/9, 7/8, 5/7, 3/6; c 9 < r 10 → BP exp(1 − 10/9)
+    pred, ref = "a man is riding a horse on the beach", "a man is riding a brown horse on the beach"
+    expected = math.exp(-1 / 9) * (5 / 16) ** 0.25
+    assert caption_bleu([pred], [[ref, "something else entirely"]]) == pytest.approx(expected, rel=1e-6)
+    per = caption_bleu_per_sample([pred, "the cat sat on the mat"], [ref, "the cat is on the mat"])
+    assert per.tolist() == pytest.approx([expected, 0.0])  # no 4-gram match → 0
+    with pytest.raises(DataError, match="references"):
+        caption_bleu(["a"], ["a", "b"])
+
+
+# ---- reporting -----------------------------------------------------------------------------------------------------
+def test_summarise_protocols_differ_only_in_the_spread():
+    values = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.5, 0.0]])  # (N=3, F=2)
+    std = torch.full((3, 2), 0.1)
+    # neurons: per frame index mean/std over videos, then averaged over frames
+    col_std = (np.std([0.0, 1.0, 0.5]) + np.std([1.0, 1.0, 0.0])) / 2
+    assert summarise(values, protocol="neurons") == pytest.approx({"mean": 3.5 / 6, "std": col_std, "n": 3})
+    assert summarise(values, std, "neurons") == pytest.approx({"mean": 3.5 / 6, "std": 0.1, "n": 3})
+    # standard: per-video mean first, then mean/std over videos; per-sample std ignored
+    expected = {"mean": 3.5 / 6, "std": np.std([0.5, 1.0, 0.25]), "n": 3}
+    assert summarise(values) == pytest.approx(expected)
+    assert summarise(values, std) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="protocol"):
+        summarise(values, protocol="mindvideo")  # type: ignore[arg-type]
+
+
+def test_evaluate_videos_and_input_checks():
+    pred, gt = _videos(n=4, f=2, h=12, w=12)
+    g = torch.Generator().manual_seed(10)
+    video = (torch.rand(4, 60, generator=g), torch.rand(4, 60, generator=g))
+    frame = (torch.rand(4, 2, 60, generator=g), torch.rand(4, 2, 60, generator=g))
+    out = evaluate_videos(
+        pred,
+        gt,
+        protocol="neurons",
+        video_scores=video,
+        frame_scores=frame,
+        clip_features=torch.randn(4, 2, 8, generator=g),
+        blurry=gt,
+    )
+    expected_keys = {
+        "video_2way",
+        "video_50way",
+        "frame_2way",
+        "frame_50way",
+        "clip_pcc",
+        "ssim",
+        "psnr",
+        "blurry_ssim",
+    }
+    assert set(out) == expected_keys
+    assert out["video_50way"]["chance"] == pytest.approx(3 / 52) and out["ssim"]["n"] == 4
+    assert out["blurry_ssim"]["mean"] == pytest.approx(1.0)
+    assert set(evaluate_videos(pred, gt)) == {"ssim", "psnr"}
+    with pytest.raises(DataError, match="shape"):
+        ssim(pred, gt[:, :1])
+    with pytest.raises(DataError, match="outside"):
+        psnr(pred * 2, gt)
+    with pytest.raises(DataError, match="start with"):
+        evaluate_videos(pred, gt, clip_features=torch.randn(3, 2, 8))

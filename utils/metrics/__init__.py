@@ -1,0 +1,36 @@
+"""Stage-6 metric library: small pure functions on tensors (no model loading; classifier scores and CLIP features are
+computed by the foundation roles ``frame_classifier``, ``video_classifier``, ``clip_pcc`` and passed in).
+
+Videos are float ``(N, F, 3, H, W)`` in [0, 1], prediction and ground truth of the same shape — never stitched GIFs.
+Metrics whose definition depends on ``protocol`` ("neurons" = exactly as upstream NEURONS computes and reports them,
+"standard" = the corrected / MinD-Video–Mind-Animator definitions, default): ``ssim``, ``psnr``, ``blurry_video_ssim``,
+``clip_pcc``, ``summarise`` and ``evaluate_videos``. N-way accuracy and retrieval use one (seeded) rule in both; the
+tasks metrics (F1, Dice, BLEU) have a single definition. Module docs give the exact settings.
+"""
+
+from utils.metrics._common import PROTOCOLS, Protocol
+from utils.metrics.pixel import blurry_video_ssim, psnr, ssim
+from utils.metrics.semantic import chance_level, chance_levels, n_way_accuracy, retrieval_accuracy
+from utils.metrics.summary import evaluate_videos, summarise
+from utils.metrics.tasks import caption_bleu, caption_bleu_per_sample, concept_f1, dice_per_sample, normalise_caption
+from utils.metrics.temporal import clip_pcc
+
+__all__ = [
+    "PROTOCOLS",
+    "Protocol",
+    "blurry_video_ssim",
+    "caption_bleu",
+    "caption_bleu_per_sample",
+    "chance_level",
+    "chance_levels",
+    "clip_pcc",
+    "concept_f1",
+    "dice_per_sample",
+    "evaluate_videos",
+    "n_way_accuracy",
+    "normalise_caption",
+    "psnr",
+    "retrieval_accuracy",
+    "ssim",
+    "summarise",
+]

@@ -1,0 +1,116 @@
+"""Reporting: ``summarise`` turns per-sample values into the metrics-JSON triple {"mean", "std", "n"};
+``evaluate_videos`` runs every video metric of stage 6 under one protocol.
+
+protocol="neurons" (upstream ``run_metrics.py``): frame-level values (N, F) are summarised per frame index and the
+  F means and F stds are averaged ("± = mean over frames of std over videos"); with ``per_sample_std`` (the N-way
+  binomial std) the ± is the mean of the per-sample stds instead. std is numpy's population std (ddof 0).
+protocol="standard": frame-level values are first averaged per sample (N,), then mean and population std over the N
+  samples; ``per_sample_std`` is ignored (the ± is the spread over samples, never a binomial error).
+The means agree between protocols; only the ± differs. Non-finite values (PSNR of identical frames) propagate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from utils.errors import DataError
+from utils.metrics._common import Protocol, check_protocol, check_same_shape, check_videos
+from utils.metrics.pixel import blurry_video_ssim, psnr, ssim
+from utils.metrics.semantic import chance_level, n_way_accuracy
+from utils.metrics.temporal import clip_pcc
+
+
+def summarise(
+    values: torch.Tensor, per_sample_std: torch.Tensor | None = None, protocol: Protocol = "standard"
+) -> dict[str, float | int]:
+    """values: (N,) per-sample or (N, F) per-frame metric values → {"mean": float, "std": float, "n": N}."""
+    protocol = check_protocol(protocol)
+    if values.ndim not in (1, 2) or values.shape[0] == 0:
+        raise DataError(f"summarise: values of shape {tuple(values.shape)}", "pass (N,) or (N, F) with N ≥ 1")
+    v = values.double()
+    if protocol == "standard":
+        per_sample = v if v.ndim == 1 else v.mean(dim=1)
+        mean, std = per_sample.mean(), per_sample.std(correction=0)
+    elif per_sample_std is not None:
+        check_same_shape(values, per_sample_std, "summarise per-sample std")
+        mean, std = v.mean(), per_sample_std.double().mean()
+    else:
+        cols = v if v.ndim == 2 else v[:, None]
+        mean, std = cols.mean(dim=0).mean(), cols.std(dim=0, correction=0).mean()
+    return {"mean": mean.item(), "std": std.item(), "n": int(values.shape[0])}
+
+
+def _n_way_entries(
+    prefix: str,
+    scores: tuple[torch.Tensor, torch.Tensor],
+    n_ways: Iterable[int],
+    protocol: Protocol,
+    **rule: int,
+) -> dict[str, dict[str, float | int]]:
+    out = {}
+    for n in n_ways:
+        acc, std = n_way_accuracy(scores[0], scores[1], n, **rule)
+        entry: dict[str, float | int] = summarise(acc, std, protocol)
+        entry["chance"] = chance_level(n, rule["gt_top_k"], rule["top_k"])
+        out[f"{prefix}_{n}way"] = entry
+    return out
+
+
+def _check_leading(
+    nf: torch.Size,
+    video_scores: tuple[torch.Tensor, torch.Tensor] | None,
+    frame_scores: tuple[torch.Tensor, torch.Tensor] | None,
+    clip_features: torch.Tensor | None,
+) -> None:
+    """The optional inputs must describe the same N videos (and F frames) as the pixels."""
+    expected = [(video_scores, nf[:1]), (frame_scores, nf), (clip_features, nf)]
+    for x, lead in expected:
+        for t in x if isinstance(x, tuple) else (x,):
+            if t is not None and t.shape[: len(lead)] != lead:
+                raise DataError(
+                    f"evaluate_videos: input of shape {tuple(t.shape)} does not start with (N, F) = {tuple(nf)}",
+                    "compute classifier scores / CLIP features for the same videos and frames as pred",
+                )
+
+
+def evaluate_videos(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    *,
+    protocol: Protocol = "standard",
+    video_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+    frame_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clip_features: torch.Tensor | None = None,
+    blurry: torch.Tensor | None = None,
+    n_ways: Iterable[int] = (2, 50),
+    trials: int = 100,
+    gt_top_k: int = 3,
+    top_k: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, float | int]]:
+    """All stage-6 video metrics as {"name": {"mean", "std", "n"[, "chance"]}}.
+
+    pred, gt: (N, F, 3, H, W) float in [0, 1]. Optional inputs from the foundation roles, skipped when None:
+    video_scores (gt (N, C), pred (N, C)) of ``video_classifier``; frame_scores (gt (N, F, C), pred (N, F, C)) of
+    ``frame_classifier``; clip_features (N, F, D) of ``clip_pcc`` on the predicted frames; blurry (N, F, 3, H, W)
+    stage-3 blurry videos at the ground truth's resolution.
+    """
+    protocol = check_protocol(protocol)
+    check_videos(pred, gt)
+    rule = {"trials": trials, "gt_top_k": gt_top_k, "top_k": top_k, "seed": seed}
+    n_ways = tuple(n_ways)
+    _check_leading(pred.shape[:2], video_scores, frame_scores, clip_features)
+    out: dict[str, dict[str, float | int]] = {}
+    if video_scores is not None:
+        out.update(_n_way_entries("video", video_scores, n_ways, protocol, **rule))
+    if clip_features is not None:
+        out["clip_pcc"] = summarise(clip_pcc(clip_features, protocol), None, protocol)
+    if frame_scores is not None:
+        out.update(_n_way_entries("frame", frame_scores, n_ways, protocol, **rule))
+    out["ssim"] = summarise(ssim(pred, gt, protocol), None, protocol)
+    out["psnr"] = summarise(psnr(pred, gt, protocol), None, protocol)
+    if blurry is not None:
+        out["blurry_ssim"] = summarise(blurry_video_ssim(blurry, gt, protocol), None, protocol)
+    return out
