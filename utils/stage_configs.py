@@ -93,8 +93,14 @@ class Stage2Train(OptimConfig):
     softclip_temp_start: float = 0.004
     softclip_temp_end: float = 0.0075
     temp_text: float = 0.1
-    caption_max_len: int = 60
+    caption_max_len: int = 60  # CLIP-BPE ids per caption (cut to the clip tokenizer's context when shorter)
     caption_label_smoothing: float = 0.1
+    target_frame: int = 2  # the prior's CLIP target frame (and the frame scored by validation retrieval)
+    voxel_repeat: int = 0  # upstream trains stage 2 on fMRI repeat 0 only (defect 20)
+    init_from_mindeye2: bool = True  # start the prior from MindEye2's subject-1 weights (weights_root/last.pth)
+    val_prior_steps: int | None = None  # DDPM steps of the validation prior samples (None: all, as at inference)
+    val_chunk: int = 100  # validation retrieval within chunks of this many clips (upstream: batches of 100)
+    selection: tuple[str, ...] = ("fwd_top1", "bwd_top1", "caption_acc")  # validation scores summed into "metric"
 
 
 @dataclass(frozen=True)
@@ -130,20 +136,22 @@ class UpstreamFlags:
 
 
 @dataclass(frozen=True)
-class Stage1Config:
+class SharedConfig:
+    """The sections every stage shares; a profile sets them once at its top level."""
+
     run: RunConfig = field(default_factory=RunConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass(frozen=True)
+class Stage1Config(SharedConfig):
     train: Stage1Train = field(default_factory=Stage1Train)
 
 
 @dataclass(frozen=True)
-class Stage2Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class Stage2Config(SharedConfig):
     train: Stage2Train = field(default_factory=Stage2Train)
     loss_weights: Stage2LossWeights = field(default_factory=Stage2LossWeights)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
@@ -167,11 +175,7 @@ class Stage3Sample:
 
 
 @dataclass(frozen=True)
-class Stage3Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class Stage3Config(SharedConfig):
     sample: Stage3Sample = field(default_factory=Stage3Sample)
     upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
 
@@ -183,11 +187,7 @@ class Stage4Caption:
 
 
 @dataclass(frozen=True)
-class Stage4Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class Stage4Config(SharedConfig):
     caption: Stage4Caption = field(default_factory=Stage4Caption)
 
 
@@ -214,11 +214,7 @@ class Stage5Video:
 
 
 @dataclass(frozen=True)
-class Stage5Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class Stage5Config(SharedConfig):
     video: Stage5Video = field(default_factory=Stage5Video)
 
 
@@ -233,11 +229,7 @@ class Stage6Eval:
 
 
 @dataclass(frozen=True)
-class Stage6Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class Stage6Config(SharedConfig):
     eval: Stage6Eval = field(default_factory=Stage6Eval)
 
 
@@ -248,23 +240,15 @@ class DiagnosticsSample:
 
 
 @dataclass(frozen=True)
-class DiagnosticsConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+class DiagnosticsConfig(SharedConfig):
     sample: DiagnosticsSample = field(default_factory=DiagnosticsSample)
     upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
 
 
 @dataclass(frozen=True)
-class WorldBuildConfig:
+class WorldBuildConfig(SharedConfig):
     """``download_dataset.py --toy``: builds the toy cortex world described by ``world`` into ``paths.data_root``."""
 
-    run: RunConfig = field(default_factory=RunConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
 
