@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: the profile's paths.data_root)")
     parser.add_argument("--subj", type=int, choices=(1, 2, 3), action="append", help="real data: subjects (all)")
     parser.add_argument("--check", action="store_true", help="only report what is missing; download nothing")
+    parser.add_argument("--threads", type=int, help="--toy-weights: torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
 
@@ -83,7 +84,7 @@ def build_toy_weights(args) -> int:
             f"no toy world in {data_root}",
             f"build it first: python download_dataset.py --toy --profile {cfg.run.profile}",
         )
-    summary = build(data_root, weights_root, cfg.model.size, cfg.world.seed)
+    summary = build(data_root, weights_root, cfg.model.size, cfg.world.seed, num_threads=args.threads)
     log.info("toy foundation models ready in %s (%.0f s)", weights_root, summary.get("seconds", 0.0))
     clip = build_role("clip", cfg.model.size, weights_root, "cpu")
     gen_GT_clip_embeds.run(data_root, clip, cfg.data.caption_source)
