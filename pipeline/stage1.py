@@ -30,7 +30,7 @@ from pipeline.common import (
     load_tokens_proj,
     make_brain_config,
 )
-from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from pipeline.loop import Trainer, fit
 from utils.cli import begin_stage
 from utils.errors import WeightsError
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
@@ -128,81 +128,11 @@ def evaluate(s: Stage1, split: str = "val", chunk: int = 100) -> dict[str, float
     return scores
 
 
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint so that a resumed run continues exactly."""
-
-    epoch: int = 0  # current epoch
-    batch: int = 0  # batches of ``epoch`` already done
-    step: int = 0  # optimiser steps so far
-    best: float = float("-inf")  # best validation metric
-
-
-def save(s: Stage1, name: str, opt, sched, prog: Progress, mixco_gen: torch.Generator) -> None:
-    if not s.accelerator.is_main_process:
-        return
-    state = {
-        "epoch": prog.epoch,
-        "batch": prog.batch,
-        "step": prog.step,
-        "best": prog.best,
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "mixco_rng": mixco_gen.get_state(),
-    }
-    save_checkpoint(s.out_dir / "checkpoints" / name, s.accelerator.unwrap_model(s.model).state_dict(), s.cfg, state)
-
-
-def restore(s: Stage1, opt, sched, mixco_gen: torch.Generator, metrics: MetricsLog) -> Progress:
-    """Continue from ``checkpoints/last`` when ``train.resume`` is set and it exists; else start afresh."""
-    last = s.out_dir / "checkpoints" / "last"
-    if not s.cfg.train.resume:
-        metrics.path.unlink(missing_ok=True)
-        return Progress()
-    try:
-        resolve_checkpoint(last)
-    except WeightsError:
-        log.info("train.resume is set but there is no checkpoint yet; starting from scratch")
-        metrics.path.unlink(missing_ok=True)
-        return Progress()
-    state = load_checkpoint(last, s.accelerator.unwrap_model(s.model), s.cfg)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    mixco_gen.set_state(state["mixco_rng"])
-    prog = Progress(state["epoch"], state["batch"], state["step"], state["best"])
-    metrics.truncate_after(prog.step)
-    log.info("resuming from %s: epoch %d, batch %d, step %d", last, prog.epoch, prog.batch, prog.step)
-    return prog
-
-
-def train_epoch(s: Stage1, plan: BatchPlan, opt, sched, prog: Progress, gen: torch.Generator, metrics) -> None:
-    t, acc = s.cfg.train, s.accelerator
-    for i, idx in enumerate(plan.batches(prog.epoch, acc.process_index)):
-        if i < prog.batch:  # resumed mid-epoch
-            continue
-        with acc.autocast():
-            losses = step_loss(s, idx, prog.epoch, gen)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(losses["loss"])
-        if t.grad_clip is not None:
-            acc.clip_grad_norm_(s.model.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        prog.batch, prog.step = i + 1, prog.step + 1
-        if acc.is_main_process and (prog.step % t.log_every == 0 or prog.batch == plan.steps_per_epoch):
-            record = {k: float(v.detach()) for k, v in losses.items()}
-            metrics.write(
-                {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0], **record}
-            )
-
-
 def train(cfg: Any) -> Path:
     """Run stage 1; returns the stage folder."""
+    seed_everything(cfg.run.seed)  # before the model is built: its initialisation is seeded too
     s = setup(cfg)
     _, recorder = begin_stage(cfg, "1")
-    seed_everything(cfg.run.seed)
     t, acc = cfg.train, s.accelerator
     plan = BatchPlan(s.data.n_clips("train"), t.batch_size, acc.num_processes, cfg.run.seed, t.drop_last)
     params = [p for p in s.model.parameters() if p.requires_grad]
@@ -211,26 +141,11 @@ def train(cfg: Any) -> Path:
     s.model, opt = acc.prepare(s.model, opt)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     metrics = MetricsLog(s.out_dir / "metrics.jsonl")
-    prog = restore(s, opt, sched, gen, metrics)
+    step = lambda idx, epoch, _: step_loss(s, idx, epoch, gen)  # noqa: E731
+    trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s), {"mixco": gen})
     log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes", plan.n_items,
              s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes)  # fmt: skip
-    try:
-        while prog.epoch < t.num_epochs:
-            train_epoch(s, plan, opt, sched, prog, gen, metrics)
-            scores = evaluate(s)
-            if acc.is_main_process:
-                metrics.write({"split": "val", "step": prog.step, "epoch": prog.epoch, **scores})
-                log.info("epoch %d: %s", prog.epoch, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-            if scores["metric"] > prog.best:
-                prog.best = scores["metric"]
-                save(s, "best", opt, sched, prog, gen)
-            prog.epoch, prog.batch = prog.epoch + 1, 0
-            save(s, "last", opt, sched, prog, gen)
-            acc.wait_for_everyone()
-    except KeyboardInterrupt:
-        save(s, "last", opt, sched, prog, gen)
-        log.info("interrupted: saved %s at step %d", s.out_dir / "checkpoints" / "last", prog.step)
-        raise
+    fit(trainer, plan, opt, sched, metrics)
     if acc.is_main_process:
         finish_stage(s, recorder, metrics)
     return s.out_dir

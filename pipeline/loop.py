@@ -1,0 +1,169 @@
+"""The training loop shared by stages 1 and 2: progress, checkpoints with exact resume, epochs, selection.
+
+A stage supplies a :class:`Trainer`: its model, accelerator, output folder, config, the named torch generators its
+losses draw from, a ``step_loss(idx, epoch, batch)`` function (a dict of scalars, the total under ``"loss"``) and an
+``evaluate()`` function (a dict of floats with the selection score under ``"metric"``). :func:`fit` then runs the
+epochs: optimiser steps on the :class:`~utils.training.BatchPlan` batches, a validation pass per epoch, ``best`` when
+the metric improves, ``last`` after every epoch (and on Ctrl-C), and resumes exactly from ``last`` — mid-epoch
+included — when ``train.resume`` is set: weights, optimizer, scheduler, the global torch RNG and every named
+generator are restored, and ``metrics.jsonl`` is cut back to the resumed step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.errors import WeightsError
+from utils.training import BatchPlan, MetricsLog
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[Any, int, int], Mapping[str, Any]]  # (clip indices, epoch, batch index) -> losses
+EvalFn = Callable[[], dict[str, float]]
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so that a resumed run continues exactly."""
+
+    epoch: int = 0  # current epoch
+    batch: int = 0  # batches of ``epoch`` already done
+    step: int = 0  # optimiser steps so far
+    best: float = float("-inf")  # best validation metric
+    rng: dict[str, Any] | None = field(default=None, repr=False)  # RNG states at the start of an unfinished step
+
+
+@dataclass
+class Trainer:
+    """What :func:`fit` needs from a stage. ``generators`` are saved/restored as ``<name>_rng``."""
+
+    cfg: Any
+    model: torch.nn.Module
+    accelerator: Any
+    out_dir: Path
+    step_loss: StepFn
+    evaluate: EvalFn
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+
+def save(tr: Trainer, name: str, opt, sched, prog: Progress) -> None:
+    """Write ``checkpoints/<name>`` (the whole model, optimizer, scheduler, progress and RNG states)."""
+    if not tr.accelerator.is_main_process:
+        return
+    state = {
+        "epoch": prog.epoch,
+        "batch": prog.batch,
+        "step": prog.step,
+        "best": prog.best,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        **(prog.rng or rng_states(tr)),  # an interrupted step is redone from its starting RNG states
+    }
+    weights = untie(tr.accelerator.unwrap_model(tr.model).state_dict())
+    save_checkpoint(tr.out_dir / "checkpoints" / name, weights, tr.cfg, state)
+
+
+def rng_states(tr: Trainer) -> dict[str, Any]:
+    """The global CPU (and CUDA) RNG states and every named generator's state."""
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states | {f"{k}_rng": g.get_state() for k, g in tr.generators.items()}
+
+
+def set_rng_states(tr: Trainer, state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and len(state.get("cuda_rng", ())) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for name, gen in tr.generators.items():
+        gen.set_state(state[f"{name}_rng"])
+
+
+def untie(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share memory with an earlier entry (GPT-2 ties ``lm_head`` to ``wte``; safetensors
+    refuses shared tensors). Loading writes the same values into the tied parameter twice."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, value in state_dict.items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[name] = value.clone() if key in seen else value
+        seen.add(key)
+    return out
+
+
+def restore(tr: Trainer, opt, sched, metrics: MetricsLog) -> Progress:
+    """Continue from ``checkpoints/last`` when ``train.resume`` is set and it exists; else start afresh."""
+    last = tr.out_dir / "checkpoints" / "last"
+    if not tr.cfg.train.resume:
+        metrics.path.unlink(missing_ok=True)
+        return Progress()
+    try:
+        resolve_checkpoint(last)
+    except WeightsError:
+        log.info("train.resume is set but there is no checkpoint yet; starting from scratch")
+        metrics.path.unlink(missing_ok=True)
+        return Progress()
+    state = load_checkpoint(last, tr.accelerator.unwrap_model(tr.model), tr.cfg)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_states(tr, state)
+    prog = Progress(state["epoch"], state["batch"], state["step"], state["best"])
+    metrics.truncate_after(prog.step)
+    log.info("resuming from %s: epoch %d, batch %d, step %d", last, prog.epoch, prog.batch, prog.step)
+    return prog
+
+
+def _record(losses: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
+
+
+def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metrics: MetricsLog) -> None:
+    """One epoch of optimiser steps, skipping the batches a resumed run has already done."""
+    t, acc = tr.cfg.train, tr.accelerator
+    for i, idx in enumerate(plan.batches(prog.epoch, acc.process_index)):
+        if i < prog.batch:  # resumed mid-epoch
+            continue
+        prog.rng = rng_states(tr)
+        with acc.autocast():
+            losses = tr.step_loss(idx, prog.epoch, i)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(losses["loss"])
+        if t.grad_clip is not None:
+            acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        prog.batch, prog.step, prog.rng = i + 1, prog.step + 1, None
+        if acc.is_main_process and (prog.step % t.log_every == 0 or prog.batch == plan.steps_per_epoch):
+            record = {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0]}
+            metrics.write({**record, **_record(losses)})
+
+
+def fit(tr: Trainer, plan: BatchPlan, opt, sched, metrics: MetricsLog) -> Progress:
+    """All epochs from wherever :func:`restore` says, with validation, ``best`` and ``last`` checkpoints."""
+    t, acc = tr.cfg.train, tr.accelerator
+    prog = restore(tr, opt, sched, metrics)
+    try:
+        while prog.epoch < t.num_epochs:
+            train_epoch(tr, plan, opt, sched, prog, metrics)
+            scores = tr.evaluate()
+            if acc.is_main_process:
+                metrics.write({"split": "val", "step": prog.step, "epoch": prog.epoch, **scores})
+                log.info("epoch %d: %s", prog.epoch, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            if scores["metric"] > prog.best:
+                prog.best = scores["metric"]
+                save(tr, "best", opt, sched, prog)
+            prog.epoch, prog.batch = prog.epoch + 1, 0
+            save(tr, "last", opt, sched, prog)
+            acc.wait_for_everyone()
+    except KeyboardInterrupt:
+        save(tr, "last", opt, sched, prog)
+        log.info("interrupted: saved %s at step %d", tr.out_dir / "checkpoints" / "last", prog.step)
+        raise
+    return prog

@@ -1,0 +1,60 @@
+"""A smoke world ready for stages 1 and 2: toy weights, caption embeddings, the tokens projection and a profile.
+
+Shared by ``test_stage1.py`` and ``test_stage2.py`` (built once per test session). The smoke toy weights take minutes
+to pretrain on 2 CPU cores, so the repository's ``pretrained_weights/toy_smoke`` is used when it holds up-to-date
+clip / vae / gpt2 weights for this world (checked by their manifests' config hashes); otherwise they are built.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_SMOKE_WEIGHTS = REPO / "pretrained_weights" / "toy_smoke"
+ROLES = ("clip", "vae", "gpt2")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmokeEnv:
+    world: Path
+    weights: Path
+    exp_root: Path
+    profile: Path  # a YAML profile (extends smoke) pointing at the three folders above
+
+
+def smoke_weights(world: Path, scratch: Path) -> Path:
+    from models.foundation.toy.build import build_toy_weights, role_hashes
+    from models.foundation.toy.common import is_complete, role_dir
+    from models.foundation.toy.data import world_hash
+
+    hashes = role_hashes(world_hash(world), "smoke", 0)
+    if all(is_complete(role_dir(REPO_SMOKE_WEIGHTS, r), hashes[r]) for r in ROLES):
+        return REPO_SMOKE_WEIGHTS
+    log.warning("no up-to-date smoke toy weights in %s; building them (minutes)", REPO_SMOKE_WEIGHTS)
+    build_toy_weights(world, scratch, "smoke", seed=0, progress=False)
+    return scratch
+
+
+@functools.cache
+def smoke_env(world: Path, scratch: Path) -> SmokeEnv:
+    """Weights, caption embeddings and tokens projection for ``world`` (a copy owned by the test session)."""
+    from models.foundation import build_role
+    from tasks_construction import gen_GT_clip_embeds
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    weights = smoke_weights(world, scratch / "weights")
+    gen_GT_clip_embeds.run(world, build_role("clip", "smoke", weights, "cpu"))
+    gen_GT_clip_embeds.copy_toy_tokens_proj(weights, world)
+    exp_root = scratch / "EXP"
+    profile = scratch / "smoke_test.yaml"
+    profile.write_text(
+        "extends: smoke\n"
+        f"paths:\n  data_root: {world}\n  weights_root: {weights}\n  exp_root: {exp_root}\n"
+        "run:\n  device: cpu\n"
+    )
+    return SmokeEnv(world, weights, exp_root, profile)

@@ -1,0 +1,160 @@
+"""Stage 2 (decoupled task heads) on the smoke world: stage order, outputs, losses and schedule, exact resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.smoke_env import REPO, SmokeEnv, smoke_env
+
+COMMON = ["train.batch_size=8", "train.num_epochs=2", "train.log_every=1"]  # 5 steps per epoch on the smoke world
+INTERRUPT_AT = 7  # the 7th optimiser step: mid-way through epoch 1
+
+
+@pytest.fixture(scope="module")
+def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over shared cores
+    yield smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
+    torch.set_num_threads(threads)
+
+
+def config(env: SmokeEnv, stage: str, exp: str, *overrides: str):
+    from utils.config import load_config
+
+    extra = list(overrides) if stage == "1" else [*COMMON, *overrides]
+    return load_config(stage, str(env.profile), extra, {"exp": exp})
+
+
+def run_stage1(env: SmokeEnv, exp: str) -> Path:
+    from pipeline.stage1 import train
+
+    return train(config(env, "1", exp, "train.num_epochs=1"))
+
+
+@pytest.fixture(scope="module")
+def run_a(env: SmokeEnv) -> Path:
+    """Stages 1 and 2 of run ``a`` (uninterrupted)."""
+    from pipeline.stage2 import train
+
+    run_stage1(env, "a")
+    return train(config(env, "2", "a"))
+
+
+def test_stage2_refuses_to_run_without_stage1(env: SmokeEnv) -> None:
+    from pipeline.stage2 import train
+    from utils.errors import StageOrderError
+    from utils.runs import RunPaths
+
+    cfg = config(env, "2", "no_stage1")
+    with pytest.raises(StageOrderError, match="stage 1"):
+        train(cfg)
+    assert not RunPaths.from_config(cfg).stage_dir("2").exists(), "nothing is written before the check"
+
+
+def test_run_writes_checkpoints_config_and_manifest(env: SmokeEnv, run_a: Path) -> None:
+    from utils.manifest import read_manifest, require_stage
+    from utils.runs import RunPaths
+
+    paths = RunPaths.from_config(config(env, "2", "a"))
+    for name in ("best", "last"):
+        assert (run_a / "checkpoints" / name / "model.safetensors").is_file()
+        assert (run_a / "checkpoints" / name / "state.pt").is_file()
+    assert (run_a / "curves.png").is_file() and (run_a / "metrics.jsonl").is_file()
+    assert (paths.config_dir / "stage2.yaml").is_file()
+    manifest = read_manifest(run_a)
+    assert manifest["depends_on"] == ["1"]
+    stage1_best = (paths.stage_dir("1") / "checkpoints" / "best" / "model.safetensors").resolve()
+    assert str(stage1_best) in manifest["inputs"]
+    require_stage("2", run_a, paths.stage_dirs(), "{stage}")
+
+
+def test_losses_are_finite_and_progressive_weights_follow_the_schedule(env: SmokeEnv, run_a: Path) -> None:
+    from utils.losses import progressive_weights
+
+    cfg = config(env, "2", "a")
+    records = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    steps_per_epoch = len(train) // cfg.train.num_epochs
+    assert len(train) == cfg.train.num_epochs * steps_per_epoch and len(val) == cfg.train.num_epochs
+    p = cfg.progressive
+    for r in train:
+        for name in ("loss", "prior", "video_softclip", "text_nce", "dice", "concepts", "caption", "latent"):
+            assert math.isfinite(r[name]), (name, r)
+        batch = r["step"] - 1 - r["epoch"] * steps_per_epoch
+        want = progressive_weights(r["epoch"], batch, steps_per_epoch, p.starts, p.window_epochs, p.peak)
+        assert {k: r[f"w_{k}"] for k in want} == pytest.approx(want)
+    assert any(r["w_dice"] > 1 for r in train), "the schedule is exercised"
+    for r in val:
+        for name in ("fwd_top1", "bwd_top1", "prior_fwd_top1", "caption_acc", "concept_f1", "dice"):
+            assert 0.0 <= r[name] <= 1.0, (name, r)
+        assert r["metric"] == pytest.approx(sum(r[k] for k in cfg.train.selection))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(
+    env: SmokeEnv, run_a: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import stage2
+    from utils.checkpoint import read_weights
+    from utils.runs import RunPaths
+
+    root_b = RunPaths.from_config(config(env, "2", "b")).root
+    shutil.copytree(run_a.parent / "stage1", root_b / "stage1")  # same stage-1 weights, fingerprints kept
+    real, calls = stage2.step_loss, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == INTERRUPT_AT:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage2, "step_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        stage2.train(config(env, "2", "b"))
+    monkeypatch.setattr(stage2, "step_loss", real)
+    out_b = stage2.train(config(env, "2", "b", "train.resume=true"))
+    want, _ = read_weights(run_a / "checkpoints" / "last")
+    got, _ = read_weights(out_b / "checkpoints" / "last")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])][:3]
+    records = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert records(out_b) == records(run_a)
+
+
+def _env_vars() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_script_refuses_without_stage1_in_one_line(env: SmokeEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    import train_decoupler
+    from utils.cli import run_stage
+
+    argv = ["--profile", str(env.profile), "--exp", "cli_no_stage1"]
+    assert run_stage("2", train_decoupler.main, train_decoupler.__doc__, argv) != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: StageOrderError") and "stage 1" in last and "train_neurons.sh" in last
+
+
+@pytest.mark.slow
+def test_driver_runs_stages_1_and_2_as_standalone_scripts(env: SmokeEnv) -> None:
+    from utils.manifest import read_manifest
+
+    vars_ = {**_env_vars(), "NEURONS_SET": "train.num_epochs=1 train.batch_size=8"}
+    proc = subprocess.run(
+        ["bash", "train_neurons.sh", "cpu", "drv", "12", "enhance", "1", str(env.profile)],
+        cwd=REPO, env=vars_, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = env.exp_root / "exp_drv" / "subj_1"
+    assert read_manifest(run / "stage1")["stage"] == "1"
+    assert read_manifest(run / "stage2")["depends_on"] == ["1"]
+    assert len(list((run / "logs").glob("stage2_*.log"))) == 1

@@ -1,0 +1,23 @@
+"""Stage 2: train the NEURONS decoupled task heads (prior, motion, concepts, masks, blurry video, captions) on top of
+the frozen stage-1 brain model.
+
+    python train_decoupler.py --profile toy --subj 1 --exp demo [--set train.batch_size=8]
+
+Needs stage 1 of the same run (its best checkpoint). Outputs in <exp_root>/exp_<EXP>/subj_<SUBJ>/stage2/:
+checkpoints/{best,last}/, metrics.jsonl, curves.png and manifest.json.
+Resume an interrupted run with --set train.resume=true.
+"""
+
+import sys
+
+from utils.cli import run_stage
+
+
+def main(cfg) -> None:
+    from pipeline.stage2 import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("2", main, __doc__))
