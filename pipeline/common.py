@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ def foundation_dims(cfg: Any, clip: Any, data: BrainVideoData, vae: Any = None, 
 
 
 def make_brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any):
+    brain = _brain_config(cfg, data, dims, parts, **kw)
+    if cfg.model.backbone_dropout is not None:
+        brain = replace(brain, widths=replace(brain.widths, backbone_dropout=cfg.model.backbone_dropout))
+    return brain
+
+
+def _brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any):
     return brain_config(
         cfg.model.size,
         n_voxels=(data.n_voxels,),

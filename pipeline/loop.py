@@ -21,7 +21,7 @@ import torch
 
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.errors import WeightsError
-from utils.training import BatchPlan, MetricsLog
+from utils.training import BatchPlan, MetricsLog, average_gradients
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
             losses = tr.step_loss(idx, prog.epoch, i)
         opt.zero_grad(set_to_none=True)
         acc.backward(losses["loss"])
+        average_gradients(acc, tr.model.parameters())
         if t.grad_clip is not None:
             acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
         opt.step()

@@ -34,7 +34,7 @@ from pipeline.loop import Trainer, fit
 from utils.cli import begin_stage
 from utils.errors import WeightsError
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
-from utils.training import BatchPlan, MetricsLog, build_accelerator, one_cycle, seed_everything
+from utils.training import BatchPlan, MetricsLog, build_accelerator, gather_cat, one_cycle, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +77,27 @@ def setup(cfg: Any) -> Stage1:
     return Stage1(cfg, data, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"))
 
 
-def step_loss(s: Stage1, idx: Any, epoch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Losses of one step on the clips ``idx`` of the training split."""
-    t, device = s.cfg.train, s.accelerator.device
-    voxels = s.data.voxels("train", epoch)[idx].to(device)  # (B, V), repeat epoch % R
+def step_loss(s: Stage1, plan: BatchPlan, epoch: int, batch: int, generator: torch.Generator) -> dict[str, Any]:
+    """Losses of step ``batch`` of ``epoch``, computed on the global batch whatever the process count.
+
+    Every process mixes the voxels of the whole global batch with the same generator (so BiMixCo partners do not
+    depend on the process count), encodes its own share, and gathers predictions and targets for the losses.
+    """
+    t, acc = s.cfg.train, s.accelerator
+    glob, mine = plan.batch_at(epoch, batch), plan.share(acc.process_index)
+    voxels = s.data.voxels("train", epoch)[glob].to(acc.device)  # (B, V), repeat epoch % R
     frame = min(t.target_frame + (epoch % 2 if t.alternate_target_frame else 0), s.data.n_frames - 1)
     with torch.no_grad():
-        targets = s.clip.image_tokens(s.data.frames("train", idx)[:, frame].to(device)).float()  # (B, T, D)
-    captions = s.data.caption_embeddings("train")[idx].to(device)  # (B, Dt)
+        local = s.clip.image_tokens(s.data.frames("train", glob[mine])[:, frame].to(acc.device)).float()
+        targets = gather_cat(acc, local)  # (B, T, D)
+    captions = s.data.caption_embeddings("train")[glob].to(acc.device)  # (B, Dt)
     mixing = epoch < t.mixup_pct * t.num_epochs
     labels = None
     if mixing:
         mixed = mixco(voxels, t.bimixco_beta, t.bimixco_prob, generator)
         voxels = mixed.voxels
-        labels = mixco_soft_labels(mixed.perm, mixed.betas, t.mixco_self_partner_quirk).to(device)
-    preds = s.model.encode(voxels)  # (B, T, D)
+        labels = mixco_soft_labels(mixed.perm, mixed.betas, t.mixco_self_partner_quirk).to(acc.device)
+    preds = gather_cat(acc, s.model.encode(voxels[mine]))  # (B, T, D)
     if mixing:
         image = mixco_nce(preds, targets, t.temp_image, mixed.perm, mixed.betas, True, t.mixco_self_partner_quirk)
     else:
@@ -138,10 +144,11 @@ def train(cfg: Any) -> Path:
     params = [p for p in s.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
     sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
-    s.model, opt = acc.prepare(s.model, opt)
+    s.model.to(acc.device)  # not DDP-wrapped: gradients are averaged in the loop (see utils.training)
+    opt = acc.prepare(opt)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     metrics = MetricsLog(s.out_dir / "metrics.jsonl")
-    step = lambda idx, epoch, _: step_loss(s, idx, epoch, gen)  # noqa: E731
+    step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
     trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s), {"mixco": gen})
     log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes", plan.n_items,
              s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes)  # fmt: skip

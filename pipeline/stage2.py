@@ -430,7 +430,8 @@ def train(cfg: Any) -> Path:
     params = [p for p in s.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
     sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
-    s.model, opt = acc.prepare(s.model, opt)
+    s.model.to(acc.device)  # not DDP-wrapped: gradients are averaged in the loop (see utils.training)
+    opt = acc.prepare(opt)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     metrics = MetricsLog(s.out_dir / "metrics.jsonl")
     trainer = Trainer(

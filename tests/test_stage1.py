@@ -76,3 +76,38 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     got, _ = read_weights(out_b / "checkpoints" / "last")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert records(out_b) == records(run_a)
+
+
+def test_two_processes_follow_the_one_process_run(env: SmokeEnv) -> None:
+    """torchrun with 2 CPU processes (gloo) at the same global batch: the same losses and weights as 1 process.
+
+    Dropout is off because each process draws dropout masks for its own share of the batch.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from utils.checkpoint import read_weights
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--profile", str(env.profile), *(f"--set={o}" for o in (*COMMON, "model.backbone_dropout=0"))]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    runs = {}
+    for n in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+        done = subprocess.run([*launcher, str(repo / "train_neurons.py"), *args, "--exp", f"ddp{n}"],
+                              cwd=repo, env=environ, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[n] = env.exp_root / f"exp_ddp{n}" / "subj_1" / "stage1"
+    one, two = records(runs[1]), records(runs[2])
+    assert [(r["split"], r["step"]) for r in one] == [(r["split"], r["step"]) for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "image", "text", "metric"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a, b)
+    w1, _ = read_weights(runs[1] / "checkpoints" / "last")
+    w2, _ = read_weights(runs[2] / "checkpoints" / "last")
+    # Adam turns float-rounding differences in near-zero gradients into full-size steps, so weights may drift by
+    # up to lr per step; a wrong gradient (summed, or local only) would change the losses above instead.
+    bound = 3e-4 * 10  # toy max_lr x 10 steps
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= bound

@@ -12,6 +12,7 @@ exit status; configuration errors return 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -73,10 +74,14 @@ def run_stage(
             print(to_yaml(cfg), end="")
             return 0
         paths = RunPaths.from_config(cfg)
-        setup_logging(cfg.run.log_level, None if os.environ.get(DRIVER_LOG_ENV) else stage_log_path(paths, stage))
+        main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch
+        if main_process:
+            setup_logging(cfg.run.log_level, None if os.environ.get(DRIVER_LOG_ENV) else stage_log_path(paths, stage))
+        else:
+            setup_logging("WARNING")
         log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_NAMES[stage], paths.root,
                  cfg.run.profile, config_hash(cfg))  # fmt: skip
-        with run_lock(paths.root, stage):
+        with run_lock(paths.root, stage) if main_process else contextlib.nullcontext():
             main(cfg)
         return 0
     except NeuronsError as err:

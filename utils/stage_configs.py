@@ -52,6 +52,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     size: Literal["paper", "toy", "smoke"] = "paper"  # brain-model size registry key
+    backbone_dropout: float | None = None  # None: the size's value (MindEye2: 0.15)
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,13 @@ class Stage3Sample:
     caption_beams: int = 3
     caption_max_tokens: int = 30
     caption_max_tokens_enhance: int = 60
+    caption_length_penalty: float = 1.0  # beam search: a hypothesis scores sum(log p) / length ** penalty
     mask_soft_low: float = 0.5  # enhance soft mask values {low, 1}
     num_previews: int = 16
+    preview_fps: int = 8  # GIF previews (upstream: 8 fps)
+    num_clips: int | None = None  # decode only the first N test clips (None: all of them)
+    output_dtype: Literal["float16", "float32"] = "float16"  # keyframes, blurry videos, masks, prior tokens
+    save_prior_tokens: bool = False  # (N, T, D) prior samples: 1 GB at the paper's size
 
 
 @dataclass(frozen=True)

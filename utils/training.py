@@ -78,10 +78,10 @@ class BatchPlan:
                 f"batch size {self.global_batch} is larger than the {self.n_items} training clips",
                 f"set train.batch_size to at most {self.n_items}",
             )
-        if self.global_batch < self.num_processes:
+        if self.global_batch % self.num_processes:
             raise ConfigError(
-                f"batch size {self.global_batch} is smaller than the {self.num_processes} processes",
-                f"set train.batch_size to at least {self.num_processes}",
+                f"batch size {self.global_batch} does not split evenly over {self.num_processes} processes",
+                f"set train.batch_size to a multiple of {self.num_processes}",
             )
 
     @property
@@ -93,12 +93,71 @@ class BatchPlan:
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
 
+    def batch_at(self, epoch: int, step: int) -> np.ndarray:
+        """The clip indices of step ``step`` of ``epoch`` over all processes."""
+        return self.permutation(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
+
+    def share(self, rank: int) -> slice:
+        """Rows of a global batch that process ``rank`` trains on."""
+        per = self.global_batch // self.num_processes
+        return slice(rank * per, (rank + 1) * per)
+
     def batches(self, epoch: int, rank: int = 0) -> Iterator[np.ndarray]:
         """Yield, per step, the clip indices of process ``rank`` (a contiguous share of the global batch)."""
         order = self.permutation(epoch)
         for step in range(self.steps_per_epoch):
             batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             yield np.array_split(batch, self.num_processes)[rank]
+
+
+class _GatherCat(torch.autograd.Function):
+    """All-gather along dim 0 with a gradient: every process's copy of the loss sends its share back (summed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # SUM works on every backend (gloo has no reduce_scatter)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_cat(accelerator: Any, x: torch.Tensor) -> torch.Tensor:
+    """``(b, ...)`` per process → ``(N·b, ...)`` in rank order, differentiable; identity for one process.
+
+    With every process computing the same loss on the gathered global batch, and gradients then averaged by
+    :func:`average_gradients`, the update equals the one-process update on the global batch.
+    """
+    if accelerator.num_processes == 1:
+        return x
+    return _GatherCat.apply(x)
+
+
+def average_gradients(accelerator: Any, parameters) -> None:
+    """Mean all-reduce of the gradients (the models are not DDP-wrapped: stages call several of their methods)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):

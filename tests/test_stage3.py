@@ -1,0 +1,303 @@
+"""Stage 3 (decoupled reconstruction) on the smoke world: stage order and staleness, outputs and their manifest,
+per-clip reproducibility across batch sizes, enhance vs motion, the caption decoders, the CLI and the driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.smoke_env import REPO, SmokeEnv, smoke_env
+
+RUN = "s3"
+STAGE2 = ["train.batch_size=8", "train.num_epochs=1"]
+TENSORS = ("keyframes", "blurry_videos", "masks", "concept_probs", "prior_tokens")
+
+
+@pytest.fixture(scope="module")
+def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
+    """The smoke env with a profile of its own: 4 test clips in batches of 3 and 1, 2 previews. (A profile rather
+    than --set: checkpoints are tied to their profile, and the driver passes NEURONS_SET to every stage.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over shared cores
+    base = smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
+    profile = tmp_path_factory.mktemp("stage3") / "stage3.yaml"
+    sample = "{num_clips: 4, batch_size: 3, num_previews: 2}"
+    profile.write_text(f"extends: {base.profile}\nstage3: {{sample: {sample}}}\n")
+    yield SmokeEnv(base.world, base.weights, base.exp_root, profile)
+    torch.set_num_threads(threads)
+
+
+def config(env: SmokeEnv, stage: str, exp: str, *overrides: str, mode: str = "enhance"):
+    from utils.config import load_config
+
+    return load_config(stage, str(env.profile), list(overrides), {"exp": exp, "mode": mode})
+
+
+def paths(env: SmokeEnv, exp: str, mode: str = "enhance"):
+    from utils.runs import RunPaths
+
+    return RunPaths.from_config(config(env, "3", exp, mode=mode))
+
+
+@pytest.fixture(scope="module")
+def stage2_run(env: SmokeEnv) -> Path:
+    """Stages 1 and 2 of run ``s3`` (one epoch each); returns the run folder."""
+    from pipeline import stage1, stage2
+
+    stage1.train(config(env, "1", RUN, "train.num_epochs=1"))
+    stage2.train(config(env, "2", RUN, *STAGE2))
+    return paths(env, RUN).root
+
+
+def copy_stages_1_2(src: Path, dst: Path) -> None:
+    """Another run with the same stage-1/2 outputs (fingerprints kept: copytree preserves mtimes)."""
+    for stage in ("stage1", "stage2"):
+        shutil.copytree(src / stage, dst / stage)
+
+
+def reconstruct(env: SmokeEnv, exp: str, *overrides: str, mode: str = "enhance") -> Path:
+    from pipeline.stage3 import reconstruct as run
+
+    return run(config(env, "3", exp, *overrides, mode=mode))
+
+
+@pytest.fixture(scope="module")
+def enhance(env: SmokeEnv, stage2_run: Path) -> Path:
+    return reconstruct(env, RUN, mode="enhance")
+
+
+@pytest.fixture(scope="module")
+def motion(env: SmokeEnv, stage2_run: Path) -> Path:
+    return reconstruct(env, RUN, mode="motion")
+
+
+def outputs(folder: Path) -> dict[str, torch.Tensor]:
+    return {name: load_file(folder / f"{name}.safetensors")[name] for name in TENSORS}
+
+
+def captions(folder: Path) -> list[str]:
+    return json.loads((folder / "captions.json").read_text())["captions"]
+
+
+# ---- stage order ----------------------------------------------------------------------------------------------------
+def test_refuses_without_stage2(env: SmokeEnv) -> None:
+    from pipeline.stage3 import reconstruct as run
+    from utils.errors import StageOrderError
+
+    cfg = config(env, "3", "no_stage2")
+    with pytest.raises(StageOrderError, match="stage 2"):
+        run(cfg)
+    assert not paths(env, "no_stage2").stage_dir("3").exists(), "nothing is written before the check"
+
+
+def test_refuses_stale_stage2_and_marks_its_own_outputs_stale(env: SmokeEnv, stage2_run: Path) -> None:
+    from utils.errors import StageOrderError
+    from utils.manifest import read_manifest, require_stage
+
+    p = paths(env, "stale")
+    copy_stages_1_2(stage2_run, p.root)
+    out = reconstruct(env, "stale", "sample.num_clips=1", "sample.num_previews=0")
+    require_stage("3", out, p.stage_dirs(), "{stage}")
+    best = p.stage_dir("2") / "checkpoints" / "best" / "model.safetensors"
+    stamp = best.stat().st_mtime_ns + 10**9
+    os.utime(best, ns=(stamp, stamp))  # stage 2's checkpoint is now newer than its manifest (and than stage 3)
+    with pytest.raises(StageOrderError, match="stage 3 .*stale"):
+        require_stage("3", out, p.stage_dirs(), "{stage}")
+    with pytest.raises(StageOrderError, match="stage 2 .*stale"):
+        reconstruct(env, "stale", "sample.num_clips=1")
+    assert read_manifest(out) is not None, "a refused run leaves the previous outputs alone"
+
+
+def test_refuses_model_flags_that_differ_from_the_stage2_run(env: SmokeEnv, stage2_run: Path) -> None:
+    from pipeline.stage3 import reconstruct as run
+    from utils.errors import ConfigError
+
+    cfg = config(env, "3", RUN, "upstream.text_attention=batch", mode="motion")
+    with pytest.raises(ConfigError, match="text_attention.*trained with 'own'"):
+        run(cfg)
+
+
+def test_fine_concept_names_query_with_frequent_key_objects(
+    env: SmokeEnv, stage2_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.stage2 import key_object_classes
+    from pipeline.stage3 import inference_namer
+    from utils.data import BrainVideoData
+
+    data = BrainVideoData(env.world, 1)
+    cfg2 = config(env, "2", RUN)  # trained on class names (the default)
+    namer = inference_namer(config(env, "3", RUN, "upstream.concept_names=fine"), cfg2, data)
+    assert "defect 22" in caplog.text, "class-trained head queried with fine names: warned"
+    to_class = key_object_classes(data)
+    for cls, name in zip(data.concept_classes, namer.infer_name(torch.eye(data.n_concepts))):
+        assert name == cls or to_class.get(name) == cls, (cls, name)
+    assert any(name != cls for cls, name in zip(data.concept_classes, namer.infer_name(torch.eye(data.n_concepts))))
+
+
+# ---- outputs --------------------------------------------------------------------------------------------------------
+def test_run_writes_outputs_with_the_recorded_shapes(env: SmokeEnv, enhance: Path) -> None:
+    from utils.data import BrainVideoData
+    from utils.manifest import read_manifest, require_stage
+
+    cfg, p = config(env, "3", RUN), paths(env, RUN)
+    data = BrainVideoData(env.world, 1)
+    n, f, r, k = 4, data.n_frames, data.resolution, cfg.sample.keyframe_size
+    manifest = read_manifest(enhance)
+    assert manifest["depends_on"] == ["2"] and manifest["n_clips"] == n
+    require_stage("3", enhance, p.stage_dirs(), "{stage}")
+    best = (p.stage_dir("2") / "checkpoints" / "best" / "model.safetensors").resolve()
+    assert str(best) in manifest["inputs"]
+    assert str((env.world / "subj01_test_fmri.pt").resolve()) in manifest["inputs"]
+    got = outputs(enhance)
+    for name, tensor in got.items():
+        entry = manifest["outputs"][f"{name}.safetensors"]
+        assert entry["shape"] == list(tensor.shape) and entry["dtype"] == str(tensor.dtype).removeprefix("torch.")
+    assert got["keyframes"].shape == (n, 3, k, k) and got["blurry_videos"].shape == (n, f, 3, r, r)
+    assert got["masks"].shape[:2] == (n, f) and got["concept_probs"].shape == (n, data.n_concepts)
+    assert got["prior_tokens"].shape[0] == n and got["concept_probs"].dtype == torch.float32
+    for name in ("keyframes", "blurry_videos", "masks", "concept_probs"):
+        assert got[name].isfinite().all() and got[name].min() >= 0 and got[name].max() <= 1, name
+    caps = captions(enhance)
+    assert len(caps) == n and all(isinstance(c, str) for c in caps)
+    assert manifest["outputs"]["captions.json"]["shape"] == [n]
+    concepts = json.loads((enhance / "concepts.json").read_text())
+    assert concepts["classes"] == data.concept_classes and len(concepts["mask_names"]) == n
+    previews = sorted(x.name for x in (enhance / "previews").iterdir())
+    assert previews == ["keyframe_0000.png", "keyframe_0001.png", "video_0000.gif", "video_0001.gif"]
+
+
+def test_a_clip_decodes_the_same_in_any_batch(env: SmokeEnv, stage2_run: Path, enhance: Path) -> None:
+    """Per-clip seeds: batch size 1 reproduces batch size 3 (batches [0, 1, 2], [3]). Clip 3 sits in a batch of one
+    both times and is bit-identical; clips 0-2 agree up to float rounding (a CPU matmul of 1 row and of 3 rows need
+    not round alike), and their captions and mask names are the same."""
+    copy_stages_1_2(stage2_run, paths(env, "bs1").root)
+    single = reconstruct(env, "bs1", "sample.batch_size=1", "sample.num_previews=0")
+    want, got = outputs(enhance), outputs(single)
+    for name in TENSORS:
+        assert torch.equal(want[name][3], got[name][3]), name
+        torch.testing.assert_close(got[name].float(), want[name].float(), atol=5e-3, rtol=1e-2, msg=name)
+    assert captions(single) == captions(enhance)
+    names = lambda folder: json.loads((folder / "concepts.json").read_text())["mask_names"]  # noqa: E731
+    assert names(single) == names(enhance)
+
+
+def test_enhance_and_motion_write_separate_folders_and_differ_where_they_should(
+    env: SmokeEnv, enhance: Path, motion: Path
+) -> None:
+    assert enhance.name == "stage3_enhance" and motion.name == "stage3_motion"
+    e, m = outputs(enhance), outputs(motion)
+    for name in ("prior_tokens", "concept_probs", "masks"):  # the same brain decoding in both modes
+        assert torch.equal(e[name], m[name]), name
+    assert not torch.equal(e["blurry_videos"], m["blurry_videos"])
+    assert not torch.equal(e["keyframes"], m["keyframes"])
+    assert json.loads((enhance / "captions.json").read_text())["max_new_tokens"] == 60
+    assert json.loads((motion / "captions.json").read_text())["max_new_tokens"] == 30
+
+
+def test_enhance_masks_the_blurry_latents_and_the_unclip_tokens(env: SmokeEnv, stage2_run: Path) -> None:
+    """What reaches the VAE and unCLIP: in enhance mode the motion-mode inputs times the soft key-object mask."""
+    from pipeline import stage3
+
+    s = stage3.setup(config(env, "3", RUN))
+    seen: dict[str, list[torch.Tensor]] = {"latents": [], "tokens": []}
+    vae_decode, unclip_reconstruct = s.vae.decode, s.unclip.reconstruct
+    s.vae.decode = lambda z: seen["latents"].append(z) or vae_decode(z)
+    s.unclip.reconstruct = lambda t, g: seen["tokens"].append(t) or unclip_reconstruct(t, g)
+    idx = np.array([0, 1])
+    batch = stage3.decode_batch(s, idx)
+    s.cfg = config(env, "3", RUN, mode="motion")
+    stage3.decode_batch(s, idx)
+    low = s.cfg.sample.mask_soft_low
+    latent_mask = stage3.resize_nearest(stage3.soft_mask(batch["masks"], low), s.latent_size)  # (B, F, s, s)
+    assert set(latent_mask.unique().tolist()) <= {low, 1.0}
+    (lat_e, lat_m), (tok_e, tok_m) = seen["latents"], seen["tokens"]
+    torch.testing.assert_close(lat_e, lat_m * latent_mask[:, :, None])
+    torch.testing.assert_close(tok_e, tok_m * stage3.token_mask(latent_mask, tok_m.shape[1]))
+    assert not torch.equal(lat_e, lat_m), "the smoke masks are not all ones"
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------------------
+def test_token_mask_follows_the_token_grid() -> None:
+    from pipeline.stage3 import soft_mask, token_mask
+
+    probs = torch.zeros(1, 2, 8, 8)
+    probs[:, :, :, :4] = 0.9  # left half of every frame
+    soft = soft_mask(probs, 0.5)
+    assert soft[0, 0, 0, 0] == 1.0 and soft[0, 0, 0, 7] == 0.5
+    weights = token_mask(soft, 16).view(4, 4)  # 4 x 4 tokens, row-major
+    assert torch.equal(weights[:, :2], torch.ones(4, 2)) and torch.equal(weights[:, 2:], torch.full((4, 2), 0.5))
+
+
+@pytest.fixture(scope="module")
+def text_decoder() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models.heads import TextDecoder
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=12, n_positions=32)).eval()
+    return TextDecoder(8, gpt).eval()
+
+
+def test_beam_search_with_one_beam_is_greedy_and_rows_are_independent(text_decoder: torch.nn.Module) -> None:
+    from pipeline.stage3 import beam_generate
+
+    prefix = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    greedy, g_mask = text_decoder.generate(prefix, 10, eos_id=3)
+    beam1, b_mask = beam_generate(text_decoder, prefix, 10, 3, beams=1, length_penalty=1.0)
+    assert torch.equal(g_mask, b_mask[:, : g_mask.shape[1]]) and not b_mask[:, g_mask.shape[1] :].any()
+    assert all(torch.equal(g[m], b[: len(g)][m]) for g, b, m in zip(greedy, beam1, g_mask))
+    beam3, mask3 = beam_generate(text_decoder, prefix, 10, 3, beams=3, length_penalty=1.0)
+    for i in range(len(prefix)):
+        one, one_mask = beam_generate(text_decoder, prefix[i : i + 1], 10, 3, beams=3, length_penalty=1.0)
+        assert torch.equal(one[0][one_mask[0]], beam3[i][mask3[i]])
+
+
+def test_caption_ids_become_text_without_special_or_foreign_ids() -> None:
+    import open_clip
+
+    from pipeline.stage3 import ids_to_text
+
+    tok = open_clip.SimpleTokenizer()
+    ids = tok.encode("a man walks a dog")
+    text = ids_to_text(tok, [tok.sot_token_id, *ids, 50000, tok.eot_token_id])
+    assert text == "a man walks a dog"
+
+
+# ---- entry points ---------------------------------------------------------------------------------------------------
+def test_script_refuses_without_stage2_in_one_line(env: SmokeEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    import recon_decoupled
+    from utils.cli import run_stage
+
+    argv = ["--profile", str(env.profile), "--exp", "cli_no_stage2", "--mode", "motion"]
+    assert run_stage("3", recon_decoupled.main, recon_decoupled.__doc__, argv) != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: StageOrderError") and "stage 2" in last and "train_neurons.sh" in last
+
+
+@pytest.mark.slow
+def test_driver_runs_stage3_as_a_standalone_script(env: SmokeEnv, stage2_run: Path) -> None:
+    """``train_neurons.sh ... 3 ...`` on a run whose stages 1 and 2 are done (stages 1 → 2 through the driver are
+    tested in test_stage2; each extra process costs ~10 s of imports here)."""
+    from utils.manifest import read_manifest
+
+    run = env.exp_root / "exp_drv3" / "subj_1"
+    copy_stages_1_2(stage2_run, run)
+    vars_ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        ["bash", "train_neurons.sh", "cpu", "drv3", "3", "motion", "1", str(env.profile)],
+        cwd=REPO, env=vars_, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = read_manifest(run / "stage3_motion")
+    assert manifest["depends_on"] == ["2"] and manifest["outputs"]["keyframes.safetensors"]["shape"][0] == 4
+    assert len(list((run / "logs").glob("stage3_*.log"))) == 1
