@@ -35,7 +35,8 @@ examples:
   bash train_neurons.sh 0 neurons 123456 enhance 1            # the paper, one GPU
   bash train_neurons.sh cpu demo 123456 enhance 1 toy         # the toy cortex world on the CPU
 environment: PYTHON (interpreter, default .venv/bin/python if present), NEURONS_SET (extra '--set' overrides,
-  space-separated, passed to every stage)
+  space-separated, passed to every stage; prefix a key with stage<k>. to aim it at one stage, e.g.
+  NEURONS_SET="run.seed=1 stage1.train.num_epochs=2 stage3.sample.batch_size=4")
 EOF
 }
 

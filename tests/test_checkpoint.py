@@ -53,12 +53,14 @@ def test_missing_and_unexpected_keys(tmp_path, cfg):
         load_checkpoint(folder, _model(4), cfg)
 
 
-def test_checkpoint_of_another_subject_or_profile_is_refused(tmp_path, cfg):
+def test_checkpoint_of_another_subject_or_size_is_refused(tmp_path, cfg):
     folder = save_checkpoint(tmp_path / "best", _model().state_dict(), cfg)
     with pytest.raises(WeightsError, match=r"another run: subj='2' \(run has '1'\)"):
         load_checkpoint(folder, _model(), load_config("1", "smoke", ["run.subj=1"]))
-    with pytest.raises(WeightsError, match=r"profile='smoke' \(run has 'toy'\)"):
-        load_checkpoint(folder, _model(), load_config("1", "toy", ["run.subj=2", "model.size=smoke"]))
+    with pytest.raises(WeightsError, match=r"model_size='smoke' \(run has 'toy'\)"):
+        load_checkpoint(folder, _model(), load_config("1", "toy", ["run.subj=2"]))
+    state = load_checkpoint(folder, _model(), load_config("1", "toy", ["run.subj=2", "model.size=smoke"]))
+    assert state["config"]["run"]["profile"] == "smoke"  # another profile of the same size and subject loads
 
 
 def test_truncated_weights_give_a_clear_error(tmp_path, cfg):

@@ -122,3 +122,12 @@ def test_configs_are_frozen():
 
 def test_parse_set_nests_keys():
     assert parse_set(["a.b.c=1"]) == [("--set a.b.c=1", {"a": {"b": {"c": 1}}})]
+
+
+def test_stage_prefixed_overrides_reach_only_their_stage():
+    sets = ["stage1.train.num_epochs=3", "stage3.sample.batch_size=5", "run.seed=9"]
+    s1, s2, s3 = (load_config(k, "smoke", sets) for k in ("1", "2", "3"))
+    assert s1.train.num_epochs == 3 and s2.train.num_epochs == load_config("2", "smoke").train.num_epochs
+    assert s3.sample.batch_size == 5 and s1.run.seed == s2.run.seed == s3.run.seed == 9
+    with pytest.raises(ConfigError, match="unknown config key 'train.num_epoch'"):
+        load_config("1", "smoke", ["stage1.train.num_epoch=3"])

@@ -33,11 +33,12 @@ from utils.errors import WeightsError
 log = logging.getLogger(__name__)
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "state.pt", "config.yaml"
-IDENTITY_KEYS = ("profile", "subj", "model_size")
+IDENTITY_KEYS = ("subj", "model_size")
 
 
 def identity(cfg: Any) -> dict[str, str]:
-    """What a checkpoint must agree on with the run that loads it."""
+    """What a checkpoint must agree on with the run that loads it (the profile may differ: a profile that
+    ``extends:`` another one loads its checkpoints; a different model size or world shows up here or in the shapes)."""
     return {"profile": str(cfg.run.profile), "subj": str(cfg.run.subj), "model_size": str(cfg.model.size)}
 
 

@@ -305,8 +305,19 @@ def load_config(
     run_layer = {"run": {"profile": profile, **{k: v for k, v in (cli or {}).items() if v is not None}}}
     cfg = build(cls, run_layer, "the command line", base=cfg)
     for source, data in parse_set(overrides):
-        cfg = build(cls, data, source, base=cfg)
+        data = _for_stage(data, section)
+        if data:
+            cfg = build(cls, data, source, base=cfg)
     return cfg
+
+
+def _for_stage(data: dict[str, Any], section: str | None) -> dict[str, Any]:
+    """``--set stage3.sample.batch_size=4`` applies to stage 3 only (and is skipped by the other stages), so one list
+    of overrides can serve a whole driver run; keys without a stage prefix apply to every stage."""
+    ((key, value),) = data.items()
+    if key in STAGE_SECTIONS.values():
+        return value if key == section else {}
+    return data
 
 
 # --------------------------------------------------------------------------------------------------------------------
