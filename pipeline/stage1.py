@@ -31,8 +31,10 @@ from pipeline.common import (
     make_brain_config,
 )
 from pipeline.loop import Trainer, fit
+from utils.checkpoint import load_checkpoint
 from utils.cli import begin_stage
 from utils.errors import WeightsError
+from utils.io import atomic_write_json
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
 from utils.training import BatchPlan, MetricsLog, build_accelerator, gather_cat, one_cycle, seed_everything
 
@@ -154,8 +156,37 @@ def train(cfg: Any) -> Path:
              s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes)  # fmt: skip
     fit(trainer, plan, opt, sched, metrics)
     if acc.is_main_process:
+        report_identification(s)
         finish_stage(s, recorder, metrics)
     return s.out_dir
+
+
+@torch.no_grad()
+def identification(s: Stage1, split: str, ways=(2, 50), seed: int = 0) -> dict[str, Any]:
+    """Clip identification from the predicted CLIP tokens (brain→image, correlation), as the ridge baseline and the
+    toy world's noise ceiling score it: each clip's prediction against its own and ``w-1`` other clips' targets."""
+    from utils.baselines import identification_accuracy
+
+    s.model.eval()
+    preds, targets = [], []
+    voxels, frame = s.data.voxels(split), s.cfg.train.target_frame
+    for start in range(0, s.data.n_clips(split), 100):
+        idx = list(range(start, min(start + 100, s.data.n_clips(split))))
+        preds.append(s.model.encode(voxels[idx].to(s.accelerator.device)).flatten(1).float().cpu())
+        frames = s.data.frames(split, idx)[:, frame].to(s.accelerator.device)
+        targets.append(s.clip.image_tokens(frames).flatten(1).float().cpu())
+    s.model.train()
+    return identification_accuracy(torch.cat(preds).numpy(), torch.cat(targets).numpy(), ways, 200, seed)
+
+
+def report_identification(s: Stage1) -> Path:
+    """Score the ``best`` checkpoint on the validation and the test clips (reported, never used for selection)."""
+    load_checkpoint(s.out_dir / "checkpoints" / "best", s.accelerator.unwrap_model(s.model), s.cfg)
+    result = {split: identification(s, split) for split in ("val", "test")}
+    for split, scores in result.items():
+        log.info("best checkpoint, %s identification top-1: %s", split,
+                 ", ".join(f"{k} {v:.3f}" for k, v in scores["top1"].items()))  # fmt: skip
+    return atomic_write_json(s.out_dir / "identification.json", result)
 
 
 def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
@@ -167,5 +198,6 @@ def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
     for name in ("best", "last"):
         recorder.add_output(s.out_dir / "checkpoints" / name / "model.safetensors")
     recorder.add_output(metrics.path)
+    recorder.add_output(s.out_dir / "identification.json")
     recorder.add_output(curves)
     recorder.finish()
