@@ -109,5 +109,5 @@ def test_two_processes_follow_the_one_process_run(env: SmokeEnv) -> None:
     w2, _ = read_weights(runs[2] / "checkpoints" / "last")
     # Adam turns float-rounding differences in near-zero gradients into full-size steps, so weights may drift by
     # up to lr per step; a wrong gradient (summed, or local only) would change the losses above instead.
-    bound = 3e-4 * 10  # toy max_lr x 10 steps
+    bound = config(env, "bound").train.max_lr * len([r for r in one if r["split"] == "train"])  # lr x steps
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= bound

@@ -313,6 +313,11 @@ class VideoRole:
         mask[:, :, index] = 1.0
         return cond, mask
 
+    def time_condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor | None:
+        """Extra input of the UNet's time embedding (``timestep_cond``, ``(B, time_cond_proj_dim)``) computed from the
+        SparseCtrl condition; None for the paper model, which has none. Toy models override it."""
+        return None
+
     def noisy_start(self, init_latents: torch.Tensor, noise: torch.Tensor, num_steps: int = 25) -> torch.Tensor:
         """NeuroClips "low_strength" start: ``init_latents`` noised at the FIRST timestep of the ``num_steps`` DDIM
         grid (t = 961 for 25 steps, whatever the strength). ``(B, C, F, h, w)`` -> same."""
@@ -344,6 +349,8 @@ class VideoRole:
         embeds = embeds.to(self.device, self.dtype)
         cond2 = torch.cat([cond, cond]).to(self.device, self.dtype)
         mask2 = torch.cat([cond_mask, cond_mask]).to(self.device, self.dtype)
+        time_cond = self.time_condition(cond, cond_mask)
+        extra = {} if time_cond is None else {"timestep_cond": torch.cat([time_cond] * 2).to(self.device, self.dtype)}
         for t in sched.timesteps:
             x_in = sched.scale_model_input(torch.cat([x, x]), t)
             down, mid = self.controlnet(
@@ -361,6 +368,7 @@ class VideoRole:
                 encoder_hidden_states=embeds,
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
+                **extra,
             ).sample
             eps_u, eps_c = eps.chunk(2)
             x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
