@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.errors import WeightsError
@@ -127,6 +128,8 @@ def _record(losses: Mapping[str, Any]) -> dict[str, float]:
 def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metrics: MetricsLog) -> None:
     """One epoch of optimiser steps, skipping the batches a resumed run has already done."""
     t, acc = tr.cfg.train, tr.accelerator
+    bar = tqdm(total=plan.steps_per_epoch, initial=prog.batch, desc=f"epoch {prog.epoch}", unit="step",
+               disable=not acc.is_main_process, mininterval=2, leave=False)  # fmt: skip
     for i, idx in enumerate(plan.batches(prog.epoch, acc.process_index)):
         if i < prog.batch:  # resumed mid-epoch
             continue
@@ -141,9 +144,13 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
         opt.step()
         sched.step()
         prog.batch, prog.step, prog.rng = i + 1, prog.step + 1, None
+        bar.update(1)
+        rate = bar.format_dict.get("rate") or 0.0  # steps per second
+        bar.set_postfix(loss=f"{float(losses['loss']):.4f}", clips_s=f"{plan.global_batch * rate:.1f}", refresh=False)
         if acc.is_main_process and (prog.step % t.log_every == 0 or prog.batch == plan.steps_per_epoch):
             record = {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0]}
             metrics.write({**record, **_record(losses)})
+    bar.close()
 
 
 def fit(tr: Trainer, plan: BatchPlan, opt, sched, metrics: MetricsLog) -> Progress:

@@ -36,7 +36,15 @@ from utils.cli import begin_stage
 from utils.errors import WeightsError
 from utils.io import atomic_write_json
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
-from utils.training import BatchPlan, MetricsLog, build_accelerator, gather_cat, one_cycle, seed_everything
+from utils.training import (
+    BatchPlan,
+    MetricsLog,
+    build_accelerator,
+    gather_cat,
+    one_cycle,
+    seed_everything,
+    start_wandb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +157,17 @@ def train(cfg: Any) -> Path:
     s.model.to(acc.device)  # not DDP-wrapped: gradients are averaged in the loop (see utils.training)
     opt = acc.prepare(opt)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    metrics = MetricsLog(s.out_dir / "metrics.jsonl")
+    metrics = MetricsLog(
+        s.out_dir / "metrics.jsonl", start_wandb(cfg, "1", s.out_dir) if acc.is_main_process else None
+    )
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
     trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s), {"mixco": gen})
     log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes", plan.n_items,
              s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes)  # fmt: skip
-    fit(trainer, plan, opt, sched, metrics)
+    try:
+        fit(trainer, plan, opt, sched, metrics)
+    finally:
+        metrics.close()
     if acc.is_main_process:
         report_identification(s)
         finish_stage(s, recorder, metrics)

@@ -71,7 +71,7 @@ from utils.losses import (
 )
 from utils.manifest import require_stage
 from utils.runs import RunPaths, rerun_hint
-from utils.training import BatchPlan, MetricsLog, build_accelerator, clip_seed, one_cycle, seed_everything
+from utils.training import BatchPlan, MetricsLog, build_accelerator, clip_seed, one_cycle, seed_everything, start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,9 @@ def train(cfg: Any) -> Path:
     s.model.to(acc.device)  # not DDP-wrapped: gradients are averaged in the loop (see utils.training)
     opt = acc.prepare(opt)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    metrics = MetricsLog(s.out_dir / "metrics.jsonl")
+    metrics = MetricsLog(
+        s.out_dir / "metrics.jsonl", start_wandb(cfg, "2", s.out_dir) if acc.is_main_process else None
+    )
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,
         lambda idx, epoch, batch: step_loss(s, idx, epoch, batch, plan.steps_per_epoch, gen),
@@ -441,7 +443,10 @@ def train(cfg: Any) -> Path:
     )  # fmt: skip
     log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters", plan.n_items,
              s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, sum(p.numel() for p in params))  # fmt: skip
-    fit(trainer, plan, opt, sched, metrics)
+    try:
+        fit(trainer, plan, opt, sched, metrics)
+    finally:
+        metrics.close()
     if acc.is_main_process:
         finish_stage(s, recorder, metrics)
     return s.out_dir

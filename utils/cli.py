@@ -50,6 +50,8 @@ def stage_parser(stage: str, description: str | None) -> OneLineParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if stage in ("1", "2"):
+        parser.add_argument("--resume", action="store_true", help="continue from checkpoints/last (train.resume)")
     return parser
 
 
@@ -69,7 +71,8 @@ def run_stage(
     parser = parser or stage_parser(stage, description)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(stage, args.profile, args.overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
+        overrides = [*args.overrides, *(["train.resume=true"] if getattr(args, "resume", False) else [])]
+        cfg = load_config(stage, args.profile, overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
@@ -87,7 +90,7 @@ def run_stage(
     except NeuronsError as err:
         return report_error(err)
     except KeyboardInterrupt:
-        print("error: interrupted; rerun the stage (training resumes with --set train.resume=true)", file=sys.stderr)
+        print("error: interrupted; rerun the stage with --resume to continue where it stopped", file=sys.stderr)
         return 130
 
 

@@ -160,6 +160,21 @@ def average_gradients(accelerator: Any, parameters) -> None:
         offset += g.numel()
 
 
+def start_wandb(cfg: Any, stage: str, out_dir: Path) -> Any:
+    """A wandb run when ``run.use_wandb`` is set (offline unless WANDB_MODE says otherwise), else None."""
+    if not cfg.run.use_wandb:
+        return None
+    import os
+
+    import wandb
+
+    from utils.config import to_dict
+
+    os.environ.setdefault("WANDB_MODE", "offline")  # sync later with `wandb sync`; nothing needs a network here
+    name = f"stage{stage}--exp_{cfg.run.exp}--subj{cfg.run.subj}"
+    return wandb.init(project="neurons", name=name, dir=str(out_dir), config=to_dict(cfg), reinit=True)
+
+
 def one_cycle(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):
     """The upstream schedule: OneCycleLR with warm-up ``pct_start`` (default 2/epochs), cosine annealing."""
     if train_cfg.lr_scheduler == "constant":
@@ -178,15 +193,26 @@ def one_cycle(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` (one JSON object per record) with a loss-curve plot."""
+    """Append-only ``metrics.jsonl`` (one JSON object per record) with a loss-curve plot, mirrored to wandb when
+    ``wandb_run`` is given."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, wandb_run: Any = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb_run = wandb_run
 
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(dict(record), sort_keys=True) + "\n")
+        if self.wandb_run is not None:
+            split = record.get("split", "train")
+            values = {f"{split}/{k}": v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+            self.wandb_run.log(values, step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
