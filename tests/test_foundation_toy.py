@@ -53,7 +53,8 @@ def test_build_writes_every_role_and_rerun_is_noop(smoke_world: Path, smoke_weig
     assert time.perf_counter() - start < 10
     assert not any(again["roles"][r]["built"] for r in ROLES)
     assert {r: again["roles"][r]["config_hash"] for r in ROLES} == {
-        r: summary["roles"][r]["config_hash"] for r in ROLES}
+        r: summary["roles"][r]["config_hash"] for r in ROLES
+    }
 
 
 def test_manifest_detects_tampering_and_hash_follows_seed(smoke_weights, tmp_path: Path) -> None:

@@ -122,8 +122,15 @@ def test_video_through_stage_loader(extra_weights, test_frames: torch.Tensor) ->
     assert type(role.controlnet.down_blocks[0].motion_modules[0].norm) is PerFrameGroupNorm
     key = test_frames[:2, 0]
     init = role.encode_frames(test_frames[:2]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w): an img2img start
-    out = role.generate(["a red ball rolls left over blue water"] * 2, "", key, init_latents=init,
-                        generator=torch.Generator().manual_seed(0), num_steps=3, guidance=3.0)
+    out = role.generate(
+        ["a red ball rolls left over blue water"] * 2,
+        "",
+        key,
+        init_latents=init,
+        generator=torch.Generator().manual_seed(0),
+        num_steps=3,
+        guidance=3.0,
+    )
     assert out.shape == (2, role.num_frames, 3, *key.shape[-2:])
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 

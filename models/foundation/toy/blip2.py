@@ -62,8 +62,15 @@ def make_tokenizer(captions: list[str]) -> Any:
     vocab = {SPECIAL: 0}
     for symbol in [*bytes_to_unicode().values(), *(a + b for a, b in merges)]:
         vocab.setdefault(symbol, len(vocab))
-    tok = GPT2Tokenizer(vocab=vocab, merges=merges, add_prefix_space=True, bos_token=SPECIAL, eos_token=SPECIAL,
-                        pad_token=SPECIAL, unk_token=SPECIAL)
+    tok = GPT2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        add_prefix_space=True,
+        bos_token=SPECIAL,
+        eos_token=SPECIAL,
+        pad_token=SPECIAL,
+        unk_token=SPECIAL,
+    )
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tok
 
@@ -88,16 +95,31 @@ class ToyBlip2Recipe:
         """Keyword arguments of ``Blip2Config`` (JSON-able)."""
         common = {"hidden_size": self.width, "intermediate_size": 2 * self.width, "num_attention_heads": self.heads}
         return {
-            "vision_config": {**common, "num_hidden_layers": self.vision_layers, "image_size": resolution,
-                              "patch_size": self.patch_size},
-            "qformer_config": {**common, "num_hidden_layers": self.qformer_layers, "encoder_hidden_size": self.width,
-                               "vocab_size": 8, "cross_attention_frequency": 1},
+            "vision_config": {
+                **common,
+                "num_hidden_layers": self.vision_layers,
+                "image_size": resolution,
+                "patch_size": self.patch_size,
+            },
+            "qformer_config": {
+                **common,
+                "num_hidden_layers": self.qformer_layers,
+                "encoder_hidden_size": self.width,
+                "vocab_size": 8,
+                "cross_attention_frequency": 1,
+            },
             "text_config": {
-                "model_type": "opt", "hidden_size": self.width, "ffn_dim": 2 * self.width,
-                "num_attention_heads": self.heads, "num_hidden_layers": self.text_layers, "vocab_size": vocab_size,
-                "word_embed_proj_dim": self.width, "max_position_embeddings": 2 * (self.num_query_tokens + 2
-                                                                                   + self.max_caption_tokens),
-                "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+                "model_type": "opt",
+                "hidden_size": self.width,
+                "ffn_dim": 2 * self.width,
+                "num_attention_heads": self.heads,
+                "num_hidden_layers": self.text_layers,
+                "vocab_size": vocab_size,
+                "word_embed_proj_dim": self.width,
+                "max_position_embeddings": 2 * (self.num_query_tokens + 2 + self.max_caption_tokens),
+                "bos_token_id": 0,
+                "eos_token_id": 0,
+                "pad_token_id": 0,
             },
             "num_query_tokens": self.num_query_tokens,
             "image_token_index": image_token,
@@ -107,7 +129,12 @@ class ToyBlip2Recipe:
 RECIPES: dict[str, ToyBlip2Recipe] = {
     "toy": ToyBlip2Recipe(),
     "smoke": ToyBlip2Recipe(
-        patch_size=8, width=32, vision_layers=1, text_layers=1, heads=2, num_query_tokens=4,
+        patch_size=8,
+        width=32,
+        vision_layers=1,
+        text_layers=1,
+        heads=2,
+        num_query_tokens=4,
         train=TrainRecipe(steps=300, batch_size=16, lr=4e-3, weight_decay=0.01, warmup=30),
     ),
 }
@@ -116,8 +143,9 @@ RECIPES: dict[str, ToyBlip2Recipe] = {
 def make_processor(tokenizer: Any, resolution: int, num_query_tokens: int) -> Any:
     from transformers import Blip2Processor, BlipImageProcessor
 
-    images = BlipImageProcessor(size={"height": resolution, "width": resolution}, image_mean=[0.5] * 3,
-                                image_std=[0.5] * 3)
+    images = BlipImageProcessor(
+        size={"height": resolution, "width": resolution}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     return Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
 
@@ -138,8 +166,13 @@ def caption_batch(tokenizer: Any, captions: list[str], recipe: ToyBlip2Recipe) -
     return ids, mask, labels
 
 
-def caption_loss(model: Blip2ForConditionalGeneration, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
+def caption_loss(
+    model: Blip2ForConditionalGeneration,
+    pixels: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
     """Next-token cross-entropy on the labelled positions (``pixels (B, 3, R, R)`` normalised, the rest ``(B, L)``)."""
     logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
@@ -147,28 +180,32 @@ def caption_loss(model: Blip2ForConditionalGeneration, pixels: torch.Tensor, ids
     return F.cross_entropy(logits[keep].float(), target[keep])
 
 
-def train_blip2(stim: Stimuli, recipe: ToyBlip2Recipe, seed: int,
-                progress: bool) -> tuple[Blip2ForConditionalGeneration, Any, dict[str, Any]]:
+def train_blip2(
+    stim: Stimuli, recipe: ToyBlip2Recipe, seed: int, progress: bool
+) -> tuple[Blip2ForConditionalGeneration, Any, dict[str, Any]]:
     """Train on (random frame of a random training clip, its caption) -> (model, tokenizer, stats)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     gen = generator(seed)
     tokenizer = make_tokenizer(stim.captions)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    model = Blip2ForConditionalGeneration(Blip2Config(**recipe.hf_config(stim.resolution, len(tokenizer),
-                                                                         image_token)))
+    model = Blip2ForConditionalGeneration(
+        Blip2Config(**recipe.hf_config(stim.resolution, len(tokenizer), image_token))
+    )
     ids, mask, labels = caption_batch(tokenizer, stim.captions, recipe)
 
     def loss_fn(step: int) -> torch.Tensor:
         clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
         frame = torch.randint(0, stim.n_frames, (len(clips),), generator=gen)
-        return caption_loss(model, processor_inputs(stim.frames[clips, frame]), ids[clips], mask[clips],
-                            labels[clips])
+        return caption_loss(model, processor_inputs(stim.frames[clips, frame]), ids[clips], mask[clips], labels[clips])
 
     stats = train(model, loss_fn, recipe.train, "toy blip2", progress)
     model.requires_grad_(False)
-    return model, tokenizer, {**stats, "params": sum(p.numel() for p in model.parameters()),
-                              "vocab_size": len(tokenizer)}
+    return (
+        model,
+        tokenizer,
+        {**stats, "params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)},
+    )
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:

@@ -45,9 +45,15 @@ ROLES = ("clip", "vae", "gpt2", "unclip", "frame_classifier", "video_classifier"
 DEPENDS: dict[str, tuple[str, ...]] = {"unclip": ("clip", "vae"), "video": ("vae",)}
 SEED_OFFSET = {role: i for i, role in enumerate(ROLES)}
 RECIPES: dict[str, dict[str, Any]] = {
-    "clip": toy_clip.RECIPES, "vae": toy_vae.RECIPES, "gpt2": toy_gpt2.RECIPES, "unclip": toy_unclip.RECIPES,
-    "frame_classifier": toy_frame_classifier.RECIPES, "video_classifier": toy_video_classifier.RECIPES,
-    "clip_pcc": toy_clip_pcc.RECIPES, "blip2": toy_blip2.RECIPES, "video": toy_video.RECIPES,
+    "clip": toy_clip.RECIPES,
+    "vae": toy_vae.RECIPES,
+    "gpt2": toy_gpt2.RECIPES,
+    "unclip": toy_unclip.RECIPES,
+    "frame_classifier": toy_frame_classifier.RECIPES,
+    "video_classifier": toy_video_classifier.RECIPES,
+    "clip_pcc": toy_clip_pcc.RECIPES,
+    "blip2": toy_blip2.RECIPES,
+    "video": toy_video.RECIPES,
 }
 
 
@@ -56,8 +62,14 @@ def role_hashes(world_hash: str, scale: str, seed: int) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for role in ROLES:
         deps = {d: hashes[d] for d in DEPENDS.get(role, ())}
-        hashes[role] = recipe_hash(role=role, scale=scale, recipe=RECIPES[role][scale], seed=seed + SEED_OFFSET[role],
-                                   world=world_hash, deps=deps)
+        hashes[role] = recipe_hash(
+            role=role,
+            scale=scale,
+            recipe=RECIPES[role][scale],
+            seed=seed + SEED_OFFSET[role],
+            world=world_hash,
+            deps=deps,
+        )
     return hashes
 
 
@@ -82,24 +94,37 @@ def _builder(role: str, weights_root: Path, world_root: Path) -> Callable[..., d
 
         return build_classifier
     if role == "video":
+
         def build_video(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:
             return toy_video.build(stim, folder, scale, seed, progress, toy_vae.build_toy(weights_root, "cpu"))
 
         return build_video
     if role == "unclip":
+
         def build_unclip(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:
             clip = toy_clip.load_clip(role_dir(weights_root, "clip"))
             vae = toy_vae.build_toy(weights_root, "cpu")
             return toy_unclip.build(stim, folder, scale, seed, progress, clip, vae)
 
         return build_unclip
-    return {"clip": toy_clip.build, "vae": toy_vae.build, "gpt2": toy_gpt2.build, "clip_pcc": toy_clip_pcc.build,
-            "blip2": toy_blip2.build}[role]
+    return {
+        "clip": toy_clip.build,
+        "vae": toy_vae.build,
+        "gpt2": toy_gpt2.build,
+        "clip_pcc": toy_clip_pcc.build,
+        "blip2": toy_blip2.build,
+    }[role]
 
 
-def build_toy_weights(world_root: str | Path, weights_root: str | Path, scale: str = "toy", seed: int = 0,
-                      progress: bool = True, num_threads: int | None = None,
-                      roles: tuple[str, ...] | list[str] | None = None) -> dict[str, Any]:
+def build_toy_weights(
+    world_root: str | Path,
+    weights_root: str | Path,
+    scale: str = "toy",
+    seed: int = 0,
+    progress: bool = True,
+    num_threads: int | None = None,
+    roles: tuple[str, ...] | list[str] | None = None,
+) -> dict[str, Any]:
     """Build (or keep) every toy role (or only ``roles`` and their dependencies) under ``weights_root/<role>/`` from
     ``world_root``'s training split.
 
@@ -114,8 +139,9 @@ def build_toy_weights(world_root: str | Path, weights_root: str | Path, scale: s
         return _build_all(Path(world_root), Path(weights_root), scale, seed, progress, todo)
 
 
-def _build_all(world_root: Path, weights_root: Path, scale: str, seed: int, progress: bool,
-               roles: tuple[str, ...]) -> dict[str, Any]:
+def _build_all(
+    world_root: Path, weights_root: Path, scale: str, seed: int, progress: bool, roles: tuple[str, ...]
+) -> dict[str, Any]:
     start = time.perf_counter()
     stim = load_stimuli(world_root, "train")
     hashes = role_hashes(stim.world_hash, scale, seed)
@@ -124,8 +150,11 @@ def _build_all(world_root: Path, weights_root: Path, scale: str, seed: int, prog
         folder = role_dir(weights_root, role)
         if is_complete(folder, hashes[role]):
             log.info("toy %s: up to date in %s", role, folder)
-            out["roles"][role] = {**(read_manifest(folder) or {}).get("stats", {}), "built": False,
-                                  "config_hash": hashes[role]}
+            out["roles"][role] = {
+                **(read_manifest(folder) or {}).get("stats", {}),
+                "built": False,
+                "config_hash": hashes[role],
+            }
             continue
         t0 = time.perf_counter()
         info: dict[str, Any] = {"scale": scale, "seed": seed + SEED_OFFSET[role], "world_hash": stim.world_hash}

@@ -63,15 +63,23 @@ class ToyClipPccRecipe:
         return {
             "projection_dim": self.projection_dim,
             "vision_config": {
-                "hidden_size": self.vision_width, "intermediate_size": 2 * self.vision_width,
-                "num_attention_heads": self.heads, "num_hidden_layers": self.vision_layers,
-                "image_size": resolution, "patch_size": self.patch_size,
+                "hidden_size": self.vision_width,
+                "intermediate_size": 2 * self.vision_width,
+                "num_attention_heads": self.heads,
+                "num_hidden_layers": self.vision_layers,
+                "image_size": resolution,
+                "patch_size": self.patch_size,
             },
             "text_config": {
-                "hidden_size": self.text_width, "intermediate_size": 2 * self.text_width,
-                "num_attention_heads": self.heads, "num_hidden_layers": self.text_layers,
-                "vocab_size": CLIP_VOCAB, "max_position_embeddings": self.context_length,
-                "bos_token_id": SOT, "eos_token_id": EOT, "pad_token_id": EOT,
+                "hidden_size": self.text_width,
+                "intermediate_size": 2 * self.text_width,
+                "num_attention_heads": self.heads,
+                "num_hidden_layers": self.text_layers,
+                "vocab_size": CLIP_VOCAB,
+                "max_position_embeddings": self.context_length,
+                "bos_token_id": SOT,
+                "eos_token_id": EOT,
+                "pad_token_id": EOT,
             },
         }
 
@@ -79,7 +87,12 @@ class ToyClipPccRecipe:
 RECIPES: dict[str, ToyClipPccRecipe] = {
     "toy": ToyClipPccRecipe(),
     "smoke": ToyClipPccRecipe(
-        projection_dim=32, patch_size=8, vision_width=32, vision_layers=1, text_width=32, heads=2,
+        projection_dim=32,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        text_width=32,
+        heads=2,
         train=TrainRecipe(steps=200, batch_size=32, lr=4e-3, weight_decay=0.05, warmup=20),
     ),
 }
@@ -89,9 +102,12 @@ def make_processor(resolution: int) -> Any:
     """``CLIPImageProcessor`` at the world's resolution with mean/std 0.5."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": resolution},
-                              crop_size={"height": resolution, "width": resolution},
-                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return CLIPImageProcessor(
+        size={"shortest_edge": resolution},
+        crop_size={"height": resolution, "width": resolution},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
 
 
 def image_embed(model: CLIPModel, frames01: torch.Tensor) -> torch.Tensor:
@@ -111,12 +127,14 @@ def caption_ids(captions: list[str], context_length: int) -> torch.Tensor:
     from models.foundation.video import sd15_tokenizer
 
     tok = sd15_tokenizer(max_length=context_length)
-    return tok(list(captions), padding="max_length", max_length=context_length, truncation=True,
-               return_tensors="pt").input_ids
+    return tok(
+        list(captions), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
-def train_clip_pcc(stim: Stimuli, recipe: ToyClipPccRecipe, seed: int,
-                   progress: bool) -> tuple[CLIPModel, dict[str, Any]]:
+def train_clip_pcc(
+    stim: Stimuli, recipe: ToyClipPccRecipe, seed: int, progress: bool
+) -> tuple[CLIPModel, dict[str, Any]]:
     """Contrastive pretraining on (random frame of a clip, its caption) pairs -> (model in eval mode, stats)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -130,8 +148,9 @@ def train_clip_pcc(stim: Stimuli, recipe: ToyClipPccRecipe, seed: int,
         frame = torch.randint(0, stim.n_frames, (len(clips),), generator=gen)
         same = caption_id[clips, None] == caption_id[None, clips]
         scale = model.logit_scale.exp().clamp(max=100.0)
-        return contrastive_loss(image_embed(model, stim.frames[clips, frame]), text_embed(model, ids[clips]), same,
-                                scale)
+        return contrastive_loss(
+            image_embed(model, stim.frames[clips, frame]), text_embed(model, ids[clips]), same, scale
+        )
 
     stats = train(model, loss_fn, recipe.train, "toy clip_pcc", progress)
     model.requires_grad_(False)

@@ -83,7 +83,7 @@ def scene_ids(root: Path, split: str, captions: list[str]) -> torch.Tensor:
     scene = torch.full((len(captions),), -1, dtype=torch.long)
     if path.is_file():
         for shot in json.loads(path.read_text(encoding="utf-8")):
-            scene[int(shot["start_clip"]):int(shot["start_clip"]) + int(shot["n_clips"])] = int(shot["index"])
+            scene[int(shot["start_clip"]) : int(shot["start_clip"]) + int(shot["n_clips"])] = int(shot["index"])
     if bool((scene < 0).any()):
         lookup: dict[str, int] = {}
         scene = torch.tensor([lookup.setdefault(c, len(lookup)) for c in captions], dtype=torch.long)

@@ -61,8 +61,10 @@ def eval_clip(role: ClipRole, proj: torch.Tensor, test: Stimuli) -> dict[str, An
     frames = test.frames[:, KEY_FRAME]
     text = role.text_pooled(test.captions)
     tokens = role.image_tokens(frames)
-    return {"via_proj": _retrieval(text, tokens.mean(dim=1) @ proj.to(tokens), test.scene),
-            "via_clip": _retrieval(text, toy_clip.image_embed(role, frames), test.scene)}
+    return {
+        "via_proj": _retrieval(text, tokens.mean(dim=1) @ proj.to(tokens), test.scene),
+        "via_clip": _retrieval(text, toy_clip.image_embed(role, frames), test.scene),
+    }
 
 
 @torch.no_grad()
@@ -71,19 +73,24 @@ def eval_vae(role: Any, test: Stimuli, max_frames: int = 512) -> dict[str, float
 
     frames = test.flat_frames()[:max_frames]
     rec = role.decode(role.encode(frames))
-    return {"psnr": float(peak_signal_noise_ratio(rec, frames, data_range=1.0)),
-            "ssim": float(structural_similarity_index_measure(rec, frames, data_range=1.0)),
-            "latent_shape": list(role.encode(frames[:1]).shape[1:])}
+    return {
+        "psnr": float(peak_signal_noise_ratio(rec, frames, data_range=1.0)),
+        "ssim": float(structural_similarity_index_measure(rec, frames, data_range=1.0)),
+        "latent_shape": list(role.encode(frames[:1]).shape[1:]),
+    }
 
 
 def eval_gpt2(role: Any, test: Stimuli, context_length: int) -> dict[str, float]:
-    return {"perplexity": toy_gpt2.perplexity(role.model, test.captions, context_length),
-            "uniform_perplexity": float(role.vocab_size)}
+    return {
+        "perplexity": toy_gpt2.perplexity(role.model, test.captions, context_length),
+        "uniform_perplexity": float(role.vocab_size),
+    }
 
 
 @torch.no_grad()
-def eval_unclip(role: toy_unclip.ToyUnclipRole, clip: ClipRole, test: Stimuli, n: int = 24,
-                seed: int = 0) -> dict[str, float]:
+def eval_unclip(
+    role: toy_unclip.ToyUnclipRole, clip: ClipRole, test: Stimuli, n: int = 24, seed: int = 0
+) -> dict[str, float]:
     frames = test.frames[:n, KEY_FRAME]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(frames))]
     samples = role.reconstruct(clip.image_tokens(frames), gens)
@@ -92,18 +99,26 @@ def eval_unclip(role: toy_unclip.ToyUnclipRole, clip: ClipRole, test: Stimuli, n
     mse = ((samples[:, None] - frames[None]) ** 2).mean(dim=(2, 3, 4))  # (sample, target)
     own = mse.diag()
     off = ~torch.eye(len(mse), dtype=torch.bool)
-    return {"two_way": float((own[:, None] < mse)[off].float().mean()), "mse_own": float(own.mean()),
-            "mse_other": float(mse[off].mean()), "n": len(frames)}
+    return {
+        "two_way": float((own[:, None] < mse)[off].float().mean()),
+        "mse_own": float(own.mean()),
+        "mse_other": float(mse[off].mean()),
+        "n": len(frames),
+    }
 
 
-def classifier_quality(probs: torch.Tensor, factors: list[torch.Tensor], sizes: tuple[int, ...],
-                       names: tuple[str, ...]) -> dict[str, float]:
+def classifier_quality(
+    probs: torch.Tensor, factors: list[torch.Tensor], sizes: tuple[int, ...], names: tuple[str, ...]
+) -> dict[str, float]:
     """``probs (N, K)`` with ``K = prod(sizes)`` and the true ``factors [(N,), ...]`` -> top-1 accuracy, its chance,
     ``two_way`` (share of the other classes the true class outscores) and per-factor accuracies ``acc_<name>``."""
     label = toy_fc.joint_index(factors, sizes)
     true = probs.gather(1, label[:, None])
-    out = {"top1": float((probs.argmax(dim=1) == label).float().mean()), "top1_chance": 1.0 / probs.shape[1],
-           "two_way": float(1.0 - ((probs > true).sum(dim=1) / (probs.shape[1] - 1)).mean())}
+    out = {
+        "top1": float((probs.argmax(dim=1) == label).float().mean()),
+        "top1_chance": 1.0 / probs.shape[1],
+        "two_way": float(1.0 - ((probs > true).sum(dim=1) / (probs.shape[1] - 1)).mean()),
+    }
     pred = probs.argmax(dim=1)
     for name, size, f in reversed(list(zip(names, sizes, factors, strict=True))):
         out[f"acc_{name}"] = float(((pred % size) == f).float().mean())
@@ -120,8 +135,12 @@ def eval_frame_classifier(role: Any, test: Stimuli, factors: toy_fc.SceneFactors
 
 @torch.no_grad()
 def eval_video_classifier(role: Any, test: Stimuli, factors: toy_fc.SceneFactors) -> dict[str, float]:
-    return classifier_quality(role.probs(test.frames), toy_vc.video_parts(factors), toy_vc.video_sizes(factors),
-                              ("category", "direction", "background"))
+    return classifier_quality(
+        role.probs(test.frames),
+        toy_vc.video_parts(factors),
+        toy_vc.video_sizes(factors),
+        ("category", "direction", "background"),
+    )
 
 
 def _two_way(sim: torch.Tensor, scene: torch.Tensor) -> float:
@@ -136,8 +155,10 @@ def eval_clip_pcc(role: Any, test: Stimuli) -> dict[str, float]:
     last = F.normalize(role.image_features(test.frames[:, -1]), dim=-1)
     ids = toy_clip_pcc.caption_ids(test.captions, int(role.model.config.text_config.max_position_embeddings))
     text = toy_clip_pcc.text_embed(role.model, ids.to(role.device))
-    return {"temporal_two_way": _two_way(first @ last.T, test.scene),
-            "caption_two_way": _two_way(text @ first.T, test.scene)}
+    return {
+        "temporal_two_way": _two_way(first @ last.T, test.scene),
+        "caption_two_way": _two_way(text @ first.T, test.scene),
+    }
 
 
 def word_f1(a: str, b: str) -> float:
@@ -152,26 +173,36 @@ def eval_blip2(role: Any, test: Stimuli) -> dict[str, Any]:
     captions = role.caption(test.frames[:, KEY_FRAME])
     f1 = torch.tensor([[word_f1(c, t) for t in test.captions] for c in captions])
     other = test.scene[:, None] != test.scene[None, :]
-    return {"f1_own": float(f1.diag().mean()), "f1_other": float(f1[other].mean()),
-            "distinct_captions": len(set(captions)), "example": captions[0]}
+    return {
+        "f1_own": float(f1.diag().mean()),
+        "f1_other": float(f1[other].mean()),
+        "distinct_captions": len(set(captions)),
+        "example": captions[0],
+    }
 
 
 @torch.no_grad()
 def eval_video(role: Any, test: Stimuli, n: int = 12, seed: int = 0) -> dict[str, float]:
     key = test.frames[:n, 0]
-    out = role.generate(test.captions[:n], "", key, generator=torch.Generator().manual_seed(seed), num_steps=10,
-                        guidance=3.0)
+    out = role.generate(
+        test.captions[:n], "", key, generator=torch.Generator().manual_seed(seed), num_steps=10, guidance=3.0
+    )
     mse = ((out[:, 0][:, None] - key[None]) ** 2).mean(dim=(2, 3, 4))  # (sample, keyframe)
     off = ~torch.eye(len(mse), dtype=torch.bool)
-    return {"frame0_two_way": float((mse.diag()[:, None] < mse)[off].float().mean()),
-            "frame0_mse_own": float(mse.diag().mean()), "frame0_mse_other": float(mse[off].mean()),
-            "adjacent_mse": float(((out[:, 1:] - out[:, :-1]) ** 2).mean()),
-            "adjacent_mse_truth": float(((test.frames[:n, 1:] - test.frames[:n, :-1]) ** 2).mean()),
-            "in_range": float(out.min()) >= 0.0 and float(out.max()) <= 1.0, "n": len(out)}
+    return {
+        "frame0_two_way": float((mse.diag()[:, None] < mse)[off].float().mean()),
+        "frame0_mse_own": float(mse.diag().mean()),
+        "frame0_mse_other": float(mse[off].mean()),
+        "adjacent_mse": float(((out[:, 1:] - out[:, :-1]) ** 2).mean()),
+        "adjacent_mse_truth": float(((test.frames[:n, 1:] - test.frames[:n, :-1]) ** 2).mean()),
+        "in_range": float(out.min()) >= 0.0 and float(out.max()) <= 1.0,
+        "n": len(out),
+    }
 
 
-def _eval_extra(roles: tuple[str, ...], world_root: Path, weights_root: Path, test: Stimuli,
-                split: str) -> dict[str, Any]:
+def _eval_extra(
+    roles: tuple[str, ...], world_root: Path, weights_root: Path, test: Stimuli, split: str
+) -> dict[str, Any]:
     """Quality of the metric / captioner / video roles that are in ``roles``."""
     out: dict[str, Any] = {}
     factors = toy_fc.load_factors(world_root, split) if {"frame_classifier", "video_classifier"} & set(roles) else None
@@ -188,8 +219,13 @@ def _eval_extra(roles: tuple[str, ...], world_root: Path, weights_root: Path, te
     return out
 
 
-def evaluate_toy_weights(world_root: str | Path, weights_root: str | Path, scale: str = "toy",
-                         roles: tuple[str, ...] = ROLES, split: str = "test") -> dict[str, Any]:
+def evaluate_toy_weights(
+    world_root: str | Path,
+    weights_root: str | Path,
+    scale: str = "toy",
+    roles: tuple[str, ...] = ROLES,
+    split: str = "test",
+) -> dict[str, Any]:
     """Quality figures of the toy weights under ``weights_root`` on ``world_root``'s ``split`` (held-out: "test")."""
     weights_root = Path(weights_root)
     test = load_stimuli(world_root, split)
@@ -200,8 +236,7 @@ def evaluate_toy_weights(world_root: str | Path, weights_root: str | Path, scale
     if "vae" in roles:
         out["vae"] = eval_vae(toy_vae.build_toy(weights_root, "cpu"), test)
     if "gpt2" in roles:
-        out["gpt2"] = eval_gpt2(toy_gpt2.build_toy(weights_root, "cpu"), test,
-                                toy_gpt2.RECIPES[scale].context_length)
+        out["gpt2"] = eval_gpt2(toy_gpt2.build_toy(weights_root, "cpu"), test, toy_gpt2.RECIPES[scale].context_length)
     if "unclip" in roles:
         out["unclip"] = eval_unclip(toy_unclip.build_toy(weights_root, "cpu"), clip, test)
     out.update(_eval_extra(roles, Path(world_root), weights_root, test, split))

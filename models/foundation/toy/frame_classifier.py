@@ -85,8 +85,15 @@ def load_factors(world_root: str | Path, split: str = "train") -> SceneFactors:
     try:
         items = sorted(json.loads(path.read_text(encoding="utf-8")), key=lambda it: int(it["idx"]))
         categories, colours, backgrounds = world_vocabulary(root)
-        rows = [(categories.index(it["tags"][0]), backgrounds.index(it["tags"][-1]),
-                 min(len(it["tags"]) - 1, MAX_OBJECTS) - 1, _direction(str(it["caption"]))) for it in items]
+        rows = [
+            (
+                categories.index(it["tags"][0]),
+                backgrounds.index(it["tags"][-1]),
+                min(len(it["tags"]) - 1, MAX_OBJECTS) - 1,
+                _direction(str(it["caption"])),
+            )
+            for it in items
+        ]
     except (OSError, ValueError, KeyError, IndexError) as err:
         raise DataError(f"cannot read toy scene labels from {path} ({err})", "rebuild the toy world") from err
     cols = torch.tensor(rows, dtype=torch.long).T
@@ -101,8 +108,9 @@ def joint_index(factors: list[torch.Tensor], sizes: tuple[int, ...]) -> torch.Te
     return out
 
 
-def factorised_ce(logits: torch.Tensor, factors: list[torch.Tensor], sizes: tuple[int, ...],
-                  joint_weight: float = 1.0) -> torch.Tensor:
+def factorised_ce(
+    logits: torch.Tensor, factors: list[torch.Tensor], sizes: tuple[int, ...], joint_weight: float = 1.0
+) -> torch.Tensor:
     """``joint_weight`` x cross-entropy of the joint class + the NLL of each factor's marginal (logsumexp of the joint
     log-probabilities over the other factors). The marginal terms let the joint scores generalise to combinations
     the training split lacks. ``logits (B, prod(sizes))``, ``factors [(B,), ...]`` -> scalar."""
@@ -161,17 +169,26 @@ class ToyFrameClassifierRecipe:
 
     def hf_config(self, resolution: int, names: list[str]) -> dict[str, Any]:
         return {
-            "image_size": resolution, "patch_size": self.patch_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "intermediate_size": self.intermediate_size, "num_labels": len(names),
-            "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+            "image_size": resolution,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "intermediate_size": self.intermediate_size,
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
         }
 
 
 RECIPES: dict[str, ToyFrameClassifierRecipe] = {
     "toy": ToyFrameClassifierRecipe(),
     "smoke": ToyFrameClassifierRecipe(
-        patch_size=8, hidden_size=32, layers=1, heads=2, intermediate_size=64,
+        patch_size=8,
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        intermediate_size=64,
         train=TrainRecipe(steps=120, batch_size=32, lr=4e-3, weight_decay=0.05, warmup=12),
     ),
 }
@@ -181,12 +198,14 @@ def make_processor(resolution: int) -> Any:
     """``ViTImageProcessor`` resizing to the world's resolution with mean/std 0.5 (the paper ViT's normalisation)."""
     from transformers import ViTImageProcessor
 
-    return ViTImageProcessor(size={"height": resolution, "width": resolution}, image_mean=[0.5] * 3,
-                             image_std=[0.5] * 3)
+    return ViTImageProcessor(
+        size={"height": resolution, "width": resolution}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
 
 
-def train_frame_classifier(stim: Stimuli, factors: SceneFactors, recipe: ToyFrameClassifierRecipe, seed: int,
-                           progress: bool) -> tuple[ViTForImageClassification, dict[str, Any]]:
+def train_frame_classifier(
+    stim: Stimuli, factors: SceneFactors, recipe: ToyFrameClassifierRecipe, seed: int, progress: bool
+) -> tuple[ViTForImageClassification, dict[str, Any]]:
     """Train on (random frame of a random training clip, its class), flipped left/right half the time."""
     from transformers import ViTConfig, ViTForImageClassification
 

@@ -113,9 +113,7 @@ def perplexity(model: GPT2LMHeadModel, captions: list[str], context_length: int)
     ids, labels = caption_ids(captions, context_length)
     logits = model(input_ids=ids.to(model.device)).logits.float()[:, :-1]
     target = labels[:, 1:].to(logits.device)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
-    )
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
     return math.exp(float(nll))
 
 

@@ -59,32 +59,51 @@ class ToyUnclipRecipe:
     cond_drop: float = 0.1
     num_steps: int = 10
     guidance: float = 3.0
-    train: TrainRecipe = field(default_factory=lambda: TrainRecipe(steps=1800, batch_size=32, lr=2e-3, warmup=100,
-                                                                    ema=0.995))
+    train: TrainRecipe = field(
+        default_factory=lambda: TrainRecipe(steps=1800, batch_size=32, lr=2e-3, warmup=100, ema=0.995)
+    )
 
     def diffusers_config(self, latent_channels: int, latent_size: int, token_dim: int) -> dict[str, Any]:
         levels = len(self.block_out_channels)
         return {
-            "sample_size": latent_size, "in_channels": latent_channels, "out_channels": latent_channels,
-            "down_block_types": ["CrossAttnDownBlock2D"] * levels, "up_block_types": ["CrossAttnUpBlock2D"] * levels,
-            "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
-            "attention_head_dim": self.attention_heads, "norm_num_groups": self.norm_num_groups,
-            "cross_attention_dim": token_dim, "class_embed_type": "projection",
+            "sample_size": latent_size,
+            "in_channels": latent_channels,
+            "out_channels": latent_channels,
+            "down_block_types": ["CrossAttnDownBlock2D"] * levels,
+            "up_block_types": ["CrossAttnUpBlock2D"] * levels,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "attention_head_dim": self.attention_heads,
+            "norm_num_groups": self.norm_num_groups,
+            "cross_attention_dim": token_dim,
+            "class_embed_type": "projection",
             "projection_class_embeddings_input_dim": POOL_GRID * POOL_GRID * token_dim,
         }
 
 
 RECIPES: dict[str, ToyUnclipRecipe] = {
     "toy": ToyUnclipRecipe(),
-    "smoke": ToyUnclipRecipe(block_out_channels=(32, 64), attention_heads=2, norm_num_groups=8, num_steps=6,
-                             train=TrainRecipe(steps=200, batch_size=16, lr=2e-3, warmup=20, ema=0.9)),
+    "smoke": ToyUnclipRecipe(
+        block_out_channels=(32, 64),
+        attention_heads=2,
+        norm_num_groups=8,
+        num_steps=6,
+        train=TrainRecipe(steps=200, batch_size=16, lr=2e-3, warmup=20, ema=0.9),
+    ),
 }
 
 
 def scheduler_config() -> dict[str, Any]:
     """DPM-Solver++ (2nd order multistep) on the cosine schedule, v-prediction, "leading" spacing."""
-    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
-            "algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "leading", "steps_offset": 1}
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    }
 
 
 def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -100,8 +119,15 @@ class ToyUnclipRole(UnclipRole):
 
     REMAP = (0.5, 0.5)
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DPMSolverMultistepScheduler,
-                 *, num_steps: int, guidance: float):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: DPMSolverMultistepScheduler,
+        *,
+        num_steps: int,
+        guidance: float,
+    ):
         super().__init__(unet, vae, num_steps=num_steps, guidance=guidance, offset_noise=0.0)
         self.scheduler = scheduler
 
@@ -114,8 +140,9 @@ class ToyUnclipRole(UnclipRole):
         """``(B, T, D)`` tokens -> ``(B, C, L, L)`` scaled latents (CFG against the all-zero condition)."""
         tokens = tokens.to(self.device, self.dtype)
         b = tokens.shape[0]
-        x = _randn((b, self.latent_channels, self.latent_size, self.latent_size), generator, self.device,
-                   torch.float32)
+        x = _randn(
+            (b, self.latent_channels, self.latent_size, self.latent_size), generator, self.device, torch.float32
+        )
         sched = self.scheduler
         sched.set_timesteps(self.num_steps, device=self.device)
         x = x * sched.init_noise_sigma
@@ -130,25 +157,29 @@ class ToyUnclipRole(UnclipRole):
 
 
 @torch.no_grad()
-def encode_training_set(clip: ClipRole, vae: VaeRole, stim: Stimuli,
-                        chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_training_set(
+    clip: ClipRole, vae: VaeRole, stim: Stimuli, chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> scaled VAE latents ``(N*F, C, L, L)`` and CLIP tokens ``(N*F, T, D)`` of every training frame."""
     frames = stim.flat_frames()
-    latents = torch.cat([vae.encode(frames[i:i + chunk]) for i in range(0, len(frames), chunk)])
-    tokens = torch.cat([clip.image_tokens(frames[i:i + chunk]) for i in range(0, len(frames), chunk)])
+    latents = torch.cat([vae.encode(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
+    tokens = torch.cat([clip.image_tokens(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
     return latents.float(), tokens.float()
 
 
-def train_unclip(latents: torch.Tensor, tokens: torch.Tensor, recipe: ToyUnclipRecipe, seed: int,
-                 progress: bool) -> tuple[UNet2DConditionModel, dict[str, Any]]:
+def train_unclip(
+    latents: torch.Tensor, tokens: torch.Tensor, recipe: ToyUnclipRecipe, seed: int, progress: bool
+) -> tuple[UNet2DConditionModel, dict[str, Any]]:
     """v-prediction training of the UNet on precomputed ``latents (M, C, L, L)`` and ``tokens (M, T, D)``."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     gen = generator(seed)
     unet = UNet2DConditionModel.from_config(
-        recipe.diffusers_config(latents.shape[1], latents.shape[-1], tokens.shape[-1]))
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                prediction_type="v_prediction")
+        recipe.diffusers_config(latents.shape[1], latents.shape[-1], tokens.shape[-1])
+    )
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
 
     def loss_fn(step: int) -> torch.Tensor:
         rows = batch_indices(len(latents), recipe.train.batch_size, gen)
@@ -166,8 +197,9 @@ def train_unclip(latents: torch.Tensor, tokens: torch.Tensor, recipe: ToyUnclipR
     return unet, {**stats, "params": sum(p.numel() for p in unet.parameters())}
 
 
-def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, clip: ClipRole,
-          vae: VaeRole) -> dict[str, Any]:
+def build(
+    stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, clip: ClipRole, vae: VaeRole
+) -> dict[str, Any]:
     """Train the toy unCLIP on the frozen toy ``clip`` and ``vae`` roles; save UNet, VAE copy and scheduler."""
     from diffusers import DPMSolverMultistepScheduler
 
@@ -181,24 +213,40 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, cl
     return stats
 
 
-def load_unclip(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                guidance: float | None = None, num_steps: int | None = None) -> ToyUnclipRole:
+def load_unclip(
+    folder: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    guidance: float | None = None,
+    num_steps: int | None = None,
+) -> ToyUnclipRole:
     from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
     if not (folder / "unet" / "config.json").is_file():
-        raise WeightsError(f"missing toy unCLIP weights in {folder}",
-                           "build them with `python download_dataset.py --toy-weights`")
+        raise WeightsError(
+            f"missing toy unCLIP weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
+        )
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     sched = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
     sampling = json.loads((folder / SAMPLING_FILE).read_text(encoding="utf-8"))
-    return ToyUnclipRole(finish(unet, device, dtype), finish(load_autoencoder(folder / "vae"), device, torch.float32),
-                         sched, num_steps=int(num_steps or sampling["num_steps"]),
-                         guidance=float(sampling["guidance"] if guidance is None else guidance))
+    return ToyUnclipRole(
+        finish(unet, device, dtype),
+        finish(load_autoencoder(folder / "vae"), device, torch.float32),
+        sched,
+        num_steps=int(num_steps or sampling["num_steps"]),
+        guidance=float(sampling["guidance"] if guidance is None else guidance),
+    )
 
 
 @register("unclip", "toy")
 @register("unclip", "smoke")
-def build_toy(weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None,
-              guidance: float | None = None, num_steps: int | None = None, **_: object) -> ToyUnclipRole:
+def build_toy(
+    weights_root: Path,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    guidance: float | None = None,
+    num_steps: int | None = None,
+    **_: object,
+) -> ToyUnclipRole:
     """The toy/smoke unCLIP from ``weights_root/unclip/`` (``num_steps``/``guidance`` override the recipe)."""
     return load_unclip(Path(weights_root) / "unclip", device, dtype, guidance, num_steps)

@@ -63,55 +63,87 @@ class ToyVideoRecipe:
     context_length: int = 32
     pool_grid: int = 4
     cond_drop: float = 0.1
-    train: TrainRecipe = field(default_factory=lambda: TrainRecipe(steps=300, batch_size=8, lr=2e-3, warmup=30,
-                                                                    ema=0.98))
+    train: TrainRecipe = field(
+        default_factory=lambda: TrainRecipe(steps=300, batch_size=8, lr=2e-3, warmup=30, ema=0.98)
+    )
 
     def unet_config(self, latent_channels: int, latent_size: int) -> dict[str, Any]:
         levels = len(self.block_out_channels)
         return {
-            "sample_size": latent_size, "in_channels": latent_channels, "out_channels": latent_channels,
+            "sample_size": latent_size,
+            "in_channels": latent_channels,
+            "out_channels": latent_channels,
             "down_block_types": ["CrossAttnDownBlock2D"] + ["DownBlock2D"] * (levels - 1),
             "up_block_types": ["UpBlock2D"] * (levels - 1) + ["CrossAttnUpBlock2D"],
-            "block_out_channels": list(self.block_out_channels), "layers_per_block": 1,
-            "norm_num_groups": self.norm_num_groups, "attention_head_dim": self.attention_head_dim,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": 1,
+            "norm_num_groups": self.norm_num_groups,
+            "attention_head_dim": self.attention_head_dim,
             "cross_attention_dim": self.text_width,
             "time_cond_proj_dim": latent_channels * self.pool_grid**2,
         }
 
     def adapter_config(self, max_frames: int) -> dict[str, Any]:
-        return {"block_out_channels": list(self.block_out_channels), "motion_layers_per_block": 1,
-                "motion_norm_num_groups": self.norm_num_groups, "motion_num_attention_heads": self.motion_heads,
-                "motion_max_seq_length": max(32, max_frames)}
+        return {
+            "block_out_channels": list(self.block_out_channels),
+            "motion_layers_per_block": 1,
+            "motion_norm_num_groups": self.norm_num_groups,
+            "motion_num_attention_heads": self.motion_heads,
+            "motion_max_seq_length": max(32, max_frames),
+        }
 
     def controlnet_config(self, latent_channels: int) -> dict[str, Any]:
         levels = len(self.block_out_channels)
         return {
-            "in_channels": latent_channels, "conditioning_channels": latent_channels,
+            "in_channels": latent_channels,
+            "conditioning_channels": latent_channels,
             "down_block_types": ["CrossAttnDownBlockMotion"] + ["DownBlockMotion"] * (levels - 1),
-            "block_out_channels": list(self.block_out_channels), "layers_per_block": 1,
-            "norm_num_groups": self.norm_num_groups, "attention_head_dim": self.attention_head_dim,
-            "cross_attention_dim": self.text_width, "motion_num_attention_heads": self.motion_heads,
-            "use_simplified_condition_embedding": True, "concat_conditioning_mask": True,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": 1,
+            "norm_num_groups": self.norm_num_groups,
+            "attention_head_dim": self.attention_head_dim,
+            "cross_attention_dim": self.text_width,
+            "motion_num_attention_heads": self.motion_heads,
+            "use_simplified_condition_embedding": True,
+            "concat_conditioning_mask": True,
         }
 
     def text_config(self) -> dict[str, Any]:
-        return {"hidden_size": self.text_width, "intermediate_size": 2 * self.text_width, "num_attention_heads": 2,
-                "num_hidden_layers": self.text_layers, "vocab_size": CLIP_VOCAB,
-                "max_position_embeddings": self.context_length, "bos_token_id": SOT, "eos_token_id": EOT,
-                "pad_token_id": EOT}
+        return {
+            "hidden_size": self.text_width,
+            "intermediate_size": 2 * self.text_width,
+            "num_attention_heads": 2,
+            "num_hidden_layers": self.text_layers,
+            "vocab_size": CLIP_VOCAB,
+            "max_position_embeddings": self.context_length,
+            "bos_token_id": SOT,
+            "eos_token_id": EOT,
+            "pad_token_id": EOT,
+        }
 
 
 RECIPES: dict[str, ToyVideoRecipe] = {
     "toy": ToyVideoRecipe(),
-    "smoke": ToyVideoRecipe(block_out_channels=(16, 32), norm_num_groups=4, attention_head_dim=4,
-                            train=TrainRecipe(steps=40, batch_size=4, lr=3e-3, warmup=4)),
+    "smoke": ToyVideoRecipe(
+        block_out_channels=(16, 32),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        train=TrainRecipe(steps=40, batch_size=4, lr=3e-3, warmup=4),
+    ),
 }
 
 
 def scheduler_config() -> dict[str, Any]:
     """DDIM on the cosine schedule, v-prediction, "leading" spacing with ``steps_offset=1``."""
-    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
-            "timestep_spacing": "leading", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": True}
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "clip_sample": False,
+        "set_alpha_to_one": True,
+    }
 
 
 class ToyVideoRole(VideoRole):
@@ -144,30 +176,48 @@ def make_parts(recipe: ToyVideoRecipe, vae: VaeRole, latent_size: int, num_frame
 def encode_clips(vae: VaeRole, stim: Stimuli, chunk: int = 512) -> torch.Tensor:
     """-> scaled posterior-mode latents of every training clip ``(N, C, F, h, w)``."""
     frames = stim.flat_frames()
-    z = torch.cat([vae.encode(frames[i:i + chunk]) for i in range(0, len(frames), chunk)])
+    z = torch.cat([vae.encode(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
     return z.reshape(stim.n_clips, stim.n_frames, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous().float()
 
 
-def make_role(parts: tuple[nn.Module, ...], vae: Any, tokenizer: Any, num_frames: int, pool_grid: int,
-              per_frame_norm: bool = True) -> ToyVideoRole:
+def make_role(
+    parts: tuple[nn.Module, ...],
+    vae: Any,
+    tokenizer: Any,
+    num_frames: int,
+    pool_grid: int,
+    per_frame_norm: bool = True,
+) -> ToyVideoRole:
     from diffusers import DDIMScheduler
 
     unet, controlnet, text_encoder = parts
-    return ToyVideoRole(unet, controlnet, vae, text_encoder, tokenizer, DDIMScheduler.from_config(scheduler_config()),
-                        num_frames=num_frames, per_frame_norm=per_frame_norm, pool_grid=pool_grid)
+    return ToyVideoRole(
+        unet,
+        controlnet,
+        vae,
+        text_encoder,
+        tokenizer,
+        DDIMScheduler.from_config(scheduler_config()),
+        num_frames=num_frames,
+        per_frame_norm=per_frame_norm,
+        pool_grid=pool_grid,
+    )
 
 
-def train_video(role: ToyVideoRole, latents: torch.Tensor, captions: list[str], recipe: ToyVideoRecipe, seed: int,
-                progress: bool) -> dict[str, Any]:
+def train_video(
+    role: ToyVideoRole, latents: torch.Tensor, captions: list[str], recipe: ToyVideoRecipe, seed: int, progress: bool
+) -> dict[str, Any]:
     """v-prediction training of the role's UNet, SparseCtrl and text encoder on ``latents (N, C, F, h, w)``."""
     from diffusers import DDPMScheduler
 
     gen = generator(seed)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                prediction_type="v_prediction")
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
     tok = role.tokenizer
-    ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = tok(
+        list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     null = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     module = nn.ModuleDict({"unet": role.unet, "controlnet": role.controlnet, "text_encoder": role.text_encoder})
     module.requires_grad_(True)
@@ -183,10 +233,17 @@ def train_video(role: ToyVideoRole, latents: torch.Tensor, captions: list[str], 
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(rows),), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
         cond, mask = role.keyframe_condition(z0[:, :, 0], frames)
-        down, mid = role.controlnet(zt, t, encoder_hidden_states=embeds, controlnet_cond=cond,
-                                    conditioning_mask=mask, return_dict=False)
-        v = role.unet(zt, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
-                      mid_block_additional_residual=mid, timestep_cond=role.time_condition(cond, mask)).sample
+        down, mid = role.controlnet(
+            zt, t, encoder_hidden_states=embeds, controlnet_cond=cond, conditioning_mask=mask, return_dict=False
+        )
+        v = role.unet(
+            zt,
+            t,
+            encoder_hidden_states=embeds,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            timestep_cond=role.time_condition(cond, mask),
+        ).sample
         return F.mse_loss(v, noise_sched.get_velocity(z0, noise, t))
 
     stats = train(module, loss_fn, recipe.train, "toy video", progress)
@@ -211,14 +268,20 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, va
     return stats
 
 
-def load_video(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               per_frame_norm: bool = True, num_frames: int | None = None) -> ToyVideoRole:
+def load_video(
+    folder: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    per_frame_norm: bool = True,
+    num_frames: int | None = None,
+) -> ToyVideoRole:
     from diffusers import DDIMScheduler, SparseControlNetModel, UNetMotionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if not (folder / SAMPLING_FILE).is_file():
-        raise WeightsError(f"missing toy video weights in {folder}",
-                           "build them with `python download_dataset.py --toy-weights`")
+        raise WeightsError(
+            f"missing toy video weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
+        )
     sampling = json.loads((folder / SAMPLING_FILE).read_text(encoding="utf-8"))
     return ToyVideoRole(
         finish(UNetMotionModel.from_pretrained(folder / "unet"), device, dtype),
@@ -235,7 +298,13 @@ def load_video(folder: Path, device: torch.device | str = "cpu", dtype: torch.dt
 
 @register("video", "toy")
 @register("video", "smoke")
-def build_toy(weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None,
-              per_frame_norm: bool = True, num_frames: int | None = None, **_: object) -> ToyVideoRole:
+def build_toy(
+    weights_root: Path,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    per_frame_norm: bool = True,
+    num_frames: int | None = None,
+    **_: object,
+) -> ToyVideoRole:
     """The toy/smoke AnimateDiff from ``weights_root/video/`` (``num_frames`` defaults to the world's clip length)."""
     return load_video(Path(weights_root) / "video", device, dtype, per_frame_norm, num_frames)

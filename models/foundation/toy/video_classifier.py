@@ -82,11 +82,16 @@ class ToyVideoClassifierRecipe:
 
     def hf_config(self, resolution: int, num_frames: int, names: list[str]) -> dict[str, Any]:
         return {
-            "image_size": resolution, "patch_size": self.patch_size, "num_frames": num_frames,
-            "tubelet_size": self.tubelet_size or num_frames, "hidden_size": self.hidden_size,
+            "image_size": resolution,
+            "patch_size": self.patch_size,
+            "num_frames": num_frames,
+            "tubelet_size": self.tubelet_size or num_frames,
+            "hidden_size": self.hidden_size,
             "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "intermediate_size": self.intermediate_size,
-            "num_labels": len(names), "id2label": dict(enumerate(names)),
+            "num_attention_heads": self.heads,
+            "intermediate_size": self.intermediate_size,
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)},
         }
 
@@ -94,7 +99,11 @@ class ToyVideoClassifierRecipe:
 RECIPES: dict[str, ToyVideoClassifierRecipe] = {
     "toy": ToyVideoClassifierRecipe(),  # ~15 s on 1 thread
     "smoke": ToyVideoClassifierRecipe(
-        patch_size=8, hidden_size=32, layers=1, heads=2, intermediate_size=64,
+        patch_size=8,
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        intermediate_size=64,
         train=TrainRecipe(steps=120, batch_size=16, lr=4e-3, weight_decay=0.05, warmup=12),
     ),
 }
@@ -104,9 +113,12 @@ def make_processor(resolution: int) -> Any:
     """``VideoMAEImageProcessor`` at the world's resolution with mean/std 0.5."""
     from transformers import VideoMAEImageProcessor
 
-    return VideoMAEImageProcessor(size={"shortest_edge": resolution},
-                                  crop_size={"height": resolution, "width": resolution},
-                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return VideoMAEImageProcessor(
+        size={"shortest_edge": resolution},
+        crop_size={"height": resolution, "width": resolution},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
 
 
 REVERSED = torch.tensor([1, 0, 3, 2])  # direction index after playing the clip backwards (see DIRECTIONS)
@@ -124,15 +136,15 @@ def augment(clips: torch.Tensor, direction: torch.Tensor, gen: torch.Generator) 
     return clips, torch.where(mirror, MIRRORED[direction], direction)
 
 
-def train_video_classifier(stim: Stimuli, factors: SceneFactors, recipe: ToyVideoClassifierRecipe, seed: int,
-                           progress: bool) -> tuple[VideoMAEForVideoClassification, dict[str, Any]]:
+def train_video_classifier(
+    stim: Stimuli, factors: SceneFactors, recipe: ToyVideoClassifierRecipe, seed: int, progress: bool
+) -> tuple[VideoMAEForVideoClassification, dict[str, Any]]:
     """Train on (training clip ``(F, 3, R, R)``, its class)."""
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
     gen = generator(seed)
     names = video_class_names(factors)
-    model = VideoMAEForVideoClassification(
-        VideoMAEConfig(**recipe.hf_config(stim.resolution, stim.n_frames, names)))
+    model = VideoMAEForVideoClassification(VideoMAEConfig(**recipe.hf_config(stim.resolution, stim.n_frames, names)))
 
     def loss_fn(step: int) -> torch.Tensor:
         clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
