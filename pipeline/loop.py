@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.errors import WeightsError
-from utils.training import BatchPlan, MetricsLog, average_gradients
+from utils.training import BatchPlan, MetricsLog, average_gradients, one_cycle, start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,22 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
             record = {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0]}
             metrics.write({**record, **_record(losses)})
     bar.close()
+
+
+def prepare_training(cfg: Any, stage: str, model: torch.nn.Module, accelerator: Any, n_train: int, out_dir: Path):
+    """The batch plan, AdamW over the trainable parameters, the LR schedule and the metrics log of a stage.
+
+    The model is moved to the device but not DDP-wrapped: stages call several of its methods per step, so gradients
+    are averaged explicitly after the backward pass (:func:`utils.training.average_gradients`).
+    """
+    t = cfg.train
+    plan = BatchPlan(n_train, t.batch_size, accelerator.num_processes, cfg.run.seed, t.drop_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
+    sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
+    model.to(accelerator.device)
+    wandb_run = start_wandb(cfg, stage, out_dir) if accelerator.is_main_process else None
+    return plan, accelerator.prepare(opt), sched, MetricsLog(out_dir / "metrics.jsonl", wandb_run)
 
 
 def fit(tr: Trainer, plan: BatchPlan, opt, sched, metrics: MetricsLog) -> Progress:

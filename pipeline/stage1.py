@@ -30,7 +30,7 @@ from pipeline.common import (
     load_tokens_proj,
     make_brain_config,
 )
-from pipeline.loop import Trainer, fit
+from pipeline.loop import Trainer, fit, prepare_training
 from utils.checkpoint import load_checkpoint
 from utils.cli import begin_stage
 from utils.errors import WeightsError
@@ -41,9 +41,7 @@ from utils.training import (
     MetricsLog,
     build_accelerator,
     gather_cat,
-    one_cycle,
     seed_everything,
-    start_wandb,
 )
 
 log = logging.getLogger(__name__)
@@ -150,16 +148,8 @@ def train(cfg: Any) -> Path:
     s = setup(cfg)
     _, recorder = begin_stage(cfg, "1")
     t, acc = cfg.train, s.accelerator
-    plan = BatchPlan(s.data.n_clips("train"), t.batch_size, acc.num_processes, cfg.run.seed, t.drop_last)
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
-    sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
-    s.model.to(acc.device)  # not DDP-wrapped: gradients are averaged in the loop (see utils.training)
-    opt = acc.prepare(opt)
+    plan, opt, sched, metrics = prepare_training(cfg, "1", s.model, acc, s.data.n_clips("train"), s.out_dir)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    metrics = MetricsLog(
-        s.out_dir / "metrics.jsonl", start_wandb(cfg, "1", s.out_dir) if acc.is_main_process else None
-    )
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
     trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s), {"mixco": gen})
     log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes", plan.n_items,

@@ -53,7 +53,7 @@ from pipeline.common import (
     load_data,
     make_brain_config,
 )
-from pipeline.loop import Trainer, fit
+from pipeline.loop import Trainer, fit, prepare_training
 from utils.checkpoint import MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.errors import ConfigError, WeightsError
@@ -71,7 +71,7 @@ from utils.losses import (
 )
 from utils.manifest import require_stage
 from utils.runs import RunPaths, rerun_hint
-from utils.training import BatchPlan, MetricsLog, build_accelerator, clip_seed, one_cycle, seed_everything, start_wandb
+from utils.training import MetricsLog, build_accelerator, clip_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -426,23 +426,16 @@ def train(cfg: Any) -> Path:
     s = setup(cfg)
     _, recorder = begin_stage(cfg, "2", depends_on=("1",))
     t, acc = cfg.train, s.accelerator
-    plan = BatchPlan(s.data.n_clips("train"), t.batch_size, acc.num_processes, cfg.run.seed, t.drop_last)
-    params = [p for p in s.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
-    sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
-    s.model.to(acc.device)  # not DDP-wrapped: gradients are averaged in the loop (see utils.training)
-    opt = acc.prepare(opt)
+    plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir)
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    metrics = MetricsLog(
-        s.out_dir / "metrics.jsonl", start_wandb(cfg, "2", s.out_dir) if acc.is_main_process else None
-    )
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,
         lambda idx, epoch, batch: step_loss(s, idx, epoch, batch, plan.steps_per_epoch, gen),
         lambda: evaluate(s), {"prior": gen},
     )  # fmt: skip
+    trainable = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
     log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters", plan.n_items,
-             s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, sum(p.numel() for p in params))  # fmt: skip
+             s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, trainable)  # fmt: skip
     try:
         fit(trainer, plan, opt, sched, metrics)
     finally:

@@ -58,3 +58,43 @@ def smoke_env(world: Path, scratch: Path) -> SmokeEnv:
         "run:\n  device: cpu\n"
     )
     return SmokeEnv(world, weights, exp_root, profile)
+
+
+# ---- helpers shared by the stage tests (test_stage3, test_stage4, ...) ---------------------------------------------
+def stage_config(env: SmokeEnv, stage: str, exp: str, *overrides: str, mode: str = "enhance"):
+    """The resolved config of ``stage`` for run ``exp`` under ``env.profile``."""
+    from utils.config import load_config
+
+    return load_config(stage, str(env.profile), list(overrides), {"exp": exp, "mode": mode})
+
+
+def run_paths(env: SmokeEnv, exp: str, mode: str = "enhance"):
+    """The ``RunPaths`` of run ``exp`` (subject 1)."""
+    from utils.runs import RunPaths
+
+    return RunPaths.from_config(stage_config(env, "3", exp, mode=mode))
+
+
+def copy_stages(src: Path, dst: Path, folders: tuple[str, ...] = ("stage1", "stage2")) -> None:
+    """Another run with the same outputs of ``folders`` (fingerprints kept: copytree preserves mtimes). Only
+    folders whose manifests name no file of an earlier stage's folder stay fresh (stage 1 and 2 do)."""
+    import shutil
+
+    for folder in folders:
+        shutil.copytree(src / folder, dst / folder)
+
+
+def with_toy_roles(env: SmokeEnv, roles: tuple[str, ...], scratch: Path) -> SmokeEnv:
+    """``env`` with a weights folder that also holds the smoke toy ``roles`` (built here, 1 thread, seconds each): the
+    base roles are linked, not copied, so the repository's weights are never written to."""
+    from models.foundation.toy import build_toy_weights
+
+    weights = scratch / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    for role in env.weights.iterdir():
+        if role.is_dir() and role.name not in roles and not (weights / role.name).exists():
+            (weights / role.name).symlink_to(role.resolve(), target_is_directory=True)
+    build_toy_weights(env.world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=roles)
+    profile = scratch / "smoke_roles.yaml"
+    profile.write_text(f"extends: {env.profile}\npaths:\n  weights_root: {weights}\n")
+    return SmokeEnv(env.world, weights, env.exp_root, profile)

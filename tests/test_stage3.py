@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.smoke_env import REPO, SmokeEnv, smoke_env
+from tests.smoke_env import REPO, SmokeEnv, copy_stages, smoke_env
+from tests.smoke_env import run_paths as paths
+from tests.smoke_env import stage_config as config
 
 RUN = "s3"
 STAGE2 = ["train.batch_size=8", "train.num_epochs=1"]
@@ -36,18 +37,6 @@ def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
     torch.set_num_threads(threads)
 
 
-def config(env: SmokeEnv, stage: str, exp: str, *overrides: str, mode: str = "enhance"):
-    from utils.config import load_config
-
-    return load_config(stage, str(env.profile), list(overrides), {"exp": exp, "mode": mode})
-
-
-def paths(env: SmokeEnv, exp: str, mode: str = "enhance"):
-    from utils.runs import RunPaths
-
-    return RunPaths.from_config(config(env, "3", exp, mode=mode))
-
-
 @pytest.fixture(scope="module")
 def stage2_run(env: SmokeEnv) -> Path:
     """Stages 1 and 2 of run ``s3`` (one epoch each); returns the run folder."""
@@ -56,12 +45,6 @@ def stage2_run(env: SmokeEnv) -> Path:
     stage1.train(config(env, "1", RUN, "train.num_epochs=1"))
     stage2.train(config(env, "2", RUN, *STAGE2))
     return paths(env, RUN).root
-
-
-def copy_stages_1_2(src: Path, dst: Path) -> None:
-    """Another run with the same stage-1/2 outputs (fingerprints kept: copytree preserves mtimes)."""
-    for stage in ("stage1", "stage2"):
-        shutil.copytree(src / stage, dst / stage)
 
 
 def reconstruct(env: SmokeEnv, exp: str, *overrides: str, mode: str = "enhance") -> Path:
@@ -104,7 +87,7 @@ def test_refuses_stale_stage2_and_marks_its_own_outputs_stale(env: SmokeEnv, sta
     from utils.manifest import read_manifest, require_stage
 
     p = paths(env, "stale")
-    copy_stages_1_2(stage2_run, p.root)
+    copy_stages(stage2_run, p.root)
     out = reconstruct(env, "stale", "sample.num_clips=1", "sample.num_previews=0")
     require_stage("3", out, p.stage_dirs(), "{stage}")
     best = p.stage_dir("2") / "checkpoints" / "best" / "model.safetensors"
@@ -179,7 +162,7 @@ def test_a_clip_decodes_the_same_in_any_batch(env: SmokeEnv, stage2_run: Path, e
     """Per-clip seeds: batch size 1 reproduces batch size 3 (batches [0, 1, 2], [3]). Clip 3 sits in a batch of one
     both times and is bit-identical; clips 0-2 agree up to float rounding (a CPU matmul of 1 row and of 3 rows need
     not round alike), and their captions and mask names are the same."""
-    copy_stages_1_2(stage2_run, paths(env, "bs1").root)
+    copy_stages(stage2_run, paths(env, "bs1").root)
     single = reconstruct(env, "bs1", "sample.batch_size=1", "sample.num_previews=0")
     want, got = outputs(enhance), outputs(single)
     for name in TENSORS:
@@ -291,7 +274,7 @@ def test_driver_runs_stage3_as_a_standalone_script(env: SmokeEnv, stage2_run: Pa
     from utils.manifest import read_manifest
 
     run = env.exp_root / "exp_drv3" / "subj_1"
-    copy_stages_1_2(stage2_run, run)
+    copy_stages(stage2_run, run)
     vars_ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         ["bash", "train_neurons.sh", "cpu", "drv3", "3", "motion", "1", str(env.profile)],

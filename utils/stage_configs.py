@@ -188,8 +188,8 @@ class Stage3Config(SharedConfig):
 
 @dataclass(frozen=True)
 class Stage4Caption:
-    batch_size: int = 20
-    max_new_tokens: int = 30
+    batch_size: int = 20  # keyframes per BLIP-2 generate() call
+    max_new_tokens: int | None = None  # None: generate()'s default length, as upstream (§5)
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,9 @@ class Stage5Video:
     )
     eval_frames: tuple[int, ...] = (4, 6, 8, 10, 12, 14)
     caption_source: Literal["auto", "blip2", "gpt2"] = "auto"  # auto: stage 4 when current, else stage 3
+    num_clips: int | None = None  # the first N test clips (None: all of stage 3's)
+    num_previews: int = 8  # GIF previews of the first K generated videos
+    preview_fps: float = 8.0
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,29 @@ class VideoRole:
         t0 = self.scheduler.timesteps[:1]
         return self.scheduler.add_noise(init_latents.to(self.device), noise.to(self.device), t0)
 
+    @staticmethod
+    def strength_steps(num_steps: int, strength: float) -> int:
+        """How many of ``num_steps`` DDIM steps an img2img start at ``strength`` in [0, 1] runs:
+        ``round(num_steps * strength)``."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        return round(num_steps * strength)
+
+    def img2img_start(
+        self, init_latents: torch.Tensor, noise: torch.Tensor, num_steps: int, strength: float
+    ) -> tuple[torch.Tensor, int]:
+        """A real img2img start (fixes defect 26): of the ``num_steps`` DDIM timesteps the last
+        ``k = round(num_steps * strength)`` are run; ``init_latents (B, C, F, h, w)`` are noised to exactly the first
+        of them. Returns ``(start latents, index of the first step to run)``; k = 0 returns the init latents and
+        ``num_steps`` (nothing to denoise)."""
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        start = num_steps - self.strength_steps(num_steps, strength)
+        init = init_latents.to(self.device)
+        if start >= num_steps:
+            return init, num_steps
+        t = self.scheduler.timesteps[start : start + 1]
+        return self.scheduler.add_noise(init, noise.to(self.device), t), start
+
     @torch.no_grad()
     def denoise(
         self,
@@ -336,8 +359,10 @@ class VideoRole:
         num_steps: int = 25,
         guidance: float = 8.5,
         cond_scale: float = 1.0,
+        start_step: int = 0,
     ) -> torch.Tensor:
-        """DDIM (eta 0) with CFG [negative, positive] and SparseCtrl residuals.
+        """DDIM (eta 0) with CFG [negative, positive] and SparseCtrl residuals, over the ``num_steps`` grid from
+        step ``start_step`` on (img2img, :meth:`img2img_start`).
         ``latents (B, C, F, h, w)``, embeds ``(B, L, D)``, ``cond (B, C, F, h, w)``, ``cond_mask (B, 1, F, h, w)``
         -> ``(B, C, F, h, w)``."""
         sched = self.scheduler
@@ -351,7 +376,7 @@ class VideoRole:
         mask2 = torch.cat([cond_mask, cond_mask]).to(self.device, self.dtype)
         time_cond = self.time_condition(cond, cond_mask)
         extra = {} if time_cond is None else {"timestep_cond": torch.cat([time_cond] * 2).to(self.device, self.dtype)}
-        for t in sched.timesteps:
+        for t in sched.timesteps[start_step:]:
             x_in = sched.scale_model_input(torch.cat([x, x]), t)
             down, mid = self.controlnet(
                 x_in,
@@ -384,20 +409,28 @@ class VideoRole:
         num_steps: int = 25,
         guidance: float = 8.5,
         cond_scale: float = 1.0,
+        strength: float | None = None,
     ) -> torch.Tensor:
         """Keyframe ``(B, 3, H, W)`` in [0, 1] at frame 0 + captions -> video ``(B, F, 3, H, W)`` in [0, 1].
-        ``init_latents (B, C, F, h, w)`` (e.g. the encoded blurry video) are noised at the first timestep; without
-        them the start is pure noise. RNG order: keyframe VAE sample, then the start noise."""
+        ``init_latents (B, C, F, h, w)`` (e.g. the encoded blurry video) are noised at the first timestep and all
+        steps run (upstream, ``strength=None``), or img2img at ``strength`` (:meth:`img2img_start`); without them the
+        start is pure noise. RNG order: keyframe VAE sample, then the start noise."""
         key = self.encode_frames(keyframes01, generator=generator)
         b, c, h, w = key.shape
         cond, mask = self.keyframe_condition(key, self.num_frames)
         shape = (b, c, self.num_frames, h, w)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(shape, generator=generator, device=gen_device).to(self.device)
-        start = noise if init_latents is None else self.noisy_start(init_latents, noise, num_steps)
+        first = 0
+        if init_latents is None:
+            start = noise
+        elif strength is None:
+            start = self.noisy_start(init_latents, noise, num_steps)
+        else:
+            start, first = self.img2img_start(init_latents, noise, num_steps, strength)
         pos = self.encode_prompt(prompts)
         neg = self.encode_prompt([negative_prompt] * b)
-        out = self.denoise(start, pos, neg, cond, mask, num_steps, guidance, cond_scale)
+        out = self.denoise(start, pos, neg, cond, mask, num_steps, guidance, cond_scale, start_step=first)
         return self.decode_latents(out)
 
 

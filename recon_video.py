@@ -1,0 +1,23 @@
+"""Stage 5: AnimateDiff v3 + SparseCtrl-RGB videos from stage 3's keyframe and blurry video and a caption (stage-4
+BLIP-2 when current, else stage-3 GPT-2; ``video.caption_source``), img2img at ``video.strength``.
+
+    python recon_video.py --profile toy --subj 1 --exp demo --mode enhance [--set video.steps=10]
+    accelerate launch recon_video.py ...   # or torchrun: clips are shared round-robin between the processes
+
+Needs stage 3 of the same run and mode. Outputs in <exp_root>/exp_<EXP>/subj_<SUBJ>/stage5_<MODE>/:
+videos.safetensors (N, num_frames, 3, R, R) float16 in [0, 1], prompts.json, previews/ and manifest.json.
+"""
+
+import sys
+
+from utils.cli import run_stage
+
+
+def main(cfg) -> None:
+    from pipeline.stage5 import generate
+
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("5", main, __doc__))
