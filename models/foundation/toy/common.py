@@ -84,7 +84,8 @@ class Ema:
                 self.shadow[k].lerp_(v, 1.0 - self.decay)
 
     def copy_to(self, module: nn.Module) -> None:
-        module.load_state_dict(self.shadow, strict=False)
+        """Load the averaged floating-point tensors (integer buffers keep the module's values)."""
+        module.load_state_dict({**module.state_dict(), **self.shadow}, strict=True)
 
 
 def train(
