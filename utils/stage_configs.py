@@ -233,8 +233,11 @@ class Stage6Eval:
     n_trials: int = 100
     ways: tuple[int, ...] = (2, 50)
     top_k: int = 1
+    gt_top_k: int = 3  # N-way rule: the ground truth's top classes that may beat the distractors (spec §7)
     seed: int = 0
     report_samples: int = 8
+    batch_size: int = 16  # clips per classifier / CLIP call
+    bootstrap: int = 100  # resamples of the clips for the std of corpus-level metrics (F1, BLEU); 0: std null
 
 
 @dataclass(frozen=True)

@@ -221,3 +221,22 @@ def staged_role_dir(weights_root: str | Path, role: str, config_hash: str, info:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_hf_model(model: Any, processor: Any, folder: Path) -> None:
+    """``save_pretrained`` of a transformers model (safetensors) and its processor into ``folder``."""
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def load_hf_model(weights_root: str | Path, role: str, model_cls: Any, processor_cls: Any) -> tuple[Any, Any]:
+    """The toy ``role``'s transformers model and processor from ``weights_root/<role>/`` (one-line error if absent)."""
+    from utils.errors import WeightsError
+
+    folder = role_dir(weights_root, role)
+    if not (folder / "config.json").is_file():
+        raise WeightsError(
+            f"missing toy {role.replace('_', ' ')} weights in {folder}",
+            "build them with `python download_dataset.py --toy-weights`",
+        )
+    return model_cls.from_pretrained(folder), processor_cls.from_pretrained(folder)

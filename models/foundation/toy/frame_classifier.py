@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from models.foundation.common import finish
 from models.foundation.frame_classifier import FrameClassifierRole
 from models.foundation.registry import register
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
 from models.foundation.toy.data import CAPTIONS, Stimuli
-from utils.errors import DataError, WeightsError
+from utils.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import ViTForImageClassification
@@ -231,8 +231,7 @@ def train_frame_classifier(
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, world_root: Path) -> dict[str, Any]:
     """Train the toy ViT on the training split of ``world_root``; save model and processor into ``folder``."""
     model, stats = train_frame_classifier(stim, load_factors(world_root, "train"), RECIPES[scale], seed, progress)
-    model.save_pretrained(folder, safe_serialization=True)
-    make_processor(stim.resolution).save_pretrained(folder)
+    save_hf_model(model, make_processor(stim.resolution), folder)
     return stats
 
 
@@ -244,11 +243,5 @@ def build_toy(
     """The toy/smoke ViT from ``weights_root/frame_classifier/``."""
     from transformers import ViTForImageClassification, ViTImageProcessor
 
-    folder = Path(weights_root) / "frame_classifier"
-    if not (folder / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy frame classifier weights in {folder}",
-            "build them with `python download_dataset.py --toy-weights`",
-        )
-    model = ViTForImageClassification.from_pretrained(folder)
-    return FrameClassifierRole(finish(model, device, dtype), ViTImageProcessor.from_pretrained(folder))
+    model, processor = load_hf_model(weights_root, "frame_classifier", ViTForImageClassification, ViTImageProcessor)
+    return FrameClassifierRole(finish(model, device, dtype), processor)

@@ -22,7 +22,7 @@ import torch
 
 from models.foundation.common import finish
 from models.foundation.registry import register
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
 from models.foundation.toy.data import Stimuli
 from models.foundation.toy.frame_classifier import (
     DIRECTIONS,
@@ -33,7 +33,6 @@ from models.foundation.toy.frame_classifier import (
     processor_inputs,
 )
 from models.foundation.video_classifier import VideoClassifierRole
-from utils.errors import WeightsError
 
 if TYPE_CHECKING:
     from transformers import VideoMAEForVideoClassification
@@ -161,8 +160,7 @@ def train_video_classifier(
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, world_root: Path) -> dict[str, Any]:
     """Train the toy VideoMAE on the training split of ``world_root``; save model and processor into ``folder``."""
     model, stats = train_video_classifier(stim, load_factors(world_root, "train"), RECIPES[scale], seed, progress)
-    model.save_pretrained(folder, safe_serialization=True)
-    make_processor(stim.resolution).save_pretrained(folder)
+    save_hf_model(model, make_processor(stim.resolution), folder)
     return stats
 
 
@@ -174,11 +172,6 @@ def build_toy(
     """The toy/smoke VideoMAE from ``weights_root/video_classifier/`` (``num_frames`` = the world's clip length)."""
     from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
-    folder = Path(weights_root) / "video_classifier"
-    if not (folder / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy video classifier weights in {folder}",
-            "build them with `python download_dataset.py --toy-weights`",
-        )
-    model = VideoMAEForVideoClassification.from_pretrained(folder)
-    return VideoClassifierRole(finish(model, device, dtype), VideoMAEImageProcessor.from_pretrained(folder))
+    classes = (VideoMAEForVideoClassification, VideoMAEImageProcessor)
+    model, processor = load_hf_model(weights_root, "video_classifier", *classes)
+    return VideoClassifierRole(finish(model, device, dtype), processor)

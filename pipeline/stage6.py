@@ -1,0 +1,340 @@
+"""Stage 6: metrics of the generated videos (stage 5) and of the brain-decoding sub-tasks (stage 3) on the test clips
+(upstream spec §7; the metric definitions live in :mod:`utils.metrics`).
+
+Inputs (checked with ``require_stage`` before anything else): ``stage5_<mode>/videos.safetensors`` (N, F5, 3, R, R)
+and ``prompts.json``; ``stage3_<mode>/`` ``blurry_videos``, ``masks``, ``concept_probs``; the dataset's test frames,
+captions, concept labels and key-object masks of the same clips. Stage 5 (like stage 3) decodes the FIRST N test
+clips (``num_clips``), so the clips scored are ``0..N-1`` (checked against the ``n_clips`` its manifest records).
+
+* Prediction = the ``video.eval_frames`` of stage 5's resolved config (its manifest) → (N, F, 3, R, R), F must be the
+  dataset's clip length. Ground truth = the dataset's test frames of those clips, resized to R × R (bilinear,
+  antialiased when shrinking, clamped to [0, 1]; identity when the sizes already match).
+* Video metrics under ``eval.protocol`` (``standard`` | ``neurons``): video-level (``video_classifier``) and
+  frame-level (``frame_classifier``) N-way top-k accuracy for each of ``eval.ways`` (capped at the classifier's
+  ``classes − gt_top_k + 1``), CLIP-pcc of the predicted frames (``clip_pcc``), SSIM and PSNR.
+* Stage-3 metrics: blurry-video SSIM (blurry videos resized like the ground truth to R × R); concept F1 (micro and
+  macro, ``concept_probs > 0.5`` vs the test labels); key-object Dice per clip (stage-3 masks > 0.5 vs the GT
+  key-object masks area-resized to the mask size and thresholded at 0.5, i.e. majority coverage); caption BLEU-4
+  (corpus) of the captions stage 5 used (``prompts.json``: BLIP-2 or GPT-2) vs the test captions.
+
+Every metric is ``{"mean", "std", "n"}`` (N-way entries add ``"chance"``). Per-clip metrics: mean and std over clips
+(protocol rules of :func:`utils.metrics.summarise`). Corpus-level metrics (F1, BLEU): mean = the corpus value, std =
+its bootstrap standard deviation over ``eval.bootstrap`` seeded resamples of the clips (null when 0). Non-finite values
+(PSNR of identical frames = inf) are written as null, so the file is strict JSON.
+
+Outputs: ``<run>/metrics_<mode>.json`` (atomic) and ``<run>/eval_<mode>/manifest.json`` (depends on stages 5 and 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from models.foundation import build_role, require_roles
+from pipeline.common import foundation_kind, load_data
+from pipeline.stage5 import PROMPTS_FILE, VIDEOS_FILE, resize
+from utils.cli import begin_stage
+from utils.config import config_hash
+from utils.errors import ConfigError, StageOrderError
+from utils.io import atomic_write_text
+from utils.manifest import require_stage
+from utils.metrics import (
+    caption_bleu,
+    chance_level,
+    clip_pcc,
+    concept_f1,
+    dice_per_sample,
+    evaluate_videos,
+    n_way_accuracy,
+    summarise,
+)
+from utils.runs import RunPaths, rerun_hint
+
+log = logging.getLogger(__name__)
+
+ROLES = ("video_classifier", "frame_classifier", "clip_pcc")
+STAGE3_FILES = ("blurry_videos", "masks", "concept_probs")
+DATA_FIELDS = ("frames", "caption", "concepts", "key_obj_mask")
+MASK_THRESHOLD = 0.5
+RESIZE_NOTE = "ground truth and blurry videos resized to the prediction's R x R: bilinear, antialiased, clamped"
+MASK_NOTE = "GT key-object masks area-resized to the stage-3 mask size, >= 0.5; stage-3 masks > 0.5"
+
+
+def metrics_path(paths: RunPaths) -> Path:
+    return paths.root / f"metrics_{paths.mode}.json"
+
+
+@dataclass
+class EvalInputs:
+    """Everything stage 6 scores, already aligned clip by clip (N clips, F frames, R pixels)."""
+
+    pred: torch.Tensor  # (N, F, 3, R, R) float32 in [0, 1]
+    gt: torch.Tensor  # (N, F, 3, R, R) float32 in [0, 1]
+    blurry: torch.Tensor  # (N, F, 3, R, R) float32 in [0, 1]
+    mask_probs: torch.Tensor  # (N, F, S, S)
+    gt_masks: torch.Tensor  # (N, F, S, S) {0, 1}
+    concept_probs: torch.Tensor  # (N, C)
+    concept_labels: torch.Tensor  # (N, C)
+    captions: list[str]
+    gt_captions: list[str]
+    caption_source: str
+    eval_frames: tuple[int, ...]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.pred.shape[0])
+
+
+# ---- inputs --------------------------------------------------------------------------------------------------------
+def check_stages(cfg: Any) -> tuple[dict[str, Any], Path, Path]:
+    """Stage 5 (and through its ``depends_on`` stage 3, checked again explicitly) must be complete and fresh."""
+    paths = RunPaths.from_config(cfg)
+    dirs, hint = paths.stage_dirs(), rerun_hint(cfg)
+    manifest5 = require_stage("5", dirs["5"], dirs, hint)
+    require_stage("3", dirs["3"], dirs, hint)
+    return manifest5, dirs["5"], dirs["3"]
+
+
+def stage5_eval_frames(manifest5: dict[str, Any], n_frames5: int, cfg: Any) -> tuple[int, ...]:
+    try:
+        frames = tuple(int(f) for f in manifest5["config"]["video"]["eval_frames"])
+    except (KeyError, TypeError) as err:
+        raise StageOrderError("the stage-5 manifest records no video.eval_frames", rerun_hint(cfg).format(stage="5")) \
+            from err  # fmt: skip
+    if not frames or not all(0 <= f < n_frames5 for f in frames):
+        raise StageOrderError(f"stage-5 video.eval_frames {frames} do not fit its {n_frames5}-frame videos",
+                              rerun_hint(cfg).format(stage="5"))  # fmt: skip
+    return frames
+
+
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., H, W) binary → (..., size, size) binary by area coverage ≥ 0.5 (majority vote when shrinking)."""
+    if masks.shape[-1] == size and masks.shape[-2] == size:
+        return (masks > 0).float()
+    lead = masks.shape[:-2]
+    x = F.interpolate(masks.reshape(-1, 1, *masks.shape[-2:]).float(), size=(size, size), mode="area")
+    return (x >= MASK_THRESHOLD).float().reshape(*lead, size, size)
+
+
+def load_inputs(cfg: Any, manifest5: dict[str, Any], dir5: Path, dir3: Path) -> EvalInputs:
+    videos = load_file(dir5 / VIDEOS_FILE)["videos"]  # (N, F5, 3, R, R)
+    n, res = int(videos.shape[0]), int(videos.shape[-1])
+    hint5 = rerun_hint(cfg).format(stage="5")
+    if manifest5.get("n_clips", n) != n:
+        raise StageOrderError(f"stage-5 manifest records {manifest5.get('n_clips')} clips, videos hold {n}", hint5)
+    eval_frames = stage5_eval_frames(manifest5, int(videos.shape[1]), cfg)
+    data = load_data(cfg, DATA_FIELDS)
+    if len(eval_frames) != data.n_frames:
+        raise ConfigError(
+            f"stage-5 video.eval_frames picks {len(eval_frames)} frames, the dataset's clips have {data.n_frames}",
+            "rerun stage 5 with video.eval_frames of the dataset's clip length",
+        )
+    clips = np.arange(n)  # stage 5 and stage 3 decode the first N test clips
+    s3 = {name: load_file(dir3 / f"{name}.safetensors")[name] for name in STAGE3_FILES}
+    n3 = min(int(t.shape[0]) for t in s3.values())
+    if n3 < n:
+        raise StageOrderError(f"stage 3 holds {n3} clips, stage 5 generated {n}", rerun_hint(cfg).format(stage="3"))
+    prompts = json.loads((dir5 / PROMPTS_FILE).read_text())
+    captions = [str(c) for c in prompts["captions"]]
+    if len(captions) != n:
+        raise StageOrderError(f"stage-5 {PROMPTS_FILE} holds {len(captions)} captions for {n} videos", hint5)
+    masks = s3["masks"][:n].float()  # (N, F, S, S)
+    return EvalInputs(
+        pred=videos[:, list(eval_frames)].float().clamp(0.0, 1.0),
+        gt=resize(data.frames("test", clips), res),
+        blurry=resize(s3["blurry_videos"][:n].float(), res),
+        mask_probs=masks,
+        gt_masks=resize_masks(data.key_object_masks("test", clips), int(masks.shape[-1])),
+        concept_probs=s3["concept_probs"][:n].float(),
+        concept_labels=data.concept_labels("test")[torch.as_tensor(clips)],
+        captions=captions,
+        gt_captions=[str(c) for c in data.captions("test")[clips]],
+        caption_source=str(prompts.get("caption_source", "unknown")),
+        eval_frames=eval_frames,
+        files={
+            "videos": dir5 / VIDEOS_FILE,
+            "prompts": dir5 / PROMPTS_FILE,
+            **{name: dir3 / f"{name}.safetensors" for name in STAGE3_FILES},
+            "gt_frames": data.root / "GT_test_3fps.pt",
+        },
+    )
+
+
+# ---- model scores --------------------------------------------------------------------------------------------------
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch]).float().cpu() for i in range(0, x.shape[0], batch)])
+
+
+@torch.no_grad()
+def video_scores(role: Any, videos: torch.Tensor, batch: int) -> torch.Tensor:
+    """(N, F, 3, H, W) → (N, classes) probabilities."""
+    if videos.shape[1] != role.num_frames:
+        raise ConfigError(
+            f"the video classifier takes {role.num_frames} frames, the evaluated videos have {videos.shape[1]}",
+            "set stage 5's video.eval_frames to the classifier's frame count",
+        )
+    return batched(role.probs, videos, batch)
+
+
+@torch.no_grad()
+def frame_scores(role: Any, videos: torch.Tensor, batch: int) -> torch.Tensor:
+    """(N, F, 3, H, W) → (N, F, classes) probabilities, frames classified one by one."""
+    n, f = videos.shape[:2]
+    return batched(role.probs, videos.flatten(0, 1), batch * f).view(n, f, -1)
+
+
+@torch.no_grad()
+def clip_features(role: Any, videos: torch.Tensor, batch: int) -> torch.Tensor:
+    n, f = videos.shape[:2]
+    return batched(role.image_features, videos.flatten(0, 1), batch * f).view(n, f, -1)
+
+
+def capped_ways(ways: tuple[int, ...], n_classes: int, gt_top_k: int, what: str) -> tuple[int, ...]:
+    """``ways`` with each N capped at ``n_classes − gt_top_k + 1`` (enough distractors), duplicates dropped."""
+    cap = n_classes - gt_top_k + 1
+    if cap < 2:
+        raise ConfigError(f"the {what} has {n_classes} classes, too few for any N-way rule with gt_top_k={gt_top_k}",
+                          "lower eval.gt_top_k")  # fmt: skip
+    out = tuple(dict.fromkeys(min(n, cap) for n in ways))
+    if out != tuple(ways):
+        log.warning("%s: %d classes allow at most %d-way; ways %s -> %s", what, n_classes, cap, ways, out)
+    return out
+
+
+def n_way_entries(prefix: str, gt: torch.Tensor, pred: torch.Tensor, ways: tuple[int, ...], ev: Any
+                  ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    out = {}
+    for n in ways:
+        acc, std = n_way_accuracy(gt, pred, n, trials=ev.n_trials, gt_top_k=ev.gt_top_k, top_k=ev.top_k, seed=ev.seed)
+        entry: dict[str, Any] = summarise(acc, std, ev.protocol)
+        entry["chance"] = chance_level(n, ev.gt_top_k, ev.top_k)
+        out[f"{prefix}_{n}way"] = entry
+    return out
+
+
+# ---- stage-3 task metrics ------------------------------------------------------------------------------------------
+def bootstrap_std(stat: Callable[[np.ndarray], float], n: int, resamples: int, seed: int) -> float | None:
+    """Population std of ``stat`` over ``resamples`` seeded resamples (with replacement) of the n clips."""
+    if resamples <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
+    return float(np.std(values))
+
+
+def task_metrics(x: EvalInputs, ev: Any) -> dict[str, dict[str, Any]]:
+    n = x.n
+
+    def f1(idx: np.ndarray, kind: str) -> float:
+        i = torch.as_tensor(idx)
+        return float(concept_f1(x.concept_probs[i], x.concept_labels[i], threshold=MASK_THRESHOLD)[kind])
+
+    def bleu(idx: np.ndarray) -> float:
+        return caption_bleu([x.captions[i] for i in idx], [x.gt_captions[i] for i in idx], n_gram=4)
+
+    everything = np.arange(n)
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("micro", "macro"):
+        std = bootstrap_std(lambda i, k=kind: f1(i, k), n, ev.bootstrap, ev.seed)
+        out[f"concept_f1_{kind}"] = {"mean": f1(everything, kind), "std": std, "n": n}
+    out["caption_bleu4"] = {"mean": bleu(everything), "std": bootstrap_std(bleu, n, ev.bootstrap, ev.seed), "n": n}
+    dice = dice_per_sample(x.mask_probs > MASK_THRESHOLD, x.gt_masks.bool())
+    out["key_object_dice"] = summarise(dice, None, "standard")  # one definition in both protocols
+    return out
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------------
+def finite_or_none(obj: Any) -> Any:
+    """Non-finite floats → None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def compute_metrics(cfg: Any, x: EvalInputs, roles: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, chance levels) of the aligned inputs with the built ``roles``."""
+    ev, batch = cfg.eval, cfg.eval.batch_size
+    metrics: dict[str, dict[str, Any]] = {}
+    chance: dict[str, dict[str, float]] = {}
+    for prefix, scorer in (("video", video_scores), ("frame", frame_scores)):
+        role = roles[f"{prefix}_classifier"]
+        ways = capped_ways(tuple(ev.ways), role.num_classes, ev.gt_top_k, f"{prefix} classifier")
+        gt_s, pred_s = scorer(role, x.gt, batch), scorer(role, x.pred, batch)
+        metrics.update(n_way_entries(prefix, gt_s, pred_s, ways, ev))
+        chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
+    feats = clip_features(roles["clip_pcc"], x.pred, batch)
+    metrics["clip_pcc"] = summarise(clip_pcc(feats, ev.protocol), None, ev.protocol)
+    metrics.update(evaluate_videos(x.pred, x.gt, protocol=ev.protocol, blurry=x.blurry))  # ssim, psnr, blurry_ssim
+    metrics["blurry_video_ssim"] = metrics.pop("blurry_ssim")
+    metrics.update(task_metrics(x, ev))
+    return metrics, chance
+
+
+def evaluate(cfg: Any) -> Path:
+    """Run stage 6; returns the metrics file."""
+    ev = cfg.eval
+    if ev.batch_size < 1 or ev.n_trials < 1 or ev.bootstrap < 0 or not ev.ways:
+        raise ConfigError("eval.batch_size and eval.n_trials must be ≥ 1, eval.bootstrap ≥ 0, eval.ways non-empty",
+                          "fix the profile's stage6.eval block or --set eval.<key>=...")  # fmt: skip
+    manifest5, dir5, dir3 = check_stages(cfg)
+    x = load_inputs(cfg, manifest5, dir5, dir3)
+    kind, root = foundation_kind(cfg), cfg.paths.weights_root
+    require_roles(kind, root, ROLES)
+    from utils.training import build_accelerator
+
+    device = build_accelerator(cfg).device
+    roles = {r: build_role(r, kind, root, device) for r in ROLES}
+    paths, recorder = begin_stage(cfg, "6", depends_on=("5", "3"))
+    out_path = metrics_path(paths)
+    out_path.unlink(missing_ok=True)
+    log.info("stage 6 (%s): %d clips, frames %s at %d px, protocol %s, %s captions", cfg.run.mode, x.n,
+             list(x.eval_frames), x.pred.shape[-1], ev.protocol, x.caption_source)  # fmt: skip
+    metrics, chance = compute_metrics(cfg, x, roles)
+    report = {
+        "stage": "6",
+        "mode": cfg.run.mode,
+        "subj": cfg.run.subj,
+        "profile": cfg.run.profile,
+        "config_hash": config_hash(cfg),
+        "protocol": ev.protocol,
+        "n_clips": x.n,
+        "clips": f"test clips 0..{x.n - 1}",
+        "eval_frames": list(x.eval_frames),
+        "resolution": int(x.pred.shape[-1]),
+        "caption_source": x.caption_source,
+        "rule": {"n_trials": ev.n_trials, "gt_top_k": ev.gt_top_k, "top_k": ev.top_k, "seed": ev.seed,
+                 "bootstrap": ev.bootstrap},  # fmt: skip
+        "preprocessing": {"resize": RESIZE_NOTE, "masks": MASK_NOTE},
+        "chance_levels": chance,
+        "metrics": metrics,
+        "inputs": {k: str(p.resolve()) for k, p in x.files.items()},
+    }
+    atomic_write_text(out_path, json.dumps(finite_or_none(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    for p in x.files.values():
+        recorder.add_input(p)
+    recorder.add_output(out_path)
+    recorder.extra.update({"n_clips": x.n, "protocol": ev.protocol, "metrics_file": str(out_path.resolve())})
+    recorder.finish()
+    for name, m in sorted(metrics.items()):
+        log.info("%-22s %s ± %s (n=%d)", name, _fmt(m["mean"]), _fmt(m["std"]), m["n"])
+    log.info("stage 6 done: %s", out_path)
+    return out_path
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

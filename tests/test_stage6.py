@@ -1,0 +1,186 @@
+"""Stage 6 (metrics) on a hand-made stage-3 and stage-5 folder of the smoke world, scored with the smoke toy metric
+roles (frame_classifier, video_classifier, clip_pcc, built here, 1 thread): stage order, the metrics JSON and the
+manifest, protocol-dependent SSIM, and a perfect prediction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+N_CLIPS = 5
+RES5 = 24  # stage-5 resolution, different from the smoke world's: the ground truth must be resized
+ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
+FAST = ("eval.bootstrap=10",)
+EXPECTED = {
+    "video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc", "ssim", "psnr", "blurry_video_ssim",
+    "concept_f1_micro", "concept_f1_macro", "key_object_dice", "caption_bleu4",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def profile(smoke_world: Path, tmp_path_factory) -> Path:
+    from models.foundation.toy import build_toy_weights
+
+    scratch = tmp_path_factory.mktemp("stage6")
+    weights = scratch / "weights"
+    build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=ROLES)
+    path = scratch / "stage6.yaml"
+    path.write_text(
+        "extends: smoke\n"
+        f"paths:\n  data_root: {smoke_world}\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n"
+        "run:\n  device: cpu\n"
+    )
+    return path
+
+
+def config(profile: Path, exp: str, *overrides: str):
+    from utils.config import load_config
+
+    return load_config("6", str(profile), [*FAST, *overrides], {"exp": exp, "mode": "enhance"})
+
+
+def paths_of(profile: Path, exp: str):
+    from utils.runs import RunPaths
+
+    return RunPaths.from_config(config(profile, exp))
+
+
+def gt_clips(smoke_world: Path) -> torch.Tensor:
+    return torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)[:N_CLIPS]  # (N, F, 3, R, R)
+
+
+def fake_stage3(smoke_world: Path, folder: Path) -> None:
+    """blurry videos (N, F, 3, R, R), mask probabilities (N, F, S, S), concept probabilities (N, C), captions."""
+    from utils.data import BrainVideoData
+    from utils.io import atomic_save_safetensors, atomic_write_json
+    from utils.manifest import StageRecorder
+
+    data = BrainVideoData(smoke_world, 1)
+    gt = gt_clips(smoke_world)
+    res = gt.shape[-1]
+    blurry = F.interpolate(F.avg_pool2d(gt.flatten(0, 1), 4), size=(res, res), mode="bilinear").view_as(gt)
+    masks = F.avg_pool2d(data.key_object_masks("test", range(N_CLIPS)), 2)  # (N, F, R/2, R/2)
+    labels = data.concept_labels("test")[:N_CLIPS]
+    gen = torch.Generator().manual_seed(0)
+    concept_probs = (0.6 * labels + 0.5 * torch.rand(labels.shape, generator=gen)).clamp(0, 1)
+    tensors = {"blurry_videos": blurry.half(), "masks": masks.half(), "concept_probs": concept_probs}
+    recorder = StageRecorder("3", folder, "fake").begin()
+    for name, value in tensors.items():
+        recorder.add_output(atomic_save_safetensors(folder / f"{name}.safetensors", {name: value.contiguous()}))
+    captions = [str(c) for c in data.captions("test")[:N_CLIPS]]
+    captions[0] = "a red ball moves over water"
+    recorder.add_output(atomic_write_json(folder / "captions.json", {"captions": captions}))
+    recorder.extra["n_clips"] = N_CLIPS
+    recorder.finish()
+
+
+def fake_stage5(smoke_world: Path, folder: Path, stage3: Path, perfect: bool) -> None:
+    """Videos (N, F + 2, 3, RES5, RES5) whose frames 1..F are the GT (perfect) or a noisy GT at RES5."""
+    from pipeline.stage5 import resize
+    from utils.io import atomic_save_safetensors, atomic_write_json
+    from utils.manifest import StageRecorder
+
+    gt = resize(gt_clips(smoke_world), RES5)
+    n, f = gt.shape[:2]
+    eval_frames = list(range(1, f + 1))
+    gen = torch.Generator().manual_seed(1)
+    pred = gt if perfect else (gt + 0.15 * torch.randn(gt.shape, generator=gen)).clamp(0, 1)
+    videos = torch.rand(n, f + 2, 3, RES5, RES5, generator=gen)
+    videos[:, eval_frames] = pred
+    config = {"video": {"eval_frames": eval_frames, "num_frames": f + 2, "resolution": RES5}}
+    recorder = StageRecorder("5", folder, "fake", config, depends_on=("3",)).begin()
+    recorder.add_output(atomic_save_safetensors(folder / "videos.safetensors", {"videos": videos}))
+    captions = json.loads((stage3 / "captions.json").read_text())["captions"]
+    prompts = {"caption_source": "gpt2", "captions": captions, "prompts": captions, "negative_prompt": ""}
+    recorder.add_output(atomic_write_json(folder / "prompts.json", prompts))
+    recorder.add_input(stage3 / "captions.json")
+    recorder.extra["n_clips"] = n
+    recorder.finish()
+
+
+def make_run(smoke_world: Path, profile: Path, exp: str, perfect: bool = False) -> None:
+    paths = paths_of(profile, exp)
+    fake_stage3(smoke_world, paths.stage_dir("3"))
+    fake_stage5(smoke_world, paths.stage_dir("5"), paths.stage_dir("3"), perfect)
+
+
+def run6(profile: Path, exp: str, *overrides: str) -> dict:
+    from pipeline.stage6 import evaluate
+
+    return json.loads(evaluate(config(profile, exp, *overrides)).read_text())
+
+
+@pytest.fixture(scope="module")
+def noisy(smoke_world: Path, profile: Path) -> dict[str, dict]:
+    """The same noisy run scored under both protocols."""
+    make_run(smoke_world, profile, "noisy")
+    neurons = run6(profile, "noisy", "eval.protocol=neurons")
+    return {"neurons": neurons, "standard": run6(profile, "noisy")}  # standard last: its files stay on disk
+
+
+# ---- stage order ---------------------------------------------------------------------------------------------------
+def test_refuses_without_stage5(smoke_world: Path, profile: Path) -> None:
+    from pipeline.stage6 import evaluate, metrics_path
+    from utils.errors import StageOrderError
+
+    paths = paths_of(profile, "no_stage5")
+    fake_stage3(smoke_world, paths.stage_dir("3"))
+    with pytest.raises(StageOrderError, match="stage 5"):
+        evaluate(config(profile, "no_stage5"))
+    assert not paths.stage_dir("6").exists() and not metrics_path(paths).exists(), "nothing written before the check"
+
+
+# ---- the metrics file ----------------------------------------------------------------------------------------------
+def test_metrics_json_has_every_metric(profile: Path, noisy: dict[str, dict]) -> None:
+    from pipeline.stage6 import metrics_path
+    from utils.config import config_hash
+    from utils.manifest import read_manifest, require_stage
+
+    report = noisy["standard"]
+    assert set(report["metrics"]) == EXPECTED
+    for name, m in report["metrics"].items():
+        assert set(m) >= {"mean", "std", "n"} and m["n"] == N_CLIPS, name
+        assert isinstance(m["mean"], float) and isinstance(m["std"], float), (name, m)
+    assert report["protocol"] == "standard" and report["caption_source"] == "gpt2"
+    assert report["config_hash"] == config_hash(config(profile, "noisy"))
+    assert report["chance_levels"]["video"] == {"2-way": 0.75, "50-way": pytest.approx(3 / 52)}
+    assert report["metrics"]["video_2way"]["chance"] == 0.75
+    assert report["eval_frames"] == [1, 2, 3, 4, 5, 6] and report["resolution"] == RES5
+    assert all(Path(p).exists() for p in report["inputs"].values())
+    assert 0 <= report["metrics"]["key_object_dice"]["mean"] <= 1
+    assert report["metrics"]["ssim"]["mean"] < 0.99
+    paths = paths_of(profile, "noisy")
+    manifest = read_manifest(paths.stage_dir("6"))
+    assert manifest["depends_on"] == ["5", "3"]
+    assert str(metrics_path(paths).resolve()) in manifest["outputs"]
+    require_stage("6", paths.stage_dir("6"), paths.stage_dirs(), "{stage}")
+
+
+def test_protocols_differ_in_ssim_only_in_definition(noisy: dict[str, dict]) -> None:
+    s, n = noisy["standard"]["metrics"], noisy["neurons"]["metrics"]
+    assert noisy["neurons"]["protocol"] == "neurons"
+    assert abs(s["ssim"]["mean"] - n["ssim"]["mean"]) > 1e-4, "neurons SSIM is per-column 1-D, standard is 2-D"
+    assert s["concept_f1_micro"] == n["concept_f1_micro"] and s["key_object_dice"] == n["key_object_dice"]
+    assert s["video_2way"]["mean"] == n["video_2way"]["mean"], "N-way means agree; only the ± differs"
+
+
+def test_perfect_prediction(smoke_world: Path, profile: Path) -> None:
+    make_run(smoke_world, profile, "perfect", perfect=True)
+    m = run6(profile, "perfect")["metrics"]
+    assert m["ssim"]["mean"] == pytest.approx(1.0, abs=1e-9)
+    assert m["psnr"]["mean"] is None, "identical frames: PSNR = inf, written as null (strict JSON)"
+    assert m["video_2way"]["mean"] == 1.0 and m["video_50way"]["mean"] == 1.0
+    assert m["frame_2way"]["mean"] == 1.0
