@@ -317,8 +317,13 @@ def evaluate(cfg: Any) -> Path:
         "eval_frames": list(x.eval_frames),
         "resolution": int(x.pred.shape[-1]),
         "caption_source": x.caption_source,
-        "rule": {"n_trials": ev.n_trials, "gt_top_k": ev.gt_top_k, "top_k": ev.top_k, "seed": ev.seed,
-                 "bootstrap": ev.bootstrap},  # fmt: skip
+        "rule": {
+            "n_trials": ev.n_trials,
+            "gt_top_k": ev.gt_top_k,
+            "top_k": ev.top_k,
+            "seed": ev.seed,
+            "bootstrap": ev.bootstrap,
+        },  # fmt: skip
         "preprocessing": {"resize": RESIZE_NOTE, "masks": MASK_NOTE},
         "chance_levels": chance,
         "metrics": metrics,
