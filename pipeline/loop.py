@@ -146,7 +146,8 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
         prog.batch, prog.step, prog.rng = i + 1, prog.step + 1, None
         bar.update(1)
         rate = bar.format_dict.get("rate") or 0.0  # steps per second
-        bar.set_postfix(loss=f"{float(losses['loss']):.4f}", clips_s=f"{plan.global_batch * rate:.1f}", refresh=False)
+        loss = float(losses["loss"].detach())
+        bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{plan.global_batch * rate:.1f}", refresh=False)
         if acc.is_main_process and (prog.step % t.log_every == 0 or prog.batch == plan.steps_per_epoch):
             record = {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0]}
             metrics.write({**record, **_record(losses)})
