@@ -367,6 +367,8 @@ def decode_val(s: Stage2, split: str, idx: np.ndarray) -> tuple[Batch, dict[str,
         "masks": model.decode_masks(motion, b.key_text)[:, :, 0],  # (b, F, S, S)
         "target": s.clip.image_tokens(b.frames[:, t.target_frame]).float(),  # (b, T, D)
     }
+    out["latents"] = s.vae.encode(b.frames).float()  # (b, F, C, s, s)
+    out["pred_latents"] = model.decode_latents(motion, text, out_size=out["latents"].shape[-1]).float()
     return b, out
 
 
@@ -395,6 +397,7 @@ def chunk_scores(b: Batch, out: dict[str, Any], frame: int) -> dict[str, float]:
         "fn": float((~pred & gt).sum()),
         "dice_sum": float(dice[has_obj].sum()),
         "with_object": float(has_obj.sum()),
+        "latent_l1": float((out["pred_latents"] - out["latents"]).abs().flatten(1).mean(1).sum()),
     }
 
 
@@ -411,7 +414,7 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
         for k, v in chunk_scores(b, out, t.target_frame).items():
             sums[k] = sums.get(k, 0.0) + v
     set_train_mode(model)
-    scores = {k: sums[k] / n for k in ("fwd_top1", "bwd_top1", "prior_fwd_top1")}
+    scores = {k: sums[k] / n for k in ("fwd_top1", "bwd_top1", "prior_fwd_top1", "latent_l1")}
     scores["caption_acc"] = sums["tokens_hit"] / max(sums["tokens"], 1.0)
     scores["concept_f1"] = 2 * sums["tp"] / max(2 * sums["tp"] + sums["fp"] + sums["fn"], 1.0)
     scores["dice"] = sums["dice_sum"] / max(sums["with_object"], 1.0)
