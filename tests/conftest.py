@@ -15,6 +15,16 @@ from PIL import Image
 REAL_VOXELS = (13447, 14828, 9114)  # cc2017 subjects 1..3 (upstream spec §2.1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two threads per process on a shared 2-core machine stalled on OpenMP
+    spin-waits (7-50x slower). Subprocesses get OMP_NUM_THREADS=1 from their tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory) -> Path:
     """The ``smoke`` toy world with its key-object files."""

@@ -37,15 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # key/shape manifests of the real checkpoints
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; oversubscribed threads on a shared 2-core box cost 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _manifest(name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     return read_manifest(FIXTURES / name)
 

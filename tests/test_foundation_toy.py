@@ -13,15 +13,6 @@ import torch
 ROLES = ("clip", "vae", "gpt2", "unclip")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """1 torch thread: on a shared 2-core machine 2 threads per process stall on OpenMP spin-waits."""
-    from models.foundation.toy.common import torch_threads
-
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="session")
 def smoke_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     from models.foundation.toy import build_toy_weights

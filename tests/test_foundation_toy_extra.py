@@ -14,15 +14,6 @@ import torch
 EXTRA = ("frame_classifier", "video_classifier", "clip_pcc", "blip2", "video")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """1 torch thread: on a shared 2-core machine 2 threads per process stall on OpenMP spin-waits."""
-    from models.foundation.toy.common import torch_threads
-
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def extra_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     from models.foundation.toy import build_toy_weights

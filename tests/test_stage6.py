@@ -5,7 +5,6 @@ manifest, protocol-dependent SSIM, and a perfect prediction."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ EXPECTED = {
     "video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc", "ssim", "psnr", "blurry_video_ssim",
     "concept_f1_micro", "concept_f1_macro", "key_object_dice", "caption_bleu4",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
