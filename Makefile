@@ -20,7 +20,8 @@ venv:
 		sha256sum requirements.txt > $(STAMP); \
 	fi
 
-# The toy cortex world (data, key objects, toy foundation models), the ridge baseline, then every stage this checkout has.
+# The toy cortex world (data, key objects, toy foundation models), the ridge baseline, every stage this checkout has,
+# then the metrics table and the path of the run's report.html.
 demo: venv
 	$(PY) download_dataset.py --toy --profile $(PROFILE)
 	$(PY) download_dataset.py --toy-weights --profile $(PROFILE)
@@ -32,6 +33,7 @@ demo: venv
 	done; \
 	if [ -n "$$stages" ]; then bash train_neurons.sh cpu $(EXP) $$stages $(MODE) $(SUBJ) $(PROFILE); \
 	else echo "no pipeline stage is implemented in this checkout yet; the toy world and its baseline are built"; fi
+	$(PY) -m pipeline.report --profile $(PROFILE) --exp $(EXP) --subj $(SUBJ) --mode $(MODE)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -103,6 +103,7 @@ if [[ "$GPU" == "cpu" ]]; then
   SET_ARGS+=(--set run.device=cpu)
 else
   export CUDA_VISIBLE_DEVICES="$GPU"
+  SET_ARGS+=(--set run.device=cuda)  # a stage refuses at once (one line, exit 2) where CUDA is absent
   NUM_PROC=$(( $(tr -cd ',' <<<"$GPU" | wc -c) + 1 ))
 fi
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"

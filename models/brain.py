@@ -10,16 +10,21 @@ caption embeddings (B, Dt).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2PreTrainedModel
+from torch.utils.checkpoint import checkpoint
 
 from models.heads import CLIPProj, MotionProj, MultiLabelClassifier, TextDecoder, caption_labels
 from models.prior import BrainDiffusionPrior, GainLayerNorm, Generators, MultiQueryAttention, PriorNetwork
 from models.sizes import BrainConfig
 from models.video_decoder import SpatioTemporalAttention, TextDrivenDecoder
+
+if TYPE_CHECKING:  # transformers is imported only where GPT-2 is built: stage 1 and its benchmark need torch alone
+    from transformers import GPT2LMHeadModel
 
 
 class RidgeRegression(nn.Module):
@@ -45,6 +50,7 @@ class MindEyeBackbone(nn.Module):
     def __init__(self, hidden_dim: int, seq_len: int, n_blocks: int, clip_tokens: int, clip_dim: int, drop: float):
         super().__init__()
         self.clip_tokens, self.clip_dim = clip_tokens, clip_dim
+        self.grad_checkpointing = False  # recompute each mixer block and clip_proj in the backward pass
         self.mixer_blocks1 = nn.ModuleList(self._mixer(hidden_dim, drop) for _ in range(n_blocks))
         self.mixer_blocks2 = nn.ModuleList(self._mixer(seq_len, drop) for _ in range(n_blocks))
         self.backbone_linear = nn.Linear(hidden_dim * seq_len, clip_tokens * clip_dim)
@@ -66,16 +72,29 @@ class MindEyeBackbone(nn.Module):
         return nn.Sequential(nn.LayerNorm(width), mlp)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         residual1 = x  # (B, R, H)
         residual2 = x.transpose(1, 2)  # (B, H, R)
         for block1, block2 in zip(self.mixer_blocks1, self.mixer_blocks2):
-            x = block1(x) + residual1
-            residual1 = x
-            x = block2(x.transpose(1, 2)) + residual2
-            residual2 = x
-            x = x.transpose(1, 2)
+            if ckpt:
+                x, residual1, residual2 = checkpoint(_mixer_step, block1, block2, x, residual1, residual2,
+                                                     use_reentrant=False)  # fmt: skip
+            else:
+                x, residual1, residual2 = _mixer_step(block1, block2, x, residual1, residual2)
         voxels_embed = self.backbone_linear(x.flatten(1)).view(len(x), self.clip_tokens, self.clip_dim)  # (B, T, D)
+        if ckpt:  # clip_proj holds nine (B, T, D) activations: the largest in stage 1
+            return voxels_embed, checkpoint(self.clip_proj, voxels_embed, use_reentrant=False)
         return voxels_embed, self.clip_proj(voxels_embed)
+
+
+def _mixer_step(block1: nn.Module, block2: nn.Module, x, residual1, residual2):
+    """One mixer block pair: channel mixing on (B, R, H), then mixing along R on (B, H, R); returns the new
+    (x (B, R, H), residual1, residual2)."""
+    x = block1(x) + residual1
+    residual1 = x
+    x = block2(x.transpose(1, 2)) + residual2
+    residual2 = x
+    return x.transpose(1, 2), residual1, residual2
 
 
 class NeuronsBrainModel(nn.Module):
@@ -110,6 +129,15 @@ class NeuronsBrainModel(nn.Module):
         if "text_dec" in parts:  # after initialize_weights: GPT-2 keeps its own (or pretrained) initialisation
             self.text_dec = TextDecoder(d.text_dim, gpt2 if gpt2 is not None else build_gpt2(cfg))
             initialize_weights(self.text_dec.clip_project)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward pass instead of storing them: the backbone's mixer blocks and
+        ``clip_proj``, and every layer of the prior's transformer (the parts that are built). Same results, less
+        activation memory, about one more forward pass of those parts per step."""
+        if hasattr(self, "backbone"):
+            self.backbone.grad_checkpointing = enabled
+        if hasattr(self, "diffusion_prior"):
+            self.diffusion_prior.net.causal_transformer.grad_checkpointing = enabled
 
     # ---- stage 1 -------------------------------------------------------------------------------------------------
     def encode(self, voxels: torch.Tensor, subj_idx: int = 0) -> torch.Tensor:
@@ -185,6 +213,8 @@ class NeuronsBrainModel(nn.Module):
 
 
 def build_gpt2(cfg: BrainConfig) -> GPT2LMHeadModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     g = cfg.dims.gpt2
     return GPT2LMHeadModel(
         GPT2Config(
@@ -222,11 +252,27 @@ def initialize_weights(module: nn.Module) -> None:
 
 def _modules_outside_gpt2(module: nn.Module):
     """`module.modules()` without descending into any transformers GPT-2 model."""
-    if isinstance(module, GPT2PreTrainedModel):
+    transformers = sys.modules.get("transformers")  # no GPT-2 can exist before transformers is imported
+    if transformers is not None and isinstance(module, transformers.GPT2PreTrainedModel):
         return
     yield module
     for child in module.children():
         yield from _modules_outside_gpt2(child)
+
+
+def inert_parameters(model: NeuronsBrainModel) -> list[str]:
+    """Backbone parameters that cannot change any output when ``seq_len`` is 1 (MindEye2 and NEURONS: one fMRI
+    vector per clip).
+
+    ``mixer_blocks2`` then applies LayerNorm over a single element, whose output is its bias alone, and the R-axis
+    residual carries the block's input past it; so every ``mixer_blocks1`` output is dropped again and the
+    LayerNorm's weight multiplies zero. Their gradients are float rounding noise, which Adam scales up to steps of
+    about ``lr``: they drift, harmlessly, and differently on different hardware or process counts.
+    """
+    if not hasattr(model, "backbone") or model.cfg.seq_len != 1:
+        return []
+    names = [f"backbone.mixer_blocks1.{n}" for n, _ in model.backbone.mixer_blocks1.named_parameters()]
+    return names + [f"backbone.mixer_blocks2.{i}.0.weight" for i in range(len(model.backbone.mixer_blocks2))]
 
 
 def parameter_counts(model: NeuronsBrainModel) -> dict[str, int]:
@@ -255,6 +301,7 @@ __all__ = [
     "RidgeRegression",
     "build_gpt2",
     "clip_generators",
+    "inert_parameters",
     "initialize_weights",
     "parameter_counts",
 ]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.sizes import PriorConfig
 
@@ -214,16 +215,26 @@ class PriorTransformer(nn.Module):
         )
         self.norm = GainLayerNorm(dim, stable=True)
         self.project_out = nn.Linear(dim, dim, bias=False)
+        self.grad_checkpointing = False  # recompute each layer in the backward pass instead of storing activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
         x = self.init_norm(x)
         # (H, N, N+1); the null key sits at index 0, so real key p is biased as position p+1 (upstream layout).
         attn_bias = self.rel_pos_bias(n, n + 1, device=x.device)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for attn, ff in self.layers:
-            x = attn(x, attn_bias=attn_bias) + x
-            x = ff(x) + x
+            if ckpt:
+                x = checkpoint(_prior_layer, attn, ff, x, attn_bias, use_reentrant=False)
+            else:
+                x = _prior_layer(attn, ff, x, attn_bias)
         return self.project_out(self.norm(x))
+
+
+def _prior_layer(attn: nn.Module, ff: nn.Module, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+    """One pre-LN transformer layer with residuals: (B, N, dim) → (B, N, dim)."""
+    x = attn(x, attn_bias=attn_bias) + x
+    return ff(x) + x
 
 
 def keep_mask(batch: int, drop_prob: float, device: torch.device, generator: Generators = None) -> torch.Tensor:

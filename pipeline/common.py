@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.sizes import PAPER_FOUNDATION_DIMS, FoundationDims, GPT2Dims, brain_config
@@ -33,6 +35,55 @@ def data_files(data: BrainVideoData, names: tuple[str, ...]) -> list[Path]:
 def foundation_kind(cfg: Any) -> str:
     """The foundation-role implementation of this profile: ``paper`` weights or the ``toy`` / ``smoke`` models."""
     return cfg.model.size
+
+
+def require_foundation(cfg: Any, roles: Sequence[str]) -> None:
+    """Stage preflight: every weight file of ``roles`` is present (paper: all listed at once) and, for the toy
+    roles, whole (the size its manifest records, a readable safetensors header), before any work or output."""
+    from models.foundation import require_roles
+    from models.foundation.toy.common import read_manifest, role_dir
+    from utils.errors import WeightsError
+
+    kind, root = foundation_kind(cfg), Path(cfg.paths.weights_root)
+    if kind == "paper":
+        require_roles(kind, root, tuple(roles))
+        return
+    missing, broken = [], []
+    for role in roles:
+        folder = role_dir(root, role)
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is None:  # no manifest: the role's own loader names what it lacks
+            missing += [] if folder.is_dir() else [f"{role}/"]
+            continue
+        for rel, fp in manifest.get("files", {}).items():
+            why = _toy_file_problem(folder / rel, fp)
+            if why == "missing":
+                missing.append(f"{role}/{rel}")
+            elif why:
+                broken.append(f"{folder / rel} ({why})")
+    fix = f"build them with `python download_dataset.py --toy-weights --profile {cfg.run.profile}`"
+    if missing:
+        raise WeightsError(f"missing toy weights under {root}: {', '.join(missing)}", fix)
+    if broken:
+        raise WeightsError(f"toy weight file(s) corrupt or truncated: {'; '.join(broken)}", "re" + fix)
+
+
+def _toy_file_problem(path: Path, fingerprint: dict[str, Any]) -> str:
+    """Why a toy weight file is unusable ("missing", a size mismatch, an unreadable header), or ""."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != fingerprint.get("size", size):
+        return f"{size} bytes, its manifest records {fingerprint['size']}"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            return f"unreadable header: {str(err).splitlines()[0][:80]}"
+    return ""
 
 
 def foundation_dims(cfg: Any, clip: Any, data: BrainVideoData, vae: Any = None, gpt2: Any = None) -> FoundationDims:
@@ -63,6 +114,41 @@ def _brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: t
         parts=parts,
         **kw,
     )
+
+
+class ClipTargets:
+    """The CLIP image tokens that stages 1 and 2 train against: read from the fp16 CLIP-target cache
+    (``data.clip_targets=cache``, :mod:`tasks_construction.cache_clip_targets`) or computed by the clip role."""
+
+    def __init__(self, data: BrainVideoData, clip: Any, cache: Any, device: torch.device | str):
+        self.data, self.clip, self.cache, self.device = data, clip, cache, device
+
+    def __call__(self, split: str, idx: Any, frames: int | Sequence[int]) -> torch.Tensor:
+        """float32 tokens of split-local clips ``idx`` on the device: (b, T, D) for one frame, (b, k, T, D) for a
+        sequence of frames."""
+        if self.cache is not None:
+            rows = self.data.indices(split)[np.asarray(idx, dtype=np.int64)]
+            source = "test" if split == "test" else "train"
+            return self.cache.read(source, rows, frames).to(self.device).float()
+        pick = frames if isinstance(frames, int) else list(frames)
+        video = self.data.frames(split, idx)[:, pick].to(self.device)  # (b, 3, R, R) or (b, k, 3, R, R)
+        return self.clip.image_tokens(video).float()
+
+
+def uses_clip_cache(cfg: Any) -> bool:
+    return cfg.data.clip_targets == "cache"
+
+
+def clip_targets(cfg: Any, data: BrainVideoData, clip: Any, device: Any, needs: dict[str, Sequence[int]]):
+    """The stage's :class:`ClipTargets`; with the cache, first check that it holds ``needs`` ({source: frames})."""
+    if not uses_clip_cache(cfg):
+        return ClipTargets(data, clip, None, device)
+    from tasks_construction.cache_clip_targets import ClipTargetCache
+
+    cache = ClipTargetCache(cfg.paths.data_root, foundation_kind(cfg), cfg.paths.weights_root, cfg.run.profile)
+    for source, frames in needs.items():
+        cache.require(source, frames)
+    return ClipTargets(data, clip, cache, device)
 
 
 def load_tokens_proj(data_root: str | Path, expect: tuple[int, int]) -> torch.Tensor:

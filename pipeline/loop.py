@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from utils.errors import WeightsError
-from utils.training import BatchPlan, MetricsLog, average_gradients, one_cycle, start_wandb
+from utils.errors import TrainingError, WeightsError
+from utils.training import BatchPlan, MetricsLog, average_gradients, build_optimizer, one_cycle, start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,21 @@ def _record(losses: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
 
 
+def check_finite(tr: Trainer, losses: Mapping[str, Any], prog: Progress, batch: int) -> None:
+    """Stop before a NaN/Inf loss reaches the weights; ``last`` on disk is the previous good checkpoint."""
+    total = losses["loss"]
+    if bool(torch.isfinite(total.detach() if isinstance(total, torch.Tensor) else torch.tensor(total)).all()):
+        return
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in _record(losses).items())
+    last = tr.out_dir / "checkpoints" / "last"
+    kept = f"the last good checkpoint {last} is kept" if last.is_dir() else "no checkpoint had been saved yet"
+    raise TrainingError(
+        f"non-finite loss at step {prog.step + 1} (epoch {prog.epoch}, batch {batch}): {terms}; {kept}",
+        "lower train.max_lr or set train.grad_clip (and check the inputs), then rerun the stage or continue "
+        "from that checkpoint with --resume",
+    )
+
+
 def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metrics: MetricsLog) -> None:
     """One epoch of optimiser steps, skipping the batches a resumed run has already done."""
     t, acc = tr.cfg.train, tr.accelerator
@@ -136,6 +151,7 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
         prog.rng = rng_states(tr)
         with acc.autocast():
             losses = tr.step_loss(idx, prog.epoch, i)
+        check_finite(tr, losses, prog, i)
         opt.zero_grad(set_to_none=True)
         acc.backward(losses["loss"])
         average_gradients(acc, tr.model.parameters())
@@ -163,7 +179,9 @@ def prepare_training(cfg: Any, stage: str, model: torch.nn.Module, accelerator: 
     t = cfg.train
     plan = BatchPlan(n_train, t.batch_size, accelerator.num_processes, cfg.run.seed, t.drop_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay)
+    opt = build_optimizer(params, t)  # train.adamw_impl
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
     model.to(accelerator.device)
     wandb_run = start_wandb(cfg, stage, out_dir) if accelerator.is_main_process else None

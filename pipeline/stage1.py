@@ -23,12 +23,16 @@ from models.mindeye2_keymap import load_mindeye2_backbone_prior
 from models.sizes import STAGE1_PARTS
 from pipeline.common import (
     TOKENS_PROJ_FILE,
+    ClipTargets,
+    clip_targets,
     data_files,
     foundation_dims,
     foundation_kind,
     load_data,
     load_tokens_proj,
     make_brain_config,
+    require_foundation,
+    uses_clip_cache,
 )
 from pipeline.loop import Trainer, fit, prepare_training
 from utils.checkpoint import load_checkpoint
@@ -57,10 +61,11 @@ class Stage1:
 
     cfg: Any
     data: Any
-    clip: Any
+    clip: Any  # the clip role (None with the CLIP-target cache at paper scale: bigG is then not needed at all)
     model: NeuronsBrainModel
     accelerator: Any
     out_dir: Path
+    targets: ClipTargets
 
 
 def setup(cfg: Any) -> Stage1:
@@ -73,8 +78,15 @@ def setup(cfg: Any) -> Stage1:
             "or --set train.init_from_mindeye2=false",
         )
     accelerator = build_accelerator(cfg)
-    clip = build_role("clip", foundation_kind(cfg), cfg.paths.weights_root, accelerator.device)
+    cached, kind = uses_clip_cache(cfg), foundation_kind(cfg)
+    # with the cache the image tower never runs: the toy clip only gives its dims (on the CPU), bigG is not built
+    clip = None
+    if not (cached and kind == "paper"):
+        require_foundation(cfg, ("clip",))
+        clip = build_role("clip", kind, cfg.paths.weights_root, "cpu" if cached else accelerator.device)
     dims = foundation_dims(cfg, clip, data)
+    needs = {"train": target_frames(cfg, data), "test": [cfg.train.target_frame]}  # test: final identification
+    targets = clip_targets(cfg, data, clip, accelerator.device, needs)
     model = NeuronsBrainModel(make_brain_config(cfg, data, dims, STAGE1_PARTS))
     model.clipproj.proj.data.copy_(load_tokens_proj(cfg.paths.data_root, (dims.clip_dim, dims.text_dim)))
     if cfg.train.init_from_mindeye2:
@@ -82,7 +94,18 @@ def setup(cfg: Any) -> Stage1:
         load_mindeye2_backbone_prior(state, model)
     from utils.runs import RunPaths
 
-    return Stage1(cfg, data, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"))
+    return Stage1(cfg, data, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"), targets)
+
+
+def target_frame(cfg: Any, data: Any, epoch: int) -> int:
+    """The CLIP target frame of ``epoch``: ``target_frame``, alternating with the next one by epoch parity."""
+    t = cfg.train
+    return min(t.target_frame + (epoch % 2 if t.alternate_target_frame else 0), data.n_frames - 1)
+
+
+def target_frames(cfg: Any, data: Any) -> list[int]:
+    """Every training target frame of a run (what the CLIP-target cache must hold)."""
+    return sorted({target_frame(cfg, data, epoch) for epoch in range(min(cfg.train.num_epochs, 2))})
 
 
 def step_loss(s: Stage1, plan: BatchPlan, epoch: int, batch: int, generator: torch.Generator) -> dict[str, Any]:
@@ -94,10 +117,8 @@ def step_loss(s: Stage1, plan: BatchPlan, epoch: int, batch: int, generator: tor
     t, acc = s.cfg.train, s.accelerator
     glob, mine = plan.batch_at(epoch, batch), plan.share(acc.process_index)
     voxels = s.data.voxels("train", epoch)[glob].to(acc.device)  # (B, V), repeat epoch % R
-    frame = min(t.target_frame + (epoch % 2 if t.alternate_target_frame else 0), s.data.n_frames - 1)
     with torch.no_grad():
-        local = s.clip.image_tokens(s.data.frames("train", glob[mine])[:, frame].to(acc.device)).float()
-        targets = gather_cat(acc, local)  # (B, T, D)
+        targets = gather_cat(acc, s.targets("train", glob[mine], target_frame(s.cfg, s.data, epoch)))  # (B, T, D)
     captions = s.data.caption_embeddings("train")[glob].to(acc.device)  # (B, Dt)
     mixing = epoch < t.mixup_pct * t.num_epochs
     labels = None
@@ -127,7 +148,7 @@ def evaluate(s: Stage1, split: str = "val", chunk: int = 100) -> dict[str, float
     for start in range(0, n, chunk):
         idx = list(range(start, min(start + chunk, n)))
         preds = model.encode(voxels[idx].to(device))  # (b, T, D)
-        targets = s.clip.image_tokens(s.data.frames(split, idx)[:, frame].to(device)).float()  # (b, T, D)
+        targets = s.targets(split, idx, frame)  # (b, T, D)
         sims = F.normalize(preds.flatten(1), dim=-1) @ F.normalize(targets.flatten(1), dim=-1).T  # (b, b)
         truth = torch.arange(len(idx), device=device)
         hits["fwd_top1"] += (sims.argmax(1) == truth).float().sum().item()
@@ -146,6 +167,7 @@ def train(cfg: Any) -> Path:
     """Run stage 1; returns the stage folder."""
     seed_everything(cfg.run.seed)  # before the model is built: its initialisation is seeded too
     s = setup(cfg)
+    BatchPlan(s.data.n_clips("train"), cfg.train.batch_size, s.accelerator.num_processes)  # refused before any write
     _, recorder = begin_stage(cfg, "1")
     t, acc = cfg.train, s.accelerator
     plan, opt, sched, metrics = prepare_training(cfg, "1", s.model, acc, s.data.n_clips("train"), s.out_dir)
@@ -176,8 +198,7 @@ def identification(s: Stage1, split: str, ways=(2, 50), seed: int = 0) -> dict[s
     for start in range(0, s.data.n_clips(split), 100):
         idx = list(range(start, min(start + 100, s.data.n_clips(split))))
         preds.append(s.model.encode(voxels[idx].to(s.accelerator.device)).flatten(1).float().cpu())
-        frames = s.data.frames(split, idx)[:, frame].to(s.accelerator.device)
-        targets.append(s.clip.image_tokens(frames).flatten(1).float().cpu())
+        targets.append(s.targets(split, idx, frame).flatten(1).cpu())
     s.model.train()
     return identification_accuracy(torch.cat(preds).numpy(), torch.cat(targets).numpy(), ways, 200, seed)
 

@@ -41,25 +41,27 @@ import torch.nn.functional as F
 
 from models.brain import NeuronsBrainModel, clip_generators
 from models.foundation import build_role
-from models.heads import ConceptNamer
+from models.heads import IGNORE_INDEX, ConceptNamer
 from models.mindeye2_keymap import load_mindeye2_backbone_prior
 from models.prior import BrainDiffusionPrior, Generators, randn_per_sample
 from models.sizes import ALL_PARTS, STAGE1_PARTS
 from pipeline.common import (
     TOKENS_PROJ_FILE,
+    ClipTargets,
+    clip_targets,
     data_files,
     foundation_dims,
     foundation_kind,
     load_data,
     make_brain_config,
+    require_foundation,
+    uses_clip_cache,
 )
 from pipeline.loop import Trainer, fit, prepare_training
 from utils.checkpoint import MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.errors import ConfigError, WeightsError
 from utils.losses import (
-    caption_ce,
-    caption_token_accuracy,
     concept_bce,
     dice_loss,
     latent_l1,
@@ -71,12 +73,13 @@ from utils.losses import (
 )
 from utils.manifest import require_stage
 from utils.runs import RunPaths, rerun_hint
-from utils.training import MetricsLog, build_accelerator, clip_seed, seed_everything
+from utils.training import BatchPlan, MetricsLog, build_accelerator, clip_seed, gather_cat, seed_everything
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("voxel", "frames", "caption", "caption_emb", "concepts", "key_obj_mask", "key_obj_cls")
 FROZEN_PARTS = STAGE1_PARTS  # ridge, backbone, clipproj
+FREEZABLE = ("diffusion_prior", "motion_proj", "classifier", "text_seg_dec", "text_dec", "text_dec.decoder")
 MINDEYE2_FILE = "last.pth"
 MINDEYE2_SOURCE = "hf download pscotti/mindeyev2 train_logs/final_subj01_pretrained_40sess_24bs/last.pth"
 EOT_ID = 49407  # CLIP-BPE end of text
@@ -106,6 +109,8 @@ class Stage2:
     voxels: dict[str, torch.Tensor]  # per split: (n, V) train = repeat ``voxel_repeat``, val = mean of the repeats
     captions: dict[str, Captions]  # per split (train, val)
     key_text: dict[str, torch.Tensor]  # per split: (n, Dt) pooled text embedding of each clip's key-object name
+    targets: ClipTargets  # CLIP image tokens of the frames (cached or computed)
+    frozen: tuple[str, ...] = FROZEN_PARTS  # parts kept frozen and in eval mode
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
@@ -147,17 +152,25 @@ def build_model(cfg: Any, data: Any, dims: Any, gpt2: Any, stage1: Path) -> Neur
         state = torch.load(Path(cfg.paths.weights_root) / MINDEYE2_FILE, map_location="cpu", weights_only=True)
         load_mindeye2_backbone_prior(state, model)
     load_stage1_parts(model, stage1, cfg)
-    for part in FROZEN_PARTS:
-        getattr(model, part).requires_grad_(False)
-    set_train_mode(model)
+    for part in frozen_parts(cfg):
+        model.get_submodule(part).requires_grad_(False)
+    set_train_mode(model, frozen_parts(cfg))
     return model
 
 
-def set_train_mode(model: torch.nn.Module) -> None:
-    """Training mode for the trainable heads; the frozen stage-1 parts stay in eval mode (no dropout)."""
+def frozen_parts(cfg: Any) -> tuple[str, ...]:
+    """The stage-1 parts plus ``train.freeze`` (checked)."""
+    unknown = sorted(set(cfg.train.freeze) - set(FREEZABLE))
+    if unknown:
+        raise ConfigError(f"train.freeze names unknown parts {unknown}", f"choose from {', '.join(FREEZABLE)}")
+    return FROZEN_PARTS + tuple(cfg.train.freeze)
+
+
+def set_train_mode(model: torch.nn.Module, frozen: tuple[str, ...] = FROZEN_PARTS) -> None:
+    """Training mode for the trainable heads; the frozen parts stay in eval mode (no dropout)."""
     model.train()
-    for part in FROZEN_PARTS:
-        getattr(model, part).eval()
+    for part in frozen:
+        model.get_submodule(part).eval()
 
 
 def caption_targets(clip: Any, captions: np.ndarray, max_len: int, max_positions: int, vocab: int) -> Captions:
@@ -219,8 +232,12 @@ def setup(cfg: Any) -> Stage2:
     check_mindeye2(cfg)
     accelerator = build_accelerator(cfg)
     kind, root, device = foundation_kind(cfg), cfg.paths.weights_root, accelerator.device
-    clip, vae, gpt2 = (build_role(r, kind, root, device) for r in ("clip", "vae", "gpt2"))
+    require_foundation(cfg, ("clip", "vae", "gpt2"))
+    # with the CLIP-target cache only the text tower runs, once, at set-up: the clip role stays on the CPU
+    clip = build_role("clip", kind, root, "cpu" if uses_clip_cache(cfg) else device)
+    vae, gpt2 = (build_role(r, kind, root, device) for r in ("vae", "gpt2"))
     dims = foundation_dims(cfg, clip, data, vae, gpt2)
+    targets = clip_targets(cfg, data, clip, device, {"train": list(range(data.n_frames))})
     model = build_model(cfg, data, dims, gpt2, stage1)
     t, namer = cfg.train, concept_namer(cfg, data)
     captions = {
@@ -233,7 +250,8 @@ def setup(cfg: Any) -> Stage2:
     }
     voxels = {"train": data.voxels("train", t.voxel_repeat), "val": data.voxels("val")}
     out_dir = RunPaths.from_config(cfg).stage_dir("2")
-    return Stage2(cfg, data, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text)
+    return Stage2(cfg, data, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text, targets,
+                  frozen_parts(cfg))  # fmt: skip
 
 
 # ---- one training step ---------------------------------------------------------------------------------------------
@@ -272,28 +290,47 @@ def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(masks, size=(size, size), mode="nearest")
 
 
-def head_losses(
-    s: Stage2, b: Batch, motion: torch.Tensor, targets: torch.Tensor, epoch: int
-) -> dict[str, torch.Tensor | float]:
-    """The head losses on motion tokens M (B, F, T, D) given the frames' CLIP tokens (B, F, T, D), plus the caption
-    token accuracy."""
-    model, t, up = s.accelerator.unwrap_model(s.model), s.cfg.train, s.cfg.upstream
-    with torch.no_grad():
-        latents = s.vae.encode(b.frames).float()  # (B, F, C, s, s)
-    tau = softclip_temperature(epoch, t.num_epochs, t.softclip_temp_start, t.softclip_temp_end)
-    text = model.text_embed(motion)  # (B, Dt)
-    mask_logits = model.decode_masks(motion, b.key_text.detach())[:, :, 0]  # (B, F, S, S)
-    gt_masks = resize_masks(b.masks, mask_logits.shape[-1])
-    logits, labels = model.caption_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
-    pred_latents = model.decode_latents(motion, text, out_size=latents.shape[-1])  # (B, F, C, s, s)
+def head_outputs(s: Stage2, b: Batch, motion: torch.Tensor, latent_size: int) -> dict[str, torch.Tensor]:
+    """Per-clip outputs of the heads on motion tokens M (b, F, T, D) of this process's clips, all with a leading
+    clip axis so that they can be gathered over processes."""
+    model = s.accelerator.unwrap_model(s.model)
+    text = model.text_embed(motion)  # (b, Dt)
+    logits, labels = model.caption_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)  # (b, L, V), (b, L)
+    keep = labels != IGNORE_INDEX
     return {
-        "video_softclip": soft_clip_loss(motion.flatten(0, 1), targets.flatten(0, 1), tau),
-        "text_nce": symmetric_infonce(text, b.caption_emb, t.temp_text),
-        "dice": dice_loss(mask_logits.float(), gt_masks, up.dice_reduction),
-        "concepts": concept_bce(model.concept_logits(motion).float(), b.concepts),
-        "caption": caption_ce(logits, labels, t.caption_label_smoothing),
-        "latent": latent_l1(pred_latents.float(), latents),
-        "caption_acc": caption_token_accuracy(logits, labels),
+        "text": text,
+        "mask_logits": model.decode_masks(motion, b.key_text.detach())[:, :, 0].float(),  # (b, F, S, S)
+        "concept_logits": model.concept_logits(motion).float(),  # (b, C)
+        "pred_latents": model.decode_latents(motion, text, out_size=latent_size).float(),  # (b, F, C, s, s)
+        "token_loss": caption_token_losses(logits, labels, s.cfg.train.caption_label_smoothing),  # (b, L)
+        "token_hit": ((logits.argmax(-1) == labels) & keep).float(),  # (b, L)
+        "token_keep": keep.float(),  # (b, L)
+    }
+
+
+def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``utils.losses.caption_ce`` before its mean: per-position label-smoothed CE (B, L), 0 where ignored, so that
+    the mean can be taken over the tokens of the global batch."""
+    flat = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing, reduction="none")  # fmt: skip
+    return flat.view_as(labels)
+
+
+def head_losses(s: Stage2, g: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor | float]:
+    """Every stage-2 loss on the gathered global batch ``g`` (see :func:`step_loss`), plus the caption token
+    accuracy."""
+    t, up = s.cfg.train, s.cfg.upstream
+    tau = softclip_temperature(epoch, t.num_epochs, t.softclip_temp_start, t.softclip_temp_end)
+    tokens = g["token_keep"].sum().clamp(min=1.0)
+    return {
+        "prior": F.mse_loss(g["prior_tokens"], g["targets"][:, t.target_frame]),
+        "video_softclip": soft_clip_loss(g["motion"].flatten(0, 1), g["targets"].flatten(0, 1), tau),
+        "text_nce": symmetric_infonce(g["text"], g["caption_emb"], t.temp_text),
+        "dice": dice_loss(g["mask_logits"], resize_masks(g["masks"], g["mask_logits"].shape[-1]), up.dice_reduction),
+        "concepts": concept_bce(g["concept_logits"], g["concepts"]),
+        "caption": g["token_loss"].sum() / tokens,
+        "latent": latent_l1(g["pred_latents"], g["latents"]),
+        "caption_acc": float(g["token_hit"].sum() / tokens),
     }
 
 
@@ -305,21 +342,38 @@ def multipliers(cfg: Any, epoch: int, batch: int, steps_per_epoch: int) -> dict[
     return progressive_weights(epoch, batch, steps_per_epoch, p.starts, p.window_epochs, p.peak)
 
 
-def step_loss(
-    s: Stage2, idx: Any, epoch: int, batch: int, steps_per_epoch: int, gen: torch.Generator
-) -> dict[str, torch.Tensor | float]:
-    """All stage-2 losses of one step, the weighted total under ``loss`` and the multipliers as ``w_<task>``."""
-    t = s.cfg.train
-    model = s.accelerator.unwrap_model(s.model)
+def prior_generators(s: Stage2, epoch: int, idx: np.ndarray) -> list[torch.Generator]:
+    """One generator per clip for the prior's timesteps, noise and condition dropout, seeded from the run seed, the
+    epoch and the clip, so that the draws do not depend on the batch size or the process count."""
+    epoch_seed = clip_seed(s.cfg.run.seed, epoch)
+    return clip_generators([clip_seed(epoch_seed, int(r)) for r in s.data.indices("train")[idx]])
+
+
+def step_loss(s: Stage2, plan: BatchPlan, epoch: int, batch: int) -> dict[str, torch.Tensor | float]:
+    """All stage-2 losses of step ``batch`` of ``epoch`` on the global batch, whatever the process count; the
+    weighted total under ``loss`` and the multipliers as ``w_<task>``.
+
+    Each process runs the model on its share of the clips, then gathers the per-clip outputs and targets, so the
+    contrastive terms (video SoftCLIP, text InfoNCE), the batch Dice and the token-averaged caption loss see every
+    clip of the step. (Dropout masks are drawn per process; the upstream ``batch`` decoder modes, defects 14-15,
+    mix clips inside a process's share only.)
+    """
+    t, acc = s.cfg.train, s.accelerator
+    model = acc.unwrap_model(s.model)
+    idx = plan.batch_at(epoch, batch)[plan.share(acc.process_index)]
     b = get_batch(s, "train", idx)
     with torch.no_grad():
-        cond = model.encode(b.voxels).float()  # (B, T, D), frozen
-        targets = s.clip.image_tokens(b.frames).float()  # (B, F, T, D)
-    prior_mse, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], gen)
-    motion = model.motion(prior_tokens)  # (B, F, T, D)
-    losses = {"prior": prior_mse, **head_losses(s, b, motion, targets, epoch)}
+        cond = model.encode(b.voxels).float()  # (b, T, D), frozen
+        targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
+        latents = s.vae.encode(b.frames).float()  # (b, F, C, s, s)
+    _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx))
+    motion = model.motion(prior_tokens)  # (b, F, T, D)
+    local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
+    local |= {"targets": targets, "latents": latents, "caption_emb": b.caption_emb, "concepts": b.concepts,
+              "masks": b.masks}  # fmt: skip
+    losses = head_losses(s, {k: gather_cat(acc, v) for k, v in local.items()}, epoch)
     accuracy = losses.pop("caption_acc")
-    mult = multipliers(s.cfg, epoch, batch, steps_per_epoch)
+    mult = multipliers(s.cfg, epoch, batch, plan.steps_per_epoch)
     total, _ = total_loss(losses, s.cfg.loss_weights, mult)
     return {"loss": total, **losses, "caption_acc": accuracy, **{f"w_{k}": v for k, v in mult.items()}}
 
@@ -365,7 +419,7 @@ def decode_val(s: Stage2, split: str, idx: np.ndarray) -> tuple[Batch, dict[str,
         "caption_labels": labels,
         "concepts": model.concept_logits(motion),
         "masks": model.decode_masks(motion, b.key_text)[:, :, 0],  # (b, F, S, S)
-        "target": s.clip.image_tokens(b.frames[:, t.target_frame]).float(),  # (b, T, D)
+        "target": s.targets(split, idx, t.target_frame),  # (b, T, D)
     }
     out["latents"] = s.vae.encode(b.frames).float()  # (b, F, C, s, s)
     out["pred_latents"] = model.decode_latents(motion, text, out_size=out["latents"].shape[-1]).float()
@@ -413,7 +467,7 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
         b, out = decode_val(s, split, idx)
         for k, v in chunk_scores(b, out, t.target_frame).items():
             sums[k] = sums.get(k, 0.0) + v
-    set_train_mode(model)
+    set_train_mode(model, s.frozen)
     scores = {k: sums[k] / n for k in ("fwd_top1", "bwd_top1", "prior_fwd_top1", "latent_l1")}
     scores["caption_acc"] = sums["tokens_hit"] / max(sums["tokens"], 1.0)
     scores["concept_f1"] = 2 * sums["tp"] / max(2 * sums["tp"] + sums["fp"] + sums["fn"], 1.0)
@@ -427,14 +481,14 @@ def train(cfg: Any) -> Path:
     """Run stage 2; returns the stage folder."""
     seed_everything(cfg.run.seed)  # before the model is built: the fresh heads' initialisation is seeded too
     s = setup(cfg)
+    BatchPlan(s.data.n_clips("train"), cfg.train.batch_size, s.accelerator.num_processes)  # refused before any write
     _, recorder = begin_stage(cfg, "2", depends_on=("1",))
     t, acc = cfg.train, s.accelerator
     plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,
-        lambda idx, epoch, batch: step_loss(s, idx, epoch, batch, plan.steps_per_epoch, gen),
-        lambda: evaluate(s), {"prior": gen},
+        lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch),  # the prior draws from per-clip generators
+        lambda: evaluate(s),
     )  # fmt: skip
     trainable = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
     log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters", plan.n_items,

@@ -43,10 +43,17 @@ import torch.nn.functional as F
 import yaml
 
 from models.brain import NeuronsBrainModel, clip_generators
-from models.foundation import build_role, require_roles
+from models.foundation import build_role
 from models.heads import ConceptNamer, TextDecoder
 from models.sizes import ALL_PARTS
-from pipeline.common import data_files, foundation_dims, foundation_kind, load_data, make_brain_config
+from pipeline.common import (
+    data_files,
+    foundation_dims,
+    foundation_kind,
+    load_data,
+    make_brain_config,
+    require_foundation,
+)
 from pipeline.stage2 import EOT_ID, key_object_classes, sample_prior
 from utils.checkpoint import CONFIG_FILE, MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
@@ -188,7 +195,7 @@ def setup(cfg: Any) -> Stage3:
     folder = stage2_checkpoint(cfg)
     cfg2 = stage2_config(folder)
     kind, root = foundation_kind(cfg), cfg.paths.weights_root
-    require_roles(kind, root, ("clip", "vae", "gpt2", "unclip"))
+    require_foundation(cfg, ("clip", "vae", "gpt2", "unclip"))
     data = load_data(cfg, FIELDS)
     check_config(cfg, cfg2, data.n_clips("test"))
     accelerator = build_accelerator(cfg)

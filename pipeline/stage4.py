@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.foundation import build_role, require_roles
+from models.foundation import build_role
 from pipeline.captions import CAPTIONS_FILE, KEYFRAMES_FILE
-from pipeline.common import foundation_kind
+from pipeline.common import foundation_kind, require_foundation
 from utils.cli import begin_stage
 from utils.data import BrainVideoData, DataOptions
 from utils.errors import ConfigError, NeuronsError, StageOrderError
@@ -100,7 +100,7 @@ def setup(cfg: Any) -> Stage4:
     check_config(cfg)
     keyframes = load_keyframes(stage3_dir, hint)
     kind, root = foundation_kind(cfg), cfg.paths.weights_root
-    require_roles(kind, root, ("blip2",))
+    require_foundation(cfg, ("blip2",))
     device = pick_device(cfg)
     blip2 = build_role("blip2", kind, root, device, dtype=model_dtype(cfg, device))
     return Stage4(cfg, stage3_dir, paths.stage_dir("4"), keyframes, blip2)

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.foundation import build_role, require_roles
-from pipeline.common import foundation_kind
+from models.foundation import build_role
+from pipeline.common import foundation_kind, require_foundation
 from utils.cli import begin_stage
 from utils.errors import ConfigError, StageOrderError
 from utils.io import atomic_save_safetensors, atomic_write_json
@@ -212,7 +212,7 @@ def setup(cfg: Any) -> Stage5:
         raise StageOrderError(f"{len(captions)} {source} captions for {len(keyframes)} stage-3 clips",
                               rerun_hint(cfg).format(stage="4" if source == "blip2" else "3"))  # fmt: skip
     kind, root, v = foundation_kind(cfg), cfg.paths.weights_root, cfg.video
-    require_roles(kind, root, ("video",))
+    require_foundation(cfg, ("video",))
     accelerator = build_accelerator(cfg)
     role = build_role("video", kind, root, accelerator.device, num_frames=v.num_frames, lora_scale=v.lora_scale)
     check_config(cfg, len(keyframes), role.downsample)

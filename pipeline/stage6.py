@@ -22,7 +22,9 @@ Every metric is ``{"mean", "std", "n"}`` (N-way entries add ``"chance"``). Per-c
 its bootstrap standard deviation over ``eval.bootstrap`` seeded resamples of the clips (null when 0). Non-finite values
 (PSNR of identical frames = inf) are written as null, so the file is strict JSON.
 
-Outputs: ``<run>/metrics_<mode>.json`` (atomic) and ``<run>/eval_<mode>/manifest.json`` (depends on stages 5 and 3).
+Outputs: ``<run>/metrics_<mode>.json`` (atomic) and ``<run>/eval_<mode>/manifest.json`` (depends on stages 5 and 3),
+then ``<run>/report.html`` (:mod:`pipeline.report`; a view of the whole run, rebuilt by stage e too, so it is named
+in the manifest's ``report`` entry rather than among its outputs).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from safetensors.torch import load_file
 
 from models.foundation import build_role, require_roles
 from pipeline.common import foundation_kind, load_data
+from pipeline.report import report_path, write_report
 from pipeline.stage5 import PROMPTS_FILE, VIDEOS_FILE, resize
 from utils.cli import begin_stage
 from utils.config import config_hash
@@ -333,11 +336,12 @@ def evaluate(cfg: Any) -> Path:
     for p in x.files.values():
         recorder.add_input(p)
     recorder.add_output(out_path)
-    recorder.extra.update({"n_clips": x.n, "protocol": ev.protocol, "metrics_file": str(out_path.resolve())})
+    recorder.extra.update({"n_clips": x.n, "protocol": ev.protocol, "metrics_file": str(out_path.resolve()),
+                           "report": str(report_path(paths).resolve())})  # fmt: skip
     recorder.finish()
     for name, m in sorted(metrics.items()):
         log.info("%-22s %s ± %s (n=%d)", name, _fmt(m["mean"]), _fmt(m["std"]), m["n"])
-    log.info("stage 6 done: %s", out_path)
+    log.info("stage 6 done: %s; report %s", out_path, write_report(cfg))
     return out_path
 
 

@@ -44,7 +44,7 @@ if __name__ == "__main__":
 """
 
 
-def drive(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+def drive(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(
         ["bash", str(cwd / "train_neurons.sh"), *args],
@@ -52,7 +52,7 @@ def drive(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.C
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -160,3 +160,63 @@ def test_stage_script_runs_on_its_own(probe_repo: Path, tmp_path: Path):
         "error: ConfigError: unknown config key 'train.batchsize' in --set train.batchsize=2; "
         "fix: did you mean 'train.batch_size'?"
     )
+
+
+# ---- the whole pipeline at the smoke scale (what `make demo PROFILE=smoke` runs) ------------------------------------
+FAST_PIPELINE = (
+    "stage1.train.num_epochs=1 stage2.train.num_epochs=1 stage3.sample.num_clips=4 stage3.sample.num_previews=1 "
+    "stage5.video.num_previews=1 stage6.eval.bootstrap=5 stage6.eval.report_samples=2 stagee.sample.num_panels=1"
+)
+
+
+def all_smoke_roles(world: Path, base: Path, scratch: Path) -> Path:
+    """A weights folder with every smoke toy role: the repository's (or ``base``'s) when up to date (linked, never
+    written to), the others built here."""
+    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import ROLES, role_hashes
+    from models.foundation.toy.common import is_complete, role_dir
+    from models.foundation.toy.data import world_hash
+    from tests.smoke_env import REPO_SMOKE_WEIGHTS
+
+    hashes = role_hashes(world_hash(world), "smoke", 0)
+    scratch.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for role in ROLES:
+        found = [r for r in (REPO_SMOKE_WEIGHTS, base) if is_complete(role_dir(r, role), hashes[role])]
+        if found:
+            role_dir(scratch, role).symlink_to(role_dir(found[0], role).resolve(), target_is_directory=True)
+        else:
+            missing.append(role)
+    if missing:
+        build_toy_weights(world, scratch, "smoke", seed=0, progress=False, num_threads=1, roles=tuple(missing))
+    return scratch
+
+
+def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_factory):
+    """Stages 1-6 and e through the driver on the smoke world (4 test clips), then the report summary that ends
+    `make demo`: metrics, diagnostics, the report and one log per stage."""
+    import json
+
+    from tests.smoke_env import smoke_env
+
+    env = smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
+    scratch = tmp_path_factory.mktemp("driver_all")
+    weights = all_smoke_roles(smoke_world, env.weights, scratch / "weights")
+    profile = scratch / "all.yaml"
+    profile.write_text(f"extends: {env.profile}\npaths:\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n")
+    env_vars = {"NEURONS_SET": FAST_PIPELINE, "OMP_NUM_THREADS": "1"}
+    result = drive("cpu", "all", "123456e", "enhance", "1", str(profile), env=env_vars, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "NEURONS: done (stages 123456e)" in result.stdout
+    run = scratch / "EXP" / "exp_all" / "subj_1"
+    metrics = json.loads((run / "metrics_enhance.json").read_text())
+    assert metrics["n_clips"] == 4 and {"video_2way", "ssim", "key_object_dice"} <= set(metrics["metrics"])
+    assert (run / "diagnostics_enhance" / "manifest.json").exists()
+    assert "Diagnostics (stage e, enhance)" in (run / "report.html").read_text()
+    assert sorted(p.name.split("_")[0] for p in (run / "logs").iterdir()) == [f"stage{k}" for k in "123456e"]
+    summary = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", "--profile", str(profile), "--exp", "all", "--subj", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert summary.returncode == 0, summary.stderr
+    assert "| video 2-way |" in summary.stdout and f"report: {(run / 'report.html').resolve()}" in summary.stdout

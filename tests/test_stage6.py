@@ -175,3 +175,17 @@ def test_perfect_prediction(smoke_world: Path, profile: Path) -> None:
     assert m["psnr"]["mean"] is None, "identical frames: PSNR = inf, written as null (strict JSON)"
     assert m["video_2way"]["mean"] == 1.0 and m["video_50way"]["mean"] == 1.0
     assert m["frame_2way"]["mean"] == 1.0
+
+
+def test_report_written_beside_the_metrics(profile: Path, noisy: dict[str, dict]) -> None:
+    """Stage 6 writes <run>/report.html (named in its manifest, not among its outputs: stage e rewrites it)."""
+    from pipeline.report import report_path
+    from utils.manifest import read_manifest
+
+    paths = paths_of(profile, "noisy")
+    report = report_path(paths)
+    text = report.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "ours (enhance, subj 1)" in text
+    assert f"{noisy['standard']['metrics']['video_2way']['mean']:.3f}" in text
+    manifest = read_manifest(paths.stage_dir("6"))
+    assert manifest["report"] == str(report.resolve()) and str(report.resolve()) not in manifest["outputs"]

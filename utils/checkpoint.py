@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from utils.config import config_hash, to_dict, to_yaml
 from utils.errors import WeightsError
+from utils.io import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +48,42 @@ def save_checkpoint(
 ) -> Path:
     """Write ``folder`` (model weights + training ``state`` + config) atomically, replacing an older one."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        meta = {**identity(cfg), "config_hash": config_hash(cfg), "step": str((state or {}).get("step", 0))}
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / MODEL_FILE), metadata=meta)
-        torch.save({**(state or {}), "config": to_dict(cfg)}, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
-        for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        _swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with storage_errors(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            meta = {**identity(cfg), "config_hash": config_hash(cfg), "step": str((state or {}).get("step", 0))}
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+            save_file(tensors, str(tmp / MODEL_FILE), metadata=meta)
+            torch.save({**(state or {}), "config": to_dict(cfg)}, tmp / STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
+            for path in tmp.iterdir():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _swap_in(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return folder
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary folders of earlier saves of ``folder`` that were killed mid-write (the run lock
+    guarantees that no other process is saving into this run)."""
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        if stale.is_dir():
+            log.info("removing %s, left by a save that was interrupted", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, folder: Path) -> None:
     old = folder.with_name(folder.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(folder, old)
-    os.replace(tmp, folder)
+    os.replace(tmp, folder)  # an ``old`` left by a save killed between the renames is kept until this point
     if old.exists():
         shutil.rmtree(old)
 

@@ -6,7 +6,10 @@ A stage script is ``main(cfg)`` plus::
         sys.exit(run_stage("1", main, __doc__))
 
 Expected failures (:class:`NeuronsError`) print ``error: <cause>; fix: <fix>`` on one line and return the error's
-exit status; configuration errors return 2.
+exit status; configuration errors return 2. ``--debug`` (or ``NEURONS_DEBUG=1``, which reaches every stage of the
+driver) prints the traceback as well. Ctrl-C (SIGINT) and SIGTERM stop a training stage after it has saved ``last``
+(exit status 130 and 143). A write that fails because the disk is full is reported on one line too. The catalogue of
+these failures is ``docs/failures.md``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from utils.config import config_hash, load_config, to_yaml
-from utils.errors import NeuronsError
+from utils.errors import ConfigError, NeuronsError
+from utils.io import storage_error
 from utils.manifest import StageRecorder
 from utils.runs import RunPaths, config_record, run_lock, save_resolved_config, setup_logging, stage_log_path
 from utils.stage_configs import STAGE_NAMES
@@ -29,6 +35,7 @@ from utils.stage_configs import STAGE_NAMES
 log = logging.getLogger("neurons")
 
 DRIVER_LOG_ENV = "NEURONS_DRIVER_LOG"  # set by train_neurons.sh, which tees the output into the run's logs/
+DEBUG_ENV = "NEURONS_DEBUG"  # "1": print tracebacks of expected errors too (as --debug)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,14 +57,66 @@ def stage_parser(stage: str, description: str | None) -> OneLineParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not only its line")
     if stage in ("1", "2"):
         parser.add_argument("--resume", action="store_true", help="continue from checkpoints/last (train.resume)")
     return parser
 
 
-def report_error(err: NeuronsError) -> int:
+def close_progress_bars() -> None:
+    """Close open tqdm bars (an error leaves them mid-line), so that the error line starts a line of its own."""
+    bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(bars, "_instances", ())):
+        bar.close()
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def report_error(err: NeuronsError, debug: bool = False) -> int:
+    """Print ``err`` as one line (after its traceback with ``debug`` or NEURONS_DEBUG=1); return its exit status."""
+    close_progress_bars()
+    if debug or debug_requested():
+        traceback.print_exception(err, file=sys.stderr)
     print(f"error: {type(err).__name__}: {err.one_line()}", file=sys.stderr, flush=True)
     return err.exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop): handled like Ctrl-C, so training saves ``last`` before it exits."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_device(cfg: Any) -> None:
+    """Refuse ``run.device=cuda`` (the driver sets it for GPU indices) where CUDA is absent, before any work."""
+    if cfg.run.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        asked = f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""
+        raise ConfigError(
+            f"GPU requested{asked} but CUDA is not available on this machine",
+            "use GPU 'cpu' in train_neurons.sh, or --set run.device=cpu",
+        )
 
 
 def run_stage(
@@ -70,12 +129,14 @@ def run_stage(
     """Parse arguments, build the config, set up logging and the run lock, then call ``main(cfg)``."""
     parser = parser or stage_parser(stage, description)
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or debug_requested()
     try:
         overrides = [*args.overrides, *(["train.resume=true"] if getattr(args, "resume", False) else [])]
         cfg = load_config(stage, args.profile, overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        check_device(cfg)
         paths = RunPaths.from_config(cfg)
         main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch
         if main_process:
@@ -84,14 +145,24 @@ def run_stage(
             setup_logging("WARNING")
         log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_NAMES[stage], paths.root,
                  cfg.run.profile, config_hash(cfg))  # fmt: skip
-        with run_lock(paths.root, stage) if main_process else contextlib.nullcontext():
+        with sigterm_as_interrupt(), run_lock(paths.root, stage) if main_process else contextlib.nullcontext():
             main(cfg)
         return 0
     except NeuronsError as err:
-        return report_error(err)
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the stage with --resume to continue where it stopped", file=sys.stderr)
-        return 130
+        return report_error(err, debug)
+    except KeyboardInterrupt as err:
+        close_progress_bars()
+        if debug:
+            traceback.print_exception(err, file=sys.stderr)
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        resume = "rerun the stage with --resume to continue where it stopped" if stage in ("1", "2") else "rerun it"
+        print(f"error: {what}; fix: {resume}", file=sys.stderr, flush=True)
+        return code
+    except Exception as err:  # a write that failed because the disk is full, outside the atomic writers
+        problem = None if isinstance(err, PermissionError) else storage_error(err)  # EACCES may be a read
+        if problem is None:
+            raise  # a bug: the traceback is the useful report
+        return report_error(problem, debug)
 
 
 def add_data_root_args(parser: argparse.ArgumentParser) -> None:

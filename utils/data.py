@@ -353,6 +353,10 @@ class BrainVideoData:
             raise DataError(f"{path} holds {shape}, expected a tensor (clips, repeats, voxels)", self._get_data_hint())
         if x.shape[0] == 0:
             raise DataError(f"{path} has no clips (empty {source} set)", self._get_data_hint())
+        if x.shape[1] == 0 or x.shape[2] == 0:
+            raise DataError(f"{path} holds {tuple(x.shape)}: no repeats or no voxels", self._get_data_hint())
+        if not x.is_floating_point():
+            raise DataError(f"{path} holds {x.dtype} fMRI, expected float32", self._get_data_hint())
         return x.float()
 
     def _check_fmri(self) -> None:

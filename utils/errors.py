@@ -2,6 +2,7 @@
 
 Every message names the cause and the fix, e.g.
 ``DataError: missing data/toy_cortex/subj01_train_fmri.pt; build it with `python download_dataset.py --toy```.
+The catalogue of expected failures and what each one prints is ``docs/failures.md``.
 """
 
 from __future__ import annotations
@@ -42,3 +43,11 @@ class StageOrderError(NeuronsError):
 
 class RunLockedError(NeuronsError):
     """Another process is writing into the same run folder."""
+
+
+class TrainingError(NeuronsError):
+    """Training cannot go on, e.g. a non-finite loss; the last good checkpoint is kept."""
+
+
+class StorageError(NeuronsError):
+    """An output cannot be written: disk full, quota, read-only or permission denied. Nothing partial is left."""

@@ -47,6 +47,11 @@ class DataConfig:
     val_guard_clips: int = 1  # ... with this many clips dropped on each side (neighbouring clips are correlated)
     val_seed: int = 0
     num_workers: int = 0
+    # CLIP image-token targets of stages 1 and 2: run the image tower every step ("compute"), or read the fp16
+    # cache written by `python -m tasks_construction.cache_clip_targets` ("cache"; docs/scale.md)
+    clip_targets: Literal["compute", "cache"] = "compute"
+    clip_cache_frames: tuple[int, ...] = ()  # frames the cache tool stores per clip; () = every frame (stage 2)
+    clip_cache_splits: tuple[Literal["train", "test"], ...] = ("train", "test")  # source files the tool caches
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ class OptimConfig:
     final_div_factor: float = 1000.0
     cycle_momentum: bool = True  # upstream OneCycleLR cycles AdamW beta1 (defect 20); kept for fidelity
     grad_clip: float | None = None
+    # AdamW implementation: "auto" (torch's default: foreach on GPU), "for_loop", "foreach", "fused" (no
+    # parameter-sized temporaries), "8bit" (bitsandbytes AdamW8bit, optional package: 2 bytes of state per parameter)
+    adamw_impl: Literal["auto", "for_loop", "foreach", "fused", "8bit"] = "auto"
+    grad_checkpointing: bool = False  # recompute backbone / prior activations in the backward pass (less memory)
     drop_last: bool = True  # skip a last partial batch each epoch (reshuffled, so every clip is still used)
     resume: bool = False  # continue from checkpoints/last (exactly where it stopped)
     log_every: int = 10  # training-loss records every N steps
@@ -102,6 +111,9 @@ class Stage2Train(OptimConfig):
     val_prior_steps: int | None = None  # DDPM steps of the validation prior samples (None: all, as at inference)
     val_chunk: int = 100  # validation retrieval within chunks of this many clips (upstream: batches of 100)
     selection: tuple[str, ...] = ("fwd_top1", "bwd_top1", "caption_acc")  # validation scores summed into "metric"
+    # trainable parts to freeze too (ridge, backbone and clipproj always are): any of diffusion_prior, motion_proj,
+    # classifier, text_seg_dec, text_dec (GPT-2 and its prefix projection) or text_dec.decoder (GPT-2 only)
+    freeze: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -247,14 +259,16 @@ class Stage6Config(SharedConfig):
 
 @dataclass(frozen=True)
 class DiagnosticsSample:
-    batch_size: int = 20
-    num_previews: int = 16
+    """Stage e reads stage 3's outputs (it rebuilds no model, unlike upstream's script, spec §8)."""
+
+    num_panels: int = 16  # panel figures (GT, blurry, masked blurry, GT mask, predicted mask) of the first clips
+    concept_threshold: float = 0.5  # a concept is predicted when its probability exceeds this (as upstream)
+    mask_threshold: float = 0.5  # a mask pixel is predicted when its probability exceeds this (as stage 6)
 
 
 @dataclass(frozen=True)
 class DiagnosticsConfig(SharedConfig):
     sample: DiagnosticsSample = field(default_factory=DiagnosticsSample)
-    upstream: UpstreamFlags = field(default_factory=UpstreamFlags)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,13 @@ def build_accelerator(cfg: Any):
     if cfg.run.device == "cuda" and not cuda:
         raise ConfigError(
             "run.device=cuda but CUDA is not available on this machine", "use GPU 'cpu' or --set run.device=cpu"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ConfigError(
+            "DeepSpeed launches are not supported by the stage loop yet (it averages gradients itself and does not "
+            "wrap the model in a DeepSpeed engine)",
+            "launch with configs/accelerate/multi_gpu.yaml and save memory with train.adamw_impl=8bit or fused "
+            "(docs/scale.md)",
         )
     cpu = cfg.run.device == "cpu" or not cuda
     precision = cfg.run.mixed_precision
@@ -164,8 +172,6 @@ def start_wandb(cfg: Any, stage: str, out_dir: Path) -> Any:
     """A wandb run when ``run.use_wandb`` is set (offline unless WANDB_MODE says otherwise), else None."""
     if not cfg.run.use_wandb:
         return None
-    import os
-
     import wandb
 
     from utils.config import to_dict
@@ -173,6 +179,29 @@ def start_wandb(cfg: Any, stage: str, out_dir: Path) -> Any:
     os.environ.setdefault("WANDB_MODE", "offline")  # sync later with `wandb sync`; nothing needs a network here
     name = f"stage{stage}--exp_{cfg.run.exp}--subj{cfg.run.subj}"
     return wandb.init(project="neurons", name=name, dir=str(out_dir), config=to_dict(cfg), reinit=True)
+
+
+ADAMW_FLAGS = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def build_optimizer(params: list[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:
+    """AdamW over ``params`` in the implementation ``train.adamw_impl`` names (all give the same update).
+
+    ``foreach`` batches the update over tensors but allocates parameter-sized temporaries; ``fused`` runs one kernel
+    per parameter group without them; ``8bit`` is bitsandbytes' block-wise quantised AdamW8bit (2 bytes of optimizer
+    state per parameter instead of 8), an optional package.
+    """
+    kwargs = {"lr": train_cfg.max_lr, "weight_decay": train_cfg.weight_decay}
+    if train_cfg.adamw_impl == "8bit":
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise ConfigError(
+                "train.adamw_impl=8bit needs the optional package bitsandbytes",
+                "pip install bitsandbytes==0.50.2, or choose train.adamw_impl=fused",
+            ) from err
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, **ADAMW_FLAGS[train_cfg.adamw_impl])
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):

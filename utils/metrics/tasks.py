@@ -29,7 +29,7 @@ def concept_f1(
     scores: (N, C) probabilities in [0, 1], or logits with ``from_logits``; targets: (N, C) multi-hot {0, 1}.
     Returns "micro" (pooled TP/FP/FN) and "macro" (mean over the classes that occur in targets or predictions, as
     sklearn ``f1_score(average="macro", zero_division=nan)``; torchmetrics would count absent classes as 0; 0.0 if no
-    class occurs), "per_class_f1" (C,) and "per_class_recall" (C,) (NaN where
+    class occurs), "per_class_f1" (C,), "per_class_recall" (C,) and "per_class_precision" (C,) (NaN where
     undefined; recall is what upstream's stage ``e`` prints per class).
     """
     check_same_shape(scores, targets, "concept recognition")
@@ -46,6 +46,7 @@ def concept_f1(
     denom = 2 * tp + fp + fn
     per_class = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.nan)
     recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.nan)
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.nan)
     micro_denom = denom.sum().item()
     counted = per_class[denom > 0]
     return {
@@ -53,6 +54,7 @@ def concept_f1(
         "macro": counted.mean().item() if counted.numel() else 0.0,
         "per_class_f1": per_class,
         "per_class_recall": recall,
+        "per_class_precision": precision,
     }
 
 

@@ -1,0 +1,205 @@
+"""The run report (pipeline/report.py) of a hand-made smoke run (stage-1/2 curves, stage 3, stage 5, a metrics file,
+stage-e diagnostics): self-contained (every image a data URI, nothing external), the toy and paper comparison
+columns, samples and diagnostics, the command line, and a headless Chromium rendering when Chromium is installed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from tests.test_diagnostics import N_CLIPS, fake_stage3
+
+EXP = "rep"
+RES5 = 24
+SAMPLES = 3
+
+
+class Collector(HTMLParser):
+    """Every tag and its attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+@pytest.fixture(scope="module")
+def profile(smoke_world: Path, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("report") / "report.yaml"
+    path.write_text(
+        "extends: smoke\n"
+        f"paths:\n  data_root: {smoke_world}\n  exp_root: {path.parent / 'EXP'}\n"
+        f"run:\n  device: cpu\nstage6:\n  eval:\n    report_samples: {SAMPLES}\n"
+        "stagee:\n  sample:\n    num_panels: 2\n"
+    )
+    return path
+
+
+def config(profile: Path, stage: str = "6", exp: str = EXP, *overrides: str):
+    from utils.config import load_config
+
+    return load_config(stage, str(profile), list(overrides), {"exp": exp, "mode": "enhance"})
+
+
+def fake_training(folder: Path, ident: bool) -> None:
+    from utils.training import MetricsLog
+
+    metrics = MetricsLog(folder / "metrics.jsonl")
+    for step in range(1, 4):
+        metrics.write({"step": step, "loss": 1.0 / step, "split": "train"})
+    metrics.plot(folder / "curves.png")
+    if ident:
+        top1 = {"2-way": 0.6, "24-way": 0.1, "all-way": 0.08}
+        chance = {"2-way": 0.5, "24-way": 1 / 24, "all-way": 1 / 24}
+        (folder / "identification.json").write_text(json.dumps({"test": {"top1": top1, "chance": chance}}))
+
+
+def fake_stage5_and_metrics(smoke_world: Path, paths) -> None:
+    """Videos (N, F, 3, RES5, RES5), prompts.json, an eval manifest (report_samples) and metrics_enhance.json."""
+    from pipeline.stage5 import resize
+    from utils.data import BrainVideoData
+    from utils.io import atomic_save_safetensors, atomic_write_json
+    from utils.manifest import StageRecorder
+
+    gt = resize(BrainVideoData(smoke_world, 1).frames("test", range(N_CLIPS)), RES5)
+    folder = paths.stage_dir("5")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(folder / "videos.safetensors", {"videos": (gt * 0.8).contiguous()})
+    captions = [f"a decoded caption {i}" for i in range(N_CLIPS)]
+    atomic_write_json(folder / "prompts.json", {"caption_source": "blip2", "captions": captions})
+    StageRecorder("6", paths.stage_dir("6"), "fake", {"eval": {"report_samples": SAMPLES}}).begin().finish()
+    metrics = {
+        "video_2way": {"mean": 0.81, "std": 0.1, "n": N_CLIPS, "chance": 0.75},
+        "clip_pcc": {"mean": 0.9, "std": 0.05, "n": N_CLIPS},
+        "ssim": {"mean": 0.3, "std": 0.1, "n": N_CLIPS},
+        "psnr": {"mean": None, "std": None, "n": N_CLIPS},
+        "key_object_dice": {"mean": 0.5, "std": 0.2, "n": N_CLIPS},
+    }
+    atomic_write_json(paths.root / "metrics_enhance.json", {
+        "protocol": "standard", "n_clips": N_CLIPS, "caption_source": "blip2", "eval_frames": list(range(6)),
+        "metrics": metrics,
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(smoke_world: Path, profile: Path) -> Path:
+    """The run folder; its report written by stage e (which runs on the fake stage 3)."""
+    from pipeline.diagnostics import diagnose
+    from pipeline.report import report_path
+    from utils.runs import RunPaths
+
+    paths = RunPaths.from_config(config(profile))
+    for stage in ("1", "2"):
+        paths.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        fake_training(paths.stage_dir(stage), ident=stage == "1")
+    fake_stage3(smoke_world, paths.stage_dir("3"))
+    fake_stage5_and_metrics(smoke_world, paths)
+    diagnose(config(profile, "e"))
+    return report_path(paths)
+
+
+def parse(path: Path) -> Collector:
+    parser = Collector()
+    parser.feed(path.read_text())
+    parser.close()
+    return parser
+
+
+def test_self_contained(run: Path) -> None:
+    tags = parse(run).tags
+    images = [attrs for tag, attrs in tags if tag == "img"]
+    assert images, "the report shows images"
+    magic = {"image/png": b"\x89PNG", "image/gif": b"GIF8"}
+    for attrs in images:
+        src = attrs["src"] or ""
+        mime, _, payload = src.removeprefix("data:").partition(";base64,")
+        assert src.startswith("data:") and mime in magic, src[:40]
+        assert base64.b64decode(payload).startswith(magic[mime])
+    assert not [t for t, _ in tags if t in ("script", "link", "iframe", "object", "embed")]
+    refs = [v for _, attrs in tags for k, v in attrs.items() if k in ("src", "href") and v]
+    assert all(r.startswith("data:") for r in refs), "no external asset"
+
+
+def test_toy_comparisons(smoke_world: Path, profile: Path, run: Path) -> None:
+    from pipeline.report import tables
+    from utils.runs import RunPaths
+
+    cfg = config(profile)
+    metrics, ident = tables(cfg, RunPaths.from_config(cfg))
+    assert metrics.header == ["metric", "ours (enhance, subj 1)", "chance"]
+    rows = {r[0]: r for r in metrics.rows}
+    assert rows["video 2-way"] == ["video 2-way", "0.810 ± 0.100", "0.750"]
+    assert rows["PSNR (dB)"][1] == "n/a", "null PSNR (identical frames) is shown as n/a"
+    assert ident.header[1:] == ["ours: stage 1 (brain → CLIP tokens)", "ridge baseline (voxels → 8×8 pixels)",
+                                "oracle noise ceiling", "chance"]  # fmt: skip
+    ceiling = json.loads((smoke_world / "ceiling.json").read_text())["subjects"]["subj01"]["top1"]
+    by_way = {r[0]: r for r in ident.rows}
+    assert by_way["2-way"][1] == "0.600" and by_way["2-way"][3] == f"{ceiling['2-way']:.3f}"
+    assert float(by_way["2-way"][2]) > 0.5, "the ridge baseline (computed: the smoke world has no JSON of it)"
+
+
+def test_paper_comparisons(profile: Path, run: Path) -> None:
+    from pipeline.report import metrics_table, scored_modes
+    from utils.runs import RunPaths
+
+    cfg = config(profile, "6", EXP, "model.size=paper")
+    table = metrics_table(cfg, scored_modes(RunPaths.from_config(cfg)), None)
+    assert table.header[1:] == ["ours (enhance, subj 1)", "MinD-Video (mean of 3)", "NeuroClips (subj 1)",
+                                "NEURONS (subj 1)", "chance"]  # fmt: skip
+    rows = {r[0]: r for r in table.rows}
+    assert rows["video 2-way"][2:5] == ["0.839", "0.830", "0.862"]
+    assert rows["SSIM"][4] == "—", "NEURONS published no SSIM"
+    notes = " ".join(table.notes)
+    assert "NeuroClips (NeurIPS 2024) Table 1" in notes and "arXiv 2503.11167" in notes
+    assert "protocol 'neurons'" in notes, "our standard-protocol numbers are flagged as not comparable"
+
+
+def test_samples_and_diagnostics(smoke_world: Path, run: Path) -> None:
+    from utils.data import BrainVideoData
+
+    text = run.read_text()
+    tags = parse(run).tags
+    gifs = [a for t, a in tags if t == "img" and (a["src"] or "").startswith("data:image/gif")]
+    assert len(gifs) == SAMPLES, "eval.report_samples side-by-side GIFs"
+    gt0 = str(BrainVideoData(smoke_world, 1).captions("test")[0])
+    assert gt0 in text and "a decoded caption 0" in text
+    assert "Diagnostics (stage e, enhance)" in text and "Per-concept recall and precision" in text
+    alts = {a.get("alt") for t, a in tags if t == "img"}
+    assert {"stage 1 curves", "stage 2 curves", "concepts.png", "dice.png", "clip_0000", "clip_0001"} <= alts
+
+
+def test_command_line_prints_table_and_path(profile: Path, run: Path, capsys) -> None:
+    from pipeline.report import main
+
+    assert main(["--profile", str(profile), "--exp", EXP, "--subj", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| video 2-way | 0.810 ± 0.100 | 0.750 |" in out
+    assert f"report: {run.resolve()}" in out
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_renders_in_headless_chromium(run: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600",
+           f"--screenshot={shot}", run.resolve().as_uri()]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (1600, 1200) and pixels.std() > 10, "a page with content, not a blank screen"
+
+
+def test_report_without_metrics_says_so(profile: Path) -> None:
+    from pipeline.report import write_report
+
+    text = write_report(config(profile, "6", "empty")).read_text()
+    assert "stage 6 has not scored this run yet" in text
