@@ -7,7 +7,9 @@
 # Installs nothing and needs no network: it uses whatever `python3` has. Needed: torch with CUDA and einops (pure
 # Python; where it is missing, a wheel at data/wheels/einops-*.whl is put on PYTHONPATH). Optional: numpy (else the
 # bench builds AdamW itself), transformers (stage 2's GPT-2 caption head; without it stage 2 runs without that head
-# and its JSON says "caption_head": false), bitsandbytes (the 8-bit AdamW setting; skipped without it).
+# and its JSON says "caption_head": false), bitsandbytes (the 8-bit AdamW setting; where it is not installed, an
+# unpacked copy in data/pydeps/ is used if present, else the setting is skipped). data/ is git-ignored: carry
+# data/wheels and data/pydeps to the GPU machine (docs/scale.md says how to make them).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -44,6 +46,10 @@ if ! "$PY" -c 'import einops' 2>/dev/null; then
     exit 1
   fi
 fi
+if ! "$PY" -c 'import bitsandbytes' 2>/dev/null && [[ -d data/pydeps/bitsandbytes ]]; then
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/data/pydeps"  # last: installed packages win
+  echo "bitsandbytes from data/pydeps"
+fi
 for pkg in einops numpy transformers bitsandbytes; do
   "$PY" -c "import $pkg; print('$pkg', getattr($pkg, '__version__', '?'))" 2>/dev/null || echo "$pkg: not installed"
 done
@@ -55,6 +61,7 @@ SETTINGS=(
   "s1_fp32|90|--stage 1 --batch 120"
   "s1_bf16|90|--stage 1 --batch 120 --bf16"
   "s1_bf16_ckpt_fused|90|--stage 1 --batch 120 --bf16 --grad-ckpt --adamw fused"
+  "s1_bf16_ckpt_8bit|90|--stage 1 --batch 120 --bf16 --grad-ckpt --adamw 8bit"
   "s2_fp32|120|--stage 2 --batch 10"
   "s2_bf16|120|--stage 2 --batch 10 --bf16"
   "s2_bf16_ckpt_fused|120|--stage 2 --batch 10 --bf16 --grad-ckpt --adamw fused"
@@ -62,7 +69,6 @@ SETTINGS=(
   "s1_fp16|90|--stage 1 --batch 120 --precision fp16"
   "s1_tf32|90|--stage 1 --batch 120 --precision tf32"
   "s2_bf16_ckpt_fused_freeze_gpt2|120|--stage 2 --batch 10 --bf16 --grad-ckpt --adamw fused --freeze text_dec.decoder"
-  "s1_bf16_ckpt_8bit|90|--stage 1 --batch 120 --bf16 --grad-ckpt --adamw 8bit"
 )
 for entry in "${SETTINGS[@]}"; do
   IFS="|" read -r name limit args <<<"$entry"
