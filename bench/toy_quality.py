@@ -327,8 +327,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="toy", help="toy (default), smoke, or a YAML profile of a toy world")
     parser.add_argument("--exp", default="quality", help="run name (the ridge run is <exp>_ridge)")
     parser.add_argument("--modes", nargs="+", choices=("enhance", "motion"), default=["enhance", "motion"])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override passed to every stage (NEURONS_SET syntax: stage<k>.key=value aims at one)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override passed to every stage (NEURONS_SET syntax: stage<k>.key=value aims at one)",
+    )
     return parser.parse_args(argv)
 
 

@@ -117,11 +117,12 @@ def _brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: t
 
 
 class ClipTargets:
-    """The CLIP image tokens that stages 1 and 2 train against: read from the fp16 CLIP-target cache
-    (``data.clip_targets=cache``, :mod:`tasks_construction.cache_clip_targets`) or computed by the clip role."""
+    """The CLIP image tokens that stages 1 and 2 train against (and stage 2's VAE latents): read from the fp16
+    CLIP-target cache (``data.clip_targets=cache``, :mod:`tasks_construction.cache_clip_targets`) or computed by the
+    clip (vae) role."""
 
-    def __init__(self, data: BrainVideoData, clip: Any, cache: Any, device: torch.device | str):
-        self.data, self.clip, self.cache, self.device = data, clip, cache, device
+    def __init__(self, data: BrainVideoData, clip: Any, cache: Any, device: torch.device | str, vae: Any = None):
+        self.data, self.clip, self.cache, self.device, self.vae = data, clip, cache, device, vae
 
     def __call__(self, split: str, idx: Any, frames: int | Sequence[int]) -> torch.Tensor:
         """float32 tokens of split-local clips ``idx`` on the device: (b, T, D) for one frame, (b, k, T, D) for a
@@ -134,21 +135,32 @@ class ClipTargets:
         video = self.data.frames(split, idx)[:, pick].to(self.device)  # (b, 3, R, R) or (b, k, 3, R, R)
         return self.clip.image_tokens(video).float()
 
+    def latents(self, split: str, idx: Any) -> torch.Tensor:
+        """float32 VAE latents (posterior mode) of every frame of split-local clips ``idx``: (b, F, C, h, w); from
+        the cache when it holds them."""
+        source = "test" if split == "test" else "train"
+        if self.cache is not None and self.cache.has_latents(source):
+            rows = self.data.indices(split)[np.asarray(idx, dtype=np.int64)]
+            return self.cache.read_latents(source, rows).to(self.device).float()
+        return self.vae.encode(self.data.frames(split, idx).to(self.device)).float()
+
 
 def uses_clip_cache(cfg: Any) -> bool:
     return cfg.data.clip_targets == "cache"
 
 
-def clip_targets(cfg: Any, data: BrainVideoData, clip: Any, device: Any, needs: dict[str, Sequence[int]]):
+def clip_targets(
+    cfg: Any, data: BrainVideoData, clip: Any, device: Any, needs: dict[str, Sequence[int]], vae: Any = None
+) -> ClipTargets:
     """The stage's :class:`ClipTargets`; with the cache, first check that it holds ``needs`` ({source: frames})."""
     if not uses_clip_cache(cfg):
-        return ClipTargets(data, clip, None, device)
+        return ClipTargets(data, clip, None, device, vae)
     from tasks_construction.cache_clip_targets import ClipTargetCache
 
     cache = ClipTargetCache(cfg.paths.data_root, foundation_kind(cfg), cfg.paths.weights_root, cfg.run.profile)
     for source, frames in needs.items():
         cache.require(source, frames)
-    return ClipTargets(data, clip, cache, device)
+    return ClipTargets(data, clip, cache, device, vae)
 
 
 def load_tokens_proj(data_root: str | Path, expect: tuple[int, int]) -> torch.Tensor:

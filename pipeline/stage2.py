@@ -109,7 +109,7 @@ class Stage2:
     voxels: dict[str, torch.Tensor]  # per split: (n, V) train = repeat ``voxel_repeat``, val = mean of the repeats
     captions: dict[str, Captions]  # per split (train, val)
     key_text: dict[str, torch.Tensor]  # per split: (n, Dt) pooled text embedding of each clip's key-object name
-    targets: ClipTargets  # CLIP image tokens of the frames (cached or computed)
+    targets: ClipTargets  # CLIP image tokens and VAE latents of the frames (cached or computed)
     frozen: tuple[str, ...] = FROZEN_PARTS  # parts kept frozen and in eval mode
 
 
@@ -237,7 +237,7 @@ def setup(cfg: Any) -> Stage2:
     clip = build_role("clip", kind, root, "cpu" if uses_clip_cache(cfg) else device)
     vae, gpt2 = (build_role(r, kind, root, device) for r in ("vae", "gpt2"))
     dims = foundation_dims(cfg, clip, data, vae, gpt2)
-    targets = clip_targets(cfg, data, clip, device, {"train": list(range(data.n_frames))})
+    targets = clip_targets(cfg, data, clip, device, {"train": list(range(data.n_frames))}, vae)
     model = build_model(cfg, data, dims, gpt2, stage1)
     t, namer = cfg.train, concept_namer(cfg, data)
     captions = {
@@ -257,10 +257,10 @@ def setup(cfg: Any) -> Stage2:
 # ---- one training step ---------------------------------------------------------------------------------------------
 @dataclass
 class Batch:
-    """The tensors of one step on clips ``idx`` of a split (all on the device)."""
+    """The tensors of one step on clips ``idx`` of a split (all on the device; the frames' CLIP tokens and VAE
+    latents come from :class:`~pipeline.common.ClipTargets`)."""
 
     voxels: torch.Tensor  # (B, V)
-    frames: torch.Tensor  # (B, F, 3, R, R)
     caption_emb: torch.Tensor  # (B, Dt)
     concepts: torch.Tensor  # (B, C)
     masks: torch.Tensor  # (B, F, R, R)
@@ -275,7 +275,6 @@ def get_batch(s: Stage2, split: str, idx: Any) -> Batch:
     cap = s.captions[split]
     return Batch(
         s.voxels[split][rows].to(dev),
-        d.frames(split, idx).to(dev),
         d.caption_embeddings(split)[rows].to(dev),
         d.concept_labels(split)[rows].to(dev),
         d.key_object_masks(split, idx).to(dev),
@@ -365,7 +364,7 @@ def step_loss(s: Stage2, plan: BatchPlan, epoch: int, batch: int) -> dict[str, t
     with torch.no_grad():
         cond = model.encode(b.voxels).float()  # (b, T, D), frozen
         targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
-        latents = s.vae.encode(b.frames).float()  # (b, F, C, s, s)
+        latents = s.targets.latents("train", idx)  # (b, F, C, s, s)
     _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx))
     motion = model.motion(prior_tokens)  # (b, F, T, D)
     local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
@@ -421,7 +420,7 @@ def decode_val(s: Stage2, split: str, idx: np.ndarray) -> tuple[Batch, dict[str,
         "masks": model.decode_masks(motion, b.key_text)[:, :, 0],  # (b, F, S, S)
         "target": s.targets(split, idx, t.target_frame),  # (b, T, D)
     }
-    out["latents"] = s.vae.encode(b.frames).float()  # (b, F, C, s, s)
+    out["latents"] = s.targets.latents(split, idx)  # (b, F, C, s, s)
     out["pred_latents"] = model.decode_latents(motion, text, out_size=out["latents"].shape[-1]).float()
     return b, out
 

@@ -148,14 +148,16 @@ def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
 
 @pytest.fixture(scope="module")
 def cached_env(env: SmokeEnv, tmp_path_factory) -> SmokeEnv:
-    """A copy of the smoke world (mtimes kept) with a CLIP-target cache of every frame of both splits."""
+    """A copy of the smoke world (mtimes kept) with a CLIP-target cache of every frame of both splits, and the VAE
+    latents."""
     from models.foundation import build_role
     from tasks_construction.cache_clip_targets import write_cache
 
     scratch = tmp_path_factory.mktemp("cached")
     world = scratch / "world"
     shutil.copytree(env.world, world)
-    write_cache(world, build_role("clip", "smoke", env.weights, "cpu"), "smoke", env.weights)
+    clip, vae = (build_role(role, "smoke", env.weights, "cpu") for role in ("clip", "vae"))
+    write_cache(world, clip, "smoke", env.weights, vae=vae)
     profile = scratch / "cached.yaml"
     profile.write_text(env.profile.read_text().replace(str(env.world), str(world)).replace(
         str(env.exp_root), str(scratch / "EXP")))  # fmt: skip
@@ -222,15 +224,19 @@ def test_cached_and_computed_targets_give_the_same_loss(env: SmokeEnv, cached_en
     cached = stage1_losses(cfg, steps=1, train=False)[0]
     for key in ("image", "text", "loss"):
         assert cached[key] == pytest.approx(computed[key], rel=2e-3), key  # fp16 targets: ~3 significant digits
+    from models.foundation import build_role
     from pipeline import stage1
 
     s = stage1.setup(config(env, "1", "c2"))
-    cache = clip_targets(cfg, s.data, s.clip, "cpu", {"train": range(6), "test": [2]})
-    reference = ClipTargets(s.data, s.clip, None, "cpu")
+    vae = build_role("vae", "smoke", env.weights, "cpu")
+    cache = clip_targets(cfg, s.data, s.clip, "cpu", {"train": range(6), "test": [2]}, vae)
+    reference = ClipTargets(s.data, s.clip, None, "cpu", vae)
     for split, idx, frames in (("train", [3, 0, 7], range(6)), ("val", [1, 2], 2), ("test", [5, 4], 2)):
-        want, got = reference(split, idx, frames), cache(split, idx, frames)
-        assert got.shape == want.shape and got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+        for want, got in ((reference(split, idx, frames), cache(split, idx, frames)),
+                          (reference.latents(split, idx), cache.latents(split, idx))):  # fmt: skip
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+    assert cache.cache.has_latents("train")
 
 
 def test_the_cache_refuses_stale_or_incomplete_targets(cached_env: SmokeEnv, tmp_path: Path) -> None:
@@ -240,9 +246,13 @@ def test_the_cache_refuses_stale_or_incomplete_targets(cached_env: SmokeEnv, tmp
     cache.require("train", [2, 3])
     with pytest.raises(DataError, match="frames .* not \\[6\\]"):
         cache.require("train", [6])
+    weights = tmp_path / "weights"
+    for role in ("clip", "vae"):
+        shutil.copytree(cached_env.weights / role, weights / role)  # mtimes kept: the same weights
+    with pytest.raises(DataError, match="come from other VAE weights"):
+        os.utime(next((weights / "vae").glob("*.safetensors")), ns=(1, 1))
+        ClipTargetCache(cached_env.world, "smoke", weights, "smoke").has_latents("train")
     with pytest.raises(DataError, match="other clip weights"):
-        weights = tmp_path / "weights"
-        shutil.copytree(cached_env.weights / "clip", weights / "clip")
         os.utime(next((weights / "clip").glob("*.safetensors")), ns=(1, 1))
         ClipTargetCache(cached_env.world, "smoke", weights, "smoke")
     path = frames_file(cached_env.world, "test")

@@ -52,6 +52,7 @@ class DataConfig:
     clip_targets: Literal["compute", "cache"] = "compute"
     clip_cache_frames: tuple[int, ...] = ()  # frames the cache tool stores per clip; () = every frame (stage 2)
     clip_cache_splits: tuple[Literal["train", "test"], ...] = ("train", "test")  # source files the tool caches
+    clip_cache_latents: bool = True  # the tool also caches the VAE latents of every frame (stage 2's latent targets)
 
 
 @dataclass(frozen=True)
