@@ -22,6 +22,7 @@ from utils.cli import OneLineParser, report_error
 from utils.config import load_config
 from utils.data_catalog import DataFile, dataset_files, human_size, is_present, missing_files
 from utils.errors import ConfigError, DataError, NeuronsError
+from utils.io import atomic_write_json
 from utils.runs import setup_logging
 
 log = logging.getLogger("download_dataset")
@@ -43,6 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--subj", type=int, choices=(1, 2, 3), action="append", help="real data: subjects (all)")
     parser.add_argument("--check", action="store_true", help="only report what is missing; download nothing")
     parser.add_argument("--threads", type=int, help="--toy-weights: torch threads (1 is fastest on a busy machine)")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="--toy-weights: then score every toy model on the world's test split into <weights_root>/quality.json",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args(argv)
 
@@ -89,6 +95,12 @@ def build_toy_weights(args) -> int:
     clip = build_role("clip", cfg.model.size, weights_root, "cpu")
     gen_GT_clip_embeds.run(data_root, clip, cfg.data.caption_source)
     gen_GT_clip_embeds.copy_toy_tokens_proj(weights_root, data_root)
+    if args.evaluate:
+        from models.foundation.toy.evaluate import evaluate_toy_weights
+
+        quality = evaluate_toy_weights(data_root, weights_root, cfg.model.size)
+        atomic_write_json(weights_root / "quality.json", {"world": str(data_root), "split": "test", **quality})
+        log.info("toy weights quality written to %s", weights_root / "quality.json")
     return 0
 
 

@@ -78,12 +78,24 @@ def run(data_root: Path, clip, source: str = "blip2", force: bool = False) -> di
 
 
 def copy_toy_tokens_proj(weights_root: Path, data_root: Path) -> Path:
-    """Put the toy CLIP's tokens->text map where the real one lives (``data_root/coco_tokens_avg_proj.pth``)."""
+    """Put the toy CLIP's tokens->text map where the real one lives (``data_root/coco_tokens_avg_proj.pth``).
+
+    An identical file is kept as it is: rewriting it would change its mtime and make every stage that read it stale.
+    """
     from models.foundation.toy.clip import load_proj
     from pipeline.common import TOKENS_PROJ_FILE
     from utils.io import atomic_torch_save
 
-    return atomic_torch_save(data_root / TOKENS_PROJ_FILE, {"proj": load_proj(weights_root).float().contiguous()})
+    path, proj = data_root / TOKENS_PROJ_FILE, load_proj(weights_root).float().contiguous()
+    if path.is_file():
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=True).get("proj")
+        except Exception:  # unreadable: rewrite it
+            old = None
+        if isinstance(old, torch.Tensor) and old.shape == proj.shape and torch.equal(old, proj):
+            log.info("%s is up to date; kept", path)
+            return path
+    return atomic_torch_save(path, {"proj": proj})
 
 
 def _source_mtime(root: Path, split: str, source: str) -> int:
