@@ -220,3 +220,19 @@ def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_fact
     )  # fmt: skip
     assert summary.returncode == 0, summary.stderr
     assert "| video 2-way |" in summary.stdout and f"report: {(run / 'report.html').resolve()}" in summary.stdout
+
+    # motion mode reuses stages 1-2 and writes its own folders; a rerun with the same seed gives identical videos
+    import torch
+    from safetensors.torch import load_file
+
+    result = drive("cpu", "all", "3456", "motion", "1", str(profile), env=env_vars, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((run / "metrics_motion.json").read_text())["mode"] == "motion"
+    first = load_file(run / "stage5_motion" / "videos.safetensors")["videos"]
+    assert first.shape[0] == 4 and first.ndim == 5  # (clips, frames, 3, H, W)
+    result = drive("cpu", "all", "5", "motion", "1", str(profile), env=env_vars, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    again = load_file(run / "stage5_motion" / "videos.safetensors")["videos"]
+    assert torch.equal(first, again)
+    enhance = load_file(run / "stage5_enhance" / "videos.safetensors")["videos"]
+    assert enhance.shape == first.shape and not torch.equal(enhance, first)
