@@ -21,3 +21,15 @@ def test_identical_projection_is_kept_and_a_changed_one_rewritten(smoke_world, t
     torch.save({"proj": proj + 1.0}, path)  # a stale copy
     gen_GT_clip_embeds.copy_toy_tokens_proj(env.weights, data)
     assert torch.equal(torch.load(path, weights_only=True)["proj"], proj)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from utils.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "report.html", "<html></html>")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600
