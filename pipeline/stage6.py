@@ -308,6 +308,8 @@ def evaluate(cfg: Any) -> Path:
     log.info("stage 6 (%s): %d clips, frames %s at %d px, protocol %s, %s captions", cfg.run.mode, x.n,
              list(x.eval_frames), x.pred.shape[-1], ev.protocol, x.caption_source)  # fmt: skip
     metrics, chance = compute_metrics(cfg, x, roles)
+    ident_file = paths.stage_dir("1") / "identification.json"
+    identification = json.loads(ident_file.read_text()).get("test") if ident_file.is_file() else None
     report = {
         "stage": "6",
         "mode": cfg.run.mode,
@@ -330,11 +332,15 @@ def evaluate(cfg: Any) -> Path:
         "preprocessing": {"resize": RESIZE_NOTE, "masks": MASK_NOTE},
         "chance_levels": chance,
         "metrics": metrics,
+        # brain-side: stage 1's identification of each test clip's CLIP tokens among N-1 others (top-1, N-way)
+        "brain_identification": identification,
         "inputs": {k: str(p.resolve()) for k, p in x.files.items()},
     }
     atomic_write_text(out_path, json.dumps(finite_or_none(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
     for p in x.files.values():
         recorder.add_input(p)
+    if identification is not None:
+        recorder.add_input(ident_file)
     recorder.add_output(out_path)
     recorder.extra.update({"n_clips": x.n, "protocol": ev.protocol, "metrics_file": str(out_path.resolve()),
                            "report": str(report_path(paths).resolve())})  # fmt: skip

@@ -211,6 +211,8 @@ def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_fact
     run = scratch / "EXP" / "exp_all" / "subj_1"
     metrics = json.loads((run / "metrics_enhance.json").read_text())
     assert metrics["n_clips"] == 4 and {"video_2way", "ssim", "key_object_dice"} <= set(metrics["metrics"])
+    ident = json.loads((run / "stage1" / "identification.json").read_text())["test"]
+    assert metrics["brain_identification"] == ident and set(ident["top1"]) >= {"2-way"}
     assert (run / "diagnostics_enhance" / "manifest.json").exists()
     assert "Diagnostics (stage e, enhance)" in (run / "report.html").read_text()
     assert sorted(p.name.split("_")[0] for p in (run / "logs").iterdir()) == [f"stage{k}" for k in "123456e"]

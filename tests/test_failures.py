@@ -723,6 +723,9 @@ def faulty_run(env: SmokeEnv, exp: str, mode: str, at: int) -> tuple[int, str]:
     module = importlib.import_module(SCRIPTS["1"])
 
     def child() -> int:
+        # a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore the default
+        # handler (KeyboardInterrupt), as in a terminal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         install_fault(mode, at)
         return run_stage("1", module.main, module.__doc__, ["--profile", str(env.profile), "--exp", exp, *LOG])
 
