@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.foundation import build_role, require_roles
-from pipeline.common import foundation_kind, load_data
+from models.foundation import build_role
+from pipeline.common import foundation_kind, load_data, require_foundation
 from pipeline.report import report_path, write_report
 from pipeline.stage5 import PROMPTS_FILE, VIDEOS_FILE, resize
 from utils.cli import begin_stage
@@ -297,7 +297,7 @@ def evaluate(cfg: Any) -> Path:
     manifest5, dir5, dir3 = check_stages(cfg)
     x = load_inputs(cfg, manifest5, dir5, dir3)
     kind, root = foundation_kind(cfg), cfg.paths.weights_root
-    require_roles(kind, root, ROLES)
+    require_foundation(cfg, ROLES)
     from utils.training import build_accelerator
 
     device = build_accelerator(cfg).device
