@@ -6,7 +6,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VALID_STAGES="123456e"
 VALID_MODES="enhance motion"
 VALID_PROFILES="paper toy smoke"
-MULTI_DEVICE_STAGES="125"  # stages that shard their work over accelerate processes
+MULTI_DEVICE_STAGES="123456"  # stages that shard their work over accelerate processes (e: one process)
 
 declare -A STAGE_SCRIPT=(
   [1]=train_neurons.py [2]=train_decoupler.py [3]=recon_decoupled.py [4]=caption_blip2.py

@@ -12,6 +12,7 @@ generator are restored, and ``metrics.jsonl`` is cut back to the resumed step.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,18 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from utils.errors import TrainingError, WeightsError
-from utils.training import BatchPlan, MetricsLog, average_gradients, build_optimizer, one_cycle, start_wandb
+from utils.errors import ConfigError, TrainingError, WeightsError
+from utils.training import (
+    BatchPlan,
+    MetricsLog,
+    autocast,
+    average_gradients,
+    build_optimizer,
+    one_cycle,
+    prepare_deepspeed,
+    start_wandb,
+    uses_deepspeed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,9 @@ class Trainer:
 
 
 def save(tr: Trainer, name: str, opt, sched, prog: Progress) -> None:
-    """Write ``checkpoints/<name>`` (the whole model, optimizer, scheduler, progress and RNG states)."""
+    """Write ``checkpoints/<name>`` (the whole model, optimizer, scheduler, progress and RNG states). Under DeepSpeed
+    every process first writes its ZeRO partition of the optimizer state to ``checkpoints/<name>.deepspeed``."""
+    zero = save_zero_state(tr, name, prog) if uses_deepspeed(tr.accelerator) else None
     if not tr.accelerator.is_main_process:
         return
     state = {
@@ -63,12 +76,50 @@ def save(tr: Trainer, name: str, opt, sched, prog: Progress) -> None:
         "batch": prog.batch,
         "step": prog.step,
         "best": prog.best,
-        "optimizer": opt.state_dict(),
+        "optimizer": None if zero else opt.state_dict(),
+        "deepspeed": zero,
         "scheduler": sched.state_dict(),
         **(prog.rng or rng_states(tr)),  # an interrupted step is redone from its starting RNG states
     }
     weights = untie(tr.accelerator.unwrap_model(tr.model).state_dict())
     save_checkpoint(tr.out_dir / "checkpoints" / name, weights, tr.cfg, state)
+    if zero:
+        for old in (tr.out_dir / "checkpoints" / zero["dir"]).iterdir():
+            if old.name != zero["tag"] and old.is_dir():  # earlier saves; the new one is complete
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def save_zero_state(tr: Trainer, name: str, prog: Progress) -> dict[str, Any]:
+    """Every process saves its optimizer partition (DeepSpeed's own format) under a new tag; returns where."""
+    folder, tag = f"{name}.deepspeed", f"step{prog.step}_batch{prog.batch}"
+    engine = tr.accelerator.deepspeed_engine_wrapped.engine
+    engine.save_checkpoint(str(tr.out_dir / "checkpoints" / folder), tag=tag, save_latest=False,
+                           exclude_frozen_parameters=True)  # fmt: skip
+    tr.accelerator.wait_for_everyone()
+    return {"dir": folder, "tag": tag, "processes": tr.accelerator.num_processes}
+
+
+def load_optimizer(tr: Trainer, opt, state: Mapping[str, Any], last: Path) -> None:
+    """The optimizer state of ``last``: AdamW's own, or the ZeRO partitions of a DeepSpeed run (same process count)."""
+    zero, deepspeed = state.get("deepspeed"), uses_deepspeed(tr.accelerator)
+    if not deepspeed and zero is None:
+        opt.load_state_dict(state["optimizer"])
+        return
+    if not (deepspeed and zero):
+        saved, now = ("with", "without") if zero else ("without", "with")
+        raise ConfigError(
+            f"{last} was saved {saved} DeepSpeed; this launch runs {now} it",
+            "resume with the launch config the run started with, or start afresh without --resume",
+        )
+    if zero["processes"] != tr.accelerator.num_processes:
+        raise ConfigError(
+            f"{last} holds ZeRO partitions of {zero['processes']} processes; this launch has "
+            f"{tr.accelerator.num_processes}",
+            f"resume with --num_processes {zero['processes']}",
+        )
+    engine = tr.accelerator.deepspeed_engine_wrapped.engine
+    engine.load_checkpoint(str(last.parent / zero["dir"]), tag=zero["tag"], load_optimizer_states=True,
+                           load_lr_scheduler_states=False, load_module_strict=False)  # fmt: skip
 
 
 def rng_states(tr: Trainer) -> dict[str, Any]:
@@ -112,7 +163,7 @@ def restore(tr: Trainer, opt, sched, metrics: MetricsLog) -> Progress:
         metrics.path.unlink(missing_ok=True)
         return Progress()
     state = load_checkpoint(last, tr.accelerator.unwrap_model(tr.model), tr.cfg)
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer(tr, opt, state, last)
     sched.load_state_dict(state["scheduler"])
     set_rng_states(tr, state)
     prog = Progress(state["epoch"], state["batch"], state["step"], state["best"])
@@ -149,15 +200,16 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
         if i < prog.batch:  # resumed mid-epoch
             continue
         prog.rng = rng_states(tr)
-        with acc.autocast():
+        with autocast(acc, tr.cfg):
             losses = tr.step_loss(idx, prog.epoch, i)
         check_finite(tr, losses, prog, i)
         opt.zero_grad(set_to_none=True)
-        acc.backward(losses["loss"])
-        average_gradients(acc, tr.model.parameters())
-        if t.grad_clip is not None:
-            acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
-        opt.step()
+        acc.backward(losses["loss"])  # under DeepSpeed the engine also reduces, clips and steps here
+        if not uses_deepspeed(acc):
+            average_gradients(acc, tr.model.parameters())
+            if t.grad_clip is not None:
+                acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+        opt.step()  # a no-op under DeepSpeed
         sched.step()
         prog.batch, prog.step, prog.rng = i + 1, prog.step + 1, None
         bar.update(1)
@@ -185,6 +237,9 @@ def prepare_training(cfg: Any, stage: str, model: torch.nn.Module, accelerator: 
     sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
     model.to(accelerator.device)
     wandb_run = start_wandb(cfg, stage, out_dir) if accelerator.is_main_process else None
+    if uses_deepspeed(accelerator):  # the engine wraps the model; the stages keep calling the module's methods
+        _, opt, sched = prepare_deepspeed(accelerator, model, opt, sched, plan.global_batch, t)
+        return plan, opt, sched, MetricsLog(out_dir / "metrics.jsonl", wandb_run)
     return plan, accelerator.prepare(opt), sched, MetricsLog(out_dir / "metrics.jsonl", wandb_run)
 
 

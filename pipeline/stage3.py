@@ -62,8 +62,9 @@ from utils.errors import ConfigError, NeuronsError, WeightsError
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.manifest import require_stage
 from utils.runs import RunPaths, rerun_hint
+from utils.sharding import merge_shards, my_clips, remove_shards, write_shard
 from utils.stage_configs import STAGE_CONFIGS
-from utils.training import build_accelerator, clip_seed, seed_everything
+from utils.training import autocast, build_accelerator, clip_seed, seed_everything
 from utils.video_io import save_gif, save_png, side_by_side
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ def brain_outputs(s: Stage3, idx: np.ndarray) -> dict[str, torch.Tensor]:
     """Steps 1–3 of the module docstring (before the mask is applied) for test clips ``idx``."""
     model, sp = s.model, s.cfg.sample
     gens = clip_generators([clip_seed(s.cfg.run.seed, int(i)) for i in idx], s.device)
-    with s.accelerator.autocast():
+    with autocast(s.accelerator, s.cfg):
         cond = model.encode(s.voxels[torch.as_tensor(idx)].to(s.device)).float()  # (B, T, D)
         prior = sample_prior(model.diffusion_prior, cond, gens, sp.prior_steps).float()  # (B, T, D)
         motion = model.motion(prior)  # (B, F, T, D)
@@ -269,7 +270,7 @@ def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
     if keyframes.shape[-1] != sp.keyframe_size:
         keyframes = F.interpolate(keyframes, size=(sp.keyframe_size,) * 2, mode="bilinear", antialias=True,
                                   align_corners=False).clamp(0.0, 1.0)  # fmt: skip
-    with s.accelerator.autocast():
+    with autocast(s.accelerator, s.cfg):
         captions = generate_captions(s, F.normalize(out["text"], dim=-1))
     return {
         "keyframes": keyframes.cpu(),
@@ -369,16 +370,38 @@ class Outputs:
 
 
 def decode_all(s: Stage3) -> Outputs:
-    sp = s.cfg.sample
-    n = sp.num_clips or s.data.n_clips("test")
+    """Decode this process's round-robin share of the test clips (all of them on one process), in clip order."""
+    sp, acc = s.cfg.sample, s.accelerator
+    clips = my_clips(n_clips(s.cfg, s.data), acc.process_index, acc.num_processes)
     keep = tuple(t for t in TENSORS if t != "prior_tokens" or sp.save_prior_tokens)
-    out = Outputs(n, getattr(torch, sp.output_dtype), keep)
+    out = Outputs(len(clips), getattr(torch, sp.output_dtype), keep)
     t0 = time.time()
-    for start in range(0, n, sp.batch_size):
-        idx = np.arange(start, min(start + sp.batch_size, n))
+    for start in range(0, len(clips), sp.batch_size):
+        idx = np.asarray(clips[start : start + sp.batch_size])
         out.put(start, decode_batch(s, idx))
-        log.info("decoded clips %d-%d of %d (%.1f s)", start, idx[-1], n, time.time() - t0)
+        log.info("decoded %d of %d clips on process %d (%.1f s)", start + len(idx), len(clips), acc.process_index,
+                 time.time() - t0)  # fmt: skip
     return out
+
+
+def n_clips(cfg: Any, data: Any) -> int:
+    return cfg.sample.num_clips or data.n_clips("test")
+
+
+def gather_outputs(s: Stage3, share: Outputs) -> Outputs | None:
+    """Every process's share → the whole run's outputs on the main process (None elsewhere), through shard files."""
+    acc = s.accelerator
+    if acc.num_processes == 1:
+        return share
+    clips = my_clips(n_clips(s.cfg, s.data), acc.process_index, acc.num_processes)
+    write_shard(s.out_dir, acc.process_index, clips, share.tensors,
+                {"captions": share.captions, "mask_names": share.mask_names})  # fmt: skip
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return None
+    n = n_clips(s.cfg, s.data)
+    tensors, texts = merge_shards(s.out_dir, acc.num_processes, n)
+    return Outputs(n, share.dtype, share.names, tensors, texts.get("captions", []), texts.get("mask_names", []))
 
 
 def clear_outputs(out_dir: Path) -> None:
@@ -388,6 +411,7 @@ def clear_outputs(out_dir: Path) -> None:
     for name in (CAPTIONS_FILE, CONCEPTS_FILE):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / PREVIEWS_DIR, ignore_errors=True)
+    remove_shards(out_dir)
 
 
 def save_outputs(s: Stage3, out: Outputs, recorder: Any) -> None:
@@ -423,17 +447,22 @@ def write_previews(s: Stage3, out: Outputs) -> None:
 
 
 def reconstruct(cfg: Any) -> Path:
-    """Run stage 3; returns the stage folder."""
+    """Run stage 3 (on every process of a launch: each decodes its round-robin share); returns the stage folder."""
     seed_everything(cfg.run.seed)
     s = setup(cfg)
-    _, recorder = begin_stage(cfg, "3", depends_on=("2",))
-    clear_outputs(s.out_dir)
-    log.info("stage 3 (%s): %d test clips, batch %d, stage-2 checkpoint %s", cfg.run.mode,
-             cfg.sample.num_clips or s.data.n_clips("test"), cfg.sample.batch_size, s.stage2_ckpt)  # fmt: skip
-    out = decode_all(s)
-    save_outputs(s, out, recorder)
-    write_previews(s, out)
-    finish_stage(s, out, recorder)
+    acc, recorder = s.accelerator, None
+    if acc.is_main_process:
+        _, recorder = begin_stage(cfg, "3", depends_on=("2",))
+        clear_outputs(s.out_dir)
+        log.info("stage 3 (%s): %d test clips on %d processes, batch %d, stage-2 checkpoint %s", cfg.run.mode,
+                 n_clips(cfg, s.data), acc.num_processes, cfg.sample.batch_size, s.stage2_ckpt)  # fmt: skip
+    acc.wait_for_everyone()  # the folder is cleared before any shard is written
+    out = gather_outputs(s, decode_all(s))
+    if out is not None:
+        save_outputs(s, out, recorder)
+        write_previews(s, out)
+        finish_stage(s, out, recorder)
+    acc.wait_for_everyone()
     return s.out_dir
 
 
@@ -446,6 +475,7 @@ def finish_stage(s: Stage3, out: Outputs, recorder: Any) -> None:
     for path in data_files(s.data, names):
         recorder.add_input(path)
     recorder.add_input(s.stage2_ckpt / MODEL_FILE)
-    recorder.extra.update({"n_clips": out.n, "stage2_checkpoint": str(s.stage2_ckpt)})
+    recorder.extra.update({"n_clips": out.n, "stage2_checkpoint": str(s.stage2_ckpt),
+                           "processes": s.accelerator.num_processes})  # fmt: skip
     recorder.finish()
     log.info("stage 3 done: %s; captions e.g. %s", s.out_dir, json.dumps(out.captions[:3]))

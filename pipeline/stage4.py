@@ -35,6 +35,8 @@ from utils.io import atomic_write_json
 from utils.manifest import require_stage
 from utils.metrics import caption_bleu
 from utils.runs import RunPaths, rerun_hint
+from utils.sharding import gather_values, my_clips
+from utils.training import build_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Stage4:
     out_dir: Path
     keyframes: torch.Tensor  # (N, 3, K, K) in [0, 1]
     blip2: Any  # models.foundation.blip2.Blip2Role
+    accelerator: Any
 
 
 def keyframes_path(stage3_dir: Path) -> Path:
@@ -83,13 +86,6 @@ def model_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
     return DTYPES.get(cfg.run.mixed_precision) if device.type == "cuda" else None
 
 
-def pick_device(cfg: Any) -> torch.device:
-    cuda = torch.cuda.is_available()
-    if cfg.run.device == "cuda" and not cuda:
-        raise ConfigError("run.device=cuda but CUDA is not available on this machine", "--set run.device=cpu")
-    return torch.device("cuda" if cuda and cfg.run.device != "cpu" else "cpu")
-
-
 def setup(cfg: Any) -> Stage4:
     """Check stage 3 (fresh, with keyframes) and the config, then build the captioner; no output is touched here."""
     paths, hint = RunPaths.from_config(cfg), rerun_hint(cfg)
@@ -101,21 +97,24 @@ def setup(cfg: Any) -> Stage4:
     keyframes = load_keyframes(stage3_dir, hint)
     kind, root = foundation_kind(cfg), cfg.paths.weights_root
     require_foundation(cfg, ("blip2",))
-    device = pick_device(cfg)
+    accelerator = build_accelerator(cfg)
+    device = accelerator.device
     blip2 = build_role("blip2", kind, root, device, dtype=model_dtype(cfg, device))
-    return Stage4(cfg, stage3_dir, paths.stage_dir("4"), keyframes, blip2)
+    return Stage4(cfg, stage3_dir, paths.stage_dir("4"), keyframes, blip2, accelerator)
 
 
 def caption_all(s: Stage4) -> list[str]:
-    """Captions of every keyframe, in clip order."""
-    c, n = s.cfg.caption, len(s.keyframes)
+    """Captions of every keyframe, in clip order (each process captions its round-robin share)."""
+    c, n, acc = s.cfg.caption, len(s.keyframes), s.accelerator
+    clips = my_clips(n, acc.process_index, acc.num_processes)
     captions: list[str] = []
     t0 = time.time()
-    for start in range(0, n, c.batch_size):
-        batch = s.keyframes[start : start + c.batch_size]
+    for start in range(0, len(clips), c.batch_size):
+        batch = s.keyframes[clips[start : start + c.batch_size]]
         captions += s.blip2.caption(batch, max_new_tokens=c.max_new_tokens)
-        log.info("captioned keyframes %d-%d of %d (%.1f s)", start, start + len(batch) - 1, n, time.time() - t0)
-    return captions
+        log.info("captioned %d of %d keyframes on process %d (%.1f s)", start + len(batch), len(clips),
+                 acc.process_index, time.time() - t0)  # fmt: skip
+    return gather_values(acc, clips, captions, n)
 
 
 def ground_truth_captions(cfg: Any, n: int) -> tuple[list[str], Path | None]:
@@ -157,14 +156,26 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def caption(cfg: Any) -> Path:
-    """Run stage 4; returns the stage folder."""
+    """Run stage 4 (on every process of a launch: each captions its round-robin share); returns the stage folder."""
     s = setup(cfg)
-    _, recorder = begin_stage(cfg, "4", depends_on=("3",))
-    clear_outputs(s.out_dir)
+    acc, recorder = s.accelerator, None
     n = len(s.keyframes)
-    log.info("stage 4 (%s): BLIP-2 captions of %d keyframes %s, batch %d, max_new_tokens %s", cfg.run.mode, n,
-             tuple(s.keyframes.shape[1:]), cfg.caption.batch_size, cfg.caption.max_new_tokens)  # fmt: skip
+    if acc.is_main_process:
+        _, recorder = begin_stage(cfg, "4", depends_on=("3",))
+        clear_outputs(s.out_dir)
+        log.info("stage 4 (%s): BLIP-2 captions of %d keyframes %s on %d processes, batch %d, max_new_tokens %s",
+                 cfg.run.mode, n, tuple(s.keyframes.shape[1:]), acc.num_processes, cfg.caption.batch_size,
+                 cfg.caption.max_new_tokens)  # fmt: skip
+    acc.wait_for_everyone()
     captions = caption_all(s)
+    if acc.is_main_process:
+        save_outputs(s, captions, recorder)
+    acc.wait_for_everyone()
+    return s.out_dir
+
+
+def save_outputs(s: Stage4, captions: list[str], recorder: Any) -> None:
+    cfg, n = s.cfg, len(captions)
     path = atomic_write_json(s.out_dir / CAPTIONS_FILE, captions)
     recorder.add_output(path, (n,), "str")
     recorder.add_input(keyframes_path(s.stage3_dir))
@@ -177,7 +188,7 @@ def caption(cfg: Any) -> Path:
         if refs_file is not None:
             recorder.add_input(refs_file)
         log.info("caption BLEU-4: BLIP-2 %.4f, stage-3 GPT-2 %s", scores["blip2_bleu4"], scores.get("gpt2_bleu4"))
-    recorder.extra.update({"n_clips": n, "max_new_tokens": cfg.caption.max_new_tokens})
+    recorder.extra.update({"n_clips": n, "max_new_tokens": cfg.caption.max_new_tokens,
+                           "processes": s.accelerator.num_processes})  # fmt: skip
     recorder.finish()
     log.info("stage 4 done: %s; captions e.g. %s", s.out_dir, json.dumps(captions[:3]))
-    return s.out_dir

@@ -41,13 +41,13 @@ from utils.errors import ConfigError, StageOrderError
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.manifest import read_manifest, require_stage
 from utils.runs import RunPaths, rerun_hint
+from utils.sharding import merge_shards, my_clips, remove_shards, write_shard
 from utils.training import build_accelerator, clip_seed, seed_everything
 from utils.video_io import save_gif
 
 log = logging.getLogger(__name__)
 
 VIDEOS_FILE, PROMPTS_FILE, PREVIEWS_DIR = "videos.safetensors", "prompts.json", "previews"
-SHARD_PATTERN = "shard_{rank}.safetensors"
 OUTPUT_DTYPE = torch.float16
 
 
@@ -119,11 +119,6 @@ def generate_clip(s: Stage5, clip: int) -> torch.Tensor:
     return role.decode_latents(start)[0].cpu()  # (N, 3, R, R)
 
 
-def my_clips(n_clips: int, rank: int, world: int) -> list[int]:
-    """Round-robin share of a process (upstream's ``rank + i·num_processes``)."""
-    return list(range(rank, n_clips, world))
-
-
 def generate_share(s: Stage5) -> Path:
     """Generate this process's clips and write its shard file; returns its path."""
     acc, v = s.accelerator, s.cfg.video
@@ -134,22 +129,7 @@ def generate_share(s: Stage5) -> Path:
         videos[i] = generate_clip(s, clip).to(OUTPUT_DTYPE)
         log.info("clip %d (%d of %d on process %d): %.1f s/clip", clip, i + 1, len(clips), acc.process_index,
                  (time.time() - t0) / (i + 1))  # fmt: skip
-    path = s.out_dir / SHARD_PATTERN.format(rank=acc.process_index)
-    return atomic_save_safetensors(path, {"videos": videos, "clips": torch.tensor(clips, dtype=torch.long)})
-
-
-def merge_shards(out_dir: Path, n_shards: int, n_clips: int) -> torch.Tensor:
-    """The shards of ``n_shards`` processes → ``(n_clips, N, 3, R, R)``, each clip exactly once; shards removed."""
-    parts = [load_file(out_dir / SHARD_PATTERN.format(rank=r)) for r in range(n_shards)]
-    clips = torch.cat([p["clips"] for p in parts])
-    if sorted(clips.tolist()) != list(range(n_clips)):
-        raise RuntimeError(f"the {n_shards} shards hold clips {sorted(clips.tolist())[:8]}..., not 0..{n_clips - 1}")
-    videos = torch.empty((n_clips, *parts[0]["videos"].shape[1:]), dtype=parts[0]["videos"].dtype)
-    for p in parts:
-        videos[p["clips"]] = p["videos"]
-    for r in range(n_shards):
-        (out_dir / SHARD_PATTERN.format(rank=r)).unlink()
-    return videos
+    return write_shard(s.out_dir, acc.process_index, clips, {"videos": videos})
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
@@ -225,8 +205,9 @@ def setup(cfg: Any) -> Stage5:
 # ---- outputs -------------------------------------------------------------------------------------------------------
 def clear_outputs(out_dir: Path) -> None:
     """Remove the files a previous run of this stage wrote (only the names this stage writes)."""
-    for path in (out_dir / VIDEOS_FILE, out_dir / PROMPTS_FILE, *out_dir.glob(SHARD_PATTERN.format(rank="*"))):
+    for path in (out_dir / VIDEOS_FILE, out_dir / PROMPTS_FILE):
         path.unlink(missing_ok=True)
+    remove_shards(out_dir)
     shutil.rmtree(out_dir / PREVIEWS_DIR, ignore_errors=True)
 
 
@@ -279,7 +260,7 @@ def generate(cfg: Any) -> Path:
     generate_share(s)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        videos = merge_shards(s.out_dir, acc.num_processes, s.n_clips)
+        videos = merge_shards(s.out_dir, acc.num_processes, s.n_clips)[0]["videos"]
         save_outputs(s, videos, recorder)
         record_inputs(s, recorder)
         recorder.finish()

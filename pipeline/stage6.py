@@ -62,6 +62,7 @@ from utils.metrics import (
     summarise,
 )
 from utils.runs import RunPaths, rerun_hint
+from utils.sharding import gather_values, my_clips
 
 log = logging.getLogger(__name__)
 
@@ -269,19 +270,43 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def compute_metrics(cfg: Any, x: EvalInputs, roles: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, chance levels) of the aligned inputs with the built ``roles``."""
-    ev, batch = cfg.eval, cfg.eval.batch_size
+@dataclass
+class ModelScores:
+    """The evaluation models' outputs for every clip (N clips, F frames)."""
+
+    video: tuple[torch.Tensor, torch.Tensor]  # gt, pred (N, classes) video-classifier probabilities
+    frame: tuple[torch.Tensor, torch.Tensor]  # gt, pred (N, F, classes) frame-classifier probabilities
+    clip_features: torch.Tensor  # (N, F, D) clip_pcc features of the predicted frames
+
+
+def model_scores(x: EvalInputs, roles: dict[str, Any], batch: int, accelerator: Any) -> ModelScores:
+    """Run the evaluation models on this process's round-robin share of the clips and gather every clip's outputs
+    to every process (one process: all clips)."""
+    clips = my_clips(x.n, accelerator.process_index, accelerator.num_processes)
+    idx = torch.as_tensor(clips, dtype=torch.long)
+    gt, pred = x.gt[idx], x.pred[idx]
+
+    def everyone(scorer: Callable[..., torch.Tensor], role: str, videos: torch.Tensor) -> torch.Tensor:
+        rows = list(scorer(roles[role], videos, batch).unbind(0)) if clips else []  # a process may have no clip
+        return torch.stack(gather_values(accelerator, clips, rows, x.n))
+
+    video = tuple(everyone(video_scores, "video_classifier", v) for v in (gt, pred))
+    frame = tuple(everyone(frame_scores, "frame_classifier", v) for v in (gt, pred))
+    return ModelScores(video, frame, everyone(clip_features, "clip_pcc", pred))  # type: ignore[arg-type]
+
+
+def compute_metrics(cfg: Any, x: EvalInputs, roles: dict[str, Any], scores: ModelScores
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """(metrics, chance levels) of the aligned inputs from the models' ``scores``."""
+    ev = cfg.eval
     metrics: dict[str, dict[str, Any]] = {}
     chance: dict[str, dict[str, float]] = {}
-    for prefix, scorer in (("video", video_scores), ("frame", frame_scores)):
+    for prefix, (gt_s, pred_s) in (("video", scores.video), ("frame", scores.frame)):
         role = roles[f"{prefix}_classifier"]
         ways = capped_ways(tuple(ev.ways), role.num_classes, ev.gt_top_k, f"{prefix} classifier")
-        gt_s, pred_s = scorer(role, x.gt, batch), scorer(role, x.pred, batch)
         metrics.update(n_way_entries(prefix, gt_s, pred_s, ways, ev))
         chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
-    feats = clip_features(roles["clip_pcc"], x.pred, batch)
-    metrics["clip_pcc"] = summarise(clip_pcc(feats, ev.protocol), None, ev.protocol)
+    metrics["clip_pcc"] = summarise(clip_pcc(scores.clip_features, ev.protocol), None, ev.protocol)
     metrics.update(evaluate_videos(x.pred, x.gt, protocol=ev.protocol, blurry=x.blurry))  # ssim, psnr, blurry_ssim
     metrics["blurry_video_ssim"] = metrics.pop("blurry_ssim")
     metrics.update(task_metrics(x, ev))
@@ -300,14 +325,29 @@ def evaluate(cfg: Any) -> Path:
     require_foundation(cfg, ROLES)
     from utils.training import build_accelerator
 
-    device = build_accelerator(cfg).device
-    roles = {r: build_role(r, kind, root, device) for r in ROLES}
-    paths, recorder = begin_stage(cfg, "6", depends_on=("5", "3"))
-    out_path = metrics_path(paths)
-    out_path.unlink(missing_ok=True)
-    log.info("stage 6 (%s): %d clips, frames %s at %d px, protocol %s, %s captions", cfg.run.mode, x.n,
-             list(x.eval_frames), x.pred.shape[-1], ev.protocol, x.caption_source)  # fmt: skip
-    metrics, chance = compute_metrics(cfg, x, roles)
+    accelerator = build_accelerator(cfg)
+    roles = {r: build_role(r, kind, root, accelerator.device) for r in ROLES}
+    paths, recorder = RunPaths.from_config(cfg), None
+    if accelerator.is_main_process:
+        paths, recorder = begin_stage(cfg, "6", depends_on=("5", "3"))
+        metrics_path(paths).unlink(missing_ok=True)
+        log.info("stage 6 (%s): %d clips on %d processes, frames %s at %d px, protocol %s, %s captions", cfg.run.mode,
+                 x.n, accelerator.num_processes, list(x.eval_frames), x.pred.shape[-1], ev.protocol,
+                 x.caption_source)  # fmt: skip
+    accelerator.wait_for_everyone()
+    scores = model_scores(x, roles, ev.batch_size, accelerator)
+    if accelerator.is_main_process:
+        metrics, chance = compute_metrics(cfg, x, roles, scores)
+        recorder.extra["processes"] = accelerator.num_processes
+        write_metrics(cfg, x, paths, recorder, metrics, chance)
+    accelerator.wait_for_everyone()
+    return metrics_path(paths)
+
+
+def write_metrics(cfg: Any, x: EvalInputs, paths: RunPaths, recorder: Any, metrics: dict[str, Any],
+                  chance: dict[str, Any]) -> None:  # fmt: skip
+    """``metrics_<mode>.json``, the manifest and the report (main process)."""
+    ev, out_path = cfg.eval, metrics_path(paths)
     ident_file = paths.stage_dir("1") / "identification.json"
     identification = json.loads(ident_file.read_text()).get("test") if ident_file.is_file() else None
     report = {
@@ -348,7 +388,6 @@ def evaluate(cfg: Any) -> Path:
     for name, m in sorted(metrics.items()):
         log.info("%-22s %s ± %s (n=%d)", name, _fmt(m["mean"]), _fmt(m["std"]), m["n"])
     log.info("stage 6 done: %s; report %s", out_path, write_report(cfg))
-    return out_path
 
 
 def _fmt(v: float | None) -> str:

@@ -137,13 +137,14 @@ def test_gpu_list_uses_accelerate_for_multi_device_stages(probe_repo: Path, tmp_
     fake.write_text(f'#!/usr/bin/env bash\necho "$CUDA_VISIBLE_DEVICES :: $*" >> {tmp_path}/calls.txt\n'
                     f'if [[ "$1" == "-c" ]]; then exec {sys.executable} "$@"; fi\n')  # fmt: skip
     fake.chmod(0o755)
-    result = drive("0,1", "demo", "16", "enhance", "1", "ok.yaml", cwd=probe_repo, env={"PYTHON": str(fake)})
+    result = drive("0,1", "demo", "16e", "enhance", "1", "ok.yaml", cwd=probe_repo, env={"PYTHON": str(fake)})
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "calls.txt").read_text().splitlines()
-    stage1 = next(c for c in calls if "train_neurons.py" in c)
-    stage6 = next(c for c in calls if "eval_metrics.py" in c)
-    assert stage1.startswith("0,1 :: -m accelerate.commands.launch --num_processes 2")
-    assert stage6.startswith("0,1 :: -u ") and "accelerate.commands" not in stage6
+    for script in ("train_neurons.py", "eval_metrics.py"):  # stages 1 to 6 shard their work over processes
+        call = next(c for c in calls if script in c)
+        assert call.startswith("0,1 :: -m accelerate.commands.launch --num_processes 2"), call
+    stage_e = next(c for c in calls if "gen_decoupled_outputs.py" in c)
+    assert stage_e.startswith("0,1 :: -u ") and "accelerate.commands" not in stage_e
 
 
 def test_stage_script_runs_on_its_own(probe_repo: Path, tmp_path: Path):

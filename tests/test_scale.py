@@ -72,15 +72,6 @@ def lrs(plan: BatchPlan) -> list[float]:
     return out
 
 
-def test_a_deepspeed_launch_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from utils.config import load_config
-    from utils.training import build_accelerator
-
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
-    with pytest.raises(ConfigError, match="DeepSpeed.*multi_gpu.yaml"):
-        build_accelerator(load_config("1", "smoke"))
-
-
 # ---- memory options on tiny models --------------------------------------------------------------------------------
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
     grads = {}

@@ -8,6 +8,7 @@ the data, so multi-GPU runs trained on a different schedule.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,10 +39,18 @@ def clip_seed(base_seed: int, index: int) -> int:
     return (base_seed * 1_000_003 + index * 7_919) % 2**63
 
 
+def deepspeed_launch() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it exports ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def build_accelerator(cfg: Any):
     """An ``accelerate.Accelerator`` for ``cfg.run.device`` / ``cfg.run.mixed_precision``.
 
     fp16 autocast does not exist on the CPU; there it falls back to full precision (bf16 stays bf16).
+    Under a DeepSpeed launch (ZeRO stage 1 or 2, see :func:`prepare_deepspeed`) the parameters stay fp32 (DeepSpeed's
+    own bf16/fp16 mode would keep only half-precision weights in the module) and :func:`autocast` gives the
+    mixed-precision compute instead.
     """
     from accelerate import Accelerator
 
@@ -50,19 +59,85 @@ def build_accelerator(cfg: Any):
         raise ConfigError(
             "run.device=cuda but CUDA is not available on this machine", "use GPU 'cpu' or --set run.device=cpu"
         )
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ConfigError(
-            "DeepSpeed launches are not supported by the stage loop yet (it averages gradients itself and does not "
-            "wrap the model in a DeepSpeed engine)",
-            "launch with configs/accelerate/multi_gpu.yaml and save memory with train.adamw_impl=8bit or fused "
-            "(docs/scale.md)",
-        )
-    cpu = cfg.run.device == "cpu" or not cuda
     precision = cfg.run.mixed_precision
+    cpu = cfg.run.device == "cpu" or not cuda
     if cpu and precision == "fp16":
         log.info("fp16 is not available on the CPU; training in full precision")
         precision = "no"
+    if deepspeed_launch():
+        check_deepspeed_installed()
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # cpu=True would drop the DeepSpeed plugin; without CUDA, naming gloo makes accelerate start DeepSpeed's
+        # process group on the CPU (DeepSpeed's CPU accelerator) instead of running every process as rank 0 of 1
+        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        accelerator = Accelerator(mixed_precision="no", kwargs_handlers=handlers)
+        check_zero_stage(int(accelerator.state.deepspeed_plugin.zero_stage))
+        return accelerator
     return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def check_deepspeed_installed() -> None:
+    if not deepspeed_available():
+        raise ConfigError(
+            "this launch uses a DeepSpeed config but the optional package deepspeed is not installed",
+            "pip install deepspeed==0.19.8, or launch with configs/accelerate/multi_gpu.yaml",
+        )
+
+
+def check_zero_stage(stage: int) -> None:
+    """ZeRO stages 0, 1 and 2 work with the stages' several model calls per step; stage 3 does not."""
+    if stage > 2:
+        raise ConfigError(
+            f"DeepSpeed ZeRO stage {stage} partitions the parameters themselves, which needs every call to go through "
+            "the engine's forward(); the stages call several model methods per step",
+            "use zero_stage 2 (configs/accelerate/deepspeed_zero2.yaml)",
+        )
+
+
+def uses_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def autocast(accelerator: Any, cfg: Any):
+    """The mixed-precision context of a step: accelerate's, or under DeepSpeed ``torch.autocast`` in the
+    ``run.mixed_precision`` dtype (the DeepSpeed accelerator itself is built in full precision)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
+    if not uses_deepspeed(accelerator):
+        return accelerator.autocast()
+    if dtype is None or (dtype == torch.float16 and accelerator.device.type == "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(accelerator.device.type, dtype=dtype)
+
+
+def prepare_deepspeed(accelerator: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                      global_batch: int, train_cfg: Any) -> tuple[Any, Any, Any]:  # fmt: skip
+    """(engine, optimizer, scheduler) of ``model`` under the launch's DeepSpeed ZeRO config: the micro batch is this
+    process's share of ``global_batch`` (no gradient accumulation), clipping is ``train.grad_clip``. The engine then
+    averages (ZeRO-2: reduce-scatters) the gradients and steps inside ``accelerator.backward``; the returned optimizer
+    wrapper's ``step`` does nothing, and the loop steps the (unwrapped) scheduler once per step."""
+    n = accelerator.num_processes
+    if global_batch % n:
+        raise ConfigError(f"DeepSpeed needs the global batch {global_batch} to split evenly over {n} processes",
+                          f"set train.batch_size to a multiple of {n}")  # fmt: skip
+    if train_cfg.adamw_impl == "8bit":
+        raise ConfigError("train.adamw_impl=8bit is not supported under DeepSpeed (ZeRO partitions the AdamW state)",
+                          "choose train.adamw_impl=fused or auto")  # fmt: skip
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = global_batch // n
+    ds["train_batch_size"] = global_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = float(train_cfg.grad_clip or 0.0)
+    engine, opt = accelerator.prepare(model, opt)
+    return engine, opt, sched  # the scheduler stays ours: accelerate's wrapper would step it once per process
 
 
 @dataclass(frozen=True)
