@@ -165,8 +165,9 @@ def stage2_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], gens: list
         "latent": L.latent_l1(model.decode_latents(motion, text).float(), x["latents"]),
     }
     if hasattr(model, "text_dec"):
-        logits, labels = model.caption_logits(F.normalize(text, dim=-1), x["tokens"], x["token_mask"])
-        losses["caption"] = L.caption_ce(logits, labels, t.caption_label_smoothing)
+        # as pipeline/stage2.py: the LM head runs on the labelled positions only
+        logits, labels, _ = model.caption_target_logits(F.normalize(text, dim=-1), x["tokens"], x["token_mask"])
+        losses["caption"] = F.cross_entropy(logits.float(), labels, label_smoothing=t.caption_label_smoothing)
     return L.total_loss(losses, Stage2LossWeights())[0]
 
 

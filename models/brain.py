@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.heads import CLIPProj, MotionProj, MultiLabelClassifier, TextDecoder, caption_labels
+from models.heads import IGNORE_INDEX, CLIPProj, MotionProj, MultiLabelClassifier, TextDecoder, caption_labels
 from models.prior import BrainDiffusionPrior, GainLayerNorm, Generators, MultiQueryAttention, PriorNetwork
 from models.sizes import BrainConfig
 from models.video_decoder import SpatioTemporalAttention, TextDrivenDecoder
@@ -184,6 +184,17 @@ class NeuronsBrainModel(nn.Module):
         mask = attention_mask if self.cfg.caption_pad == "dedicated" else None
         logits = self.text_dec(prefix, tokens, mask)
         return logits, caption_labels(tokens, attention_mask, self.cfg.caption_pad)
+
+    def caption_target_logits(
+        self, prefix: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`caption_logits` at the K labelled positions only (the same values, without the LM head's work on
+        padding positions): prefix (B, Dt), tokens (B, L) → (logits (K, V), labels (K,), keep (B, L) bool)."""
+        mask = attention_mask if self.cfg.caption_pad == "dedicated" else None
+        labels = caption_labels(tokens, attention_mask, self.cfg.caption_pad)
+        keep = labels != IGNORE_INDEX
+        hidden = self.text_dec.hidden(prefix, tokens, mask)  # (B, L, E)
+        return self.text_dec.decoder.lm_head(hidden[keep]), labels[keep], keep
 
     @torch.no_grad()
     def decode_clips(

@@ -85,6 +85,14 @@ class TextDecoder(nn.Module):
         logits[:, i] predicts tokens[:, i] (position 0, the prefix, predicts the first token). Masked positions may
         hold any value (e.g. -100); they are replaced by id 0 before the embedding lookup and masked out.
         """
+        return self.decoder.lm_head(self.hidden(prefix, tokens, attention_mask))
+
+    def hidden(
+        self, prefix: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last hidden states that :meth:`forward` turns into logits: (B, L, E), position i predicts tokens[:, i].
+        The LM head (E → V, 49,408-way for CLIP-BPE) is most of the caption cost; callers that need logits only at
+        some positions apply ``decoder.lm_head`` to those rows alone."""
         if attention_mask is not None:
             tokens = torch.where(attention_mask.bool(), tokens, torch.zeros_like(tokens))
         tok_emb = self.decoder.transformer.wte(tokens)  # (B, L, E)
@@ -94,8 +102,8 @@ class TextDecoder(nn.Module):
         if attention_mask is not None:
             ones = torch.ones_like(attention_mask[:, :1], dtype=torch.long)
             mask = torch.cat((ones, attention_mask.long()), dim=1)
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=mask).logits  # (B, L+1, V)
-        return logits[:, :-1]
+        hidden = self.decoder.transformer(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L+1, E)
+        return hidden[:, :-1]
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, max_new_tokens: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

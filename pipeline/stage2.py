@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from models.brain import NeuronsBrainModel, clip_generators
 from models.foundation import build_role
-from models.heads import IGNORE_INDEX, ConceptNamer
+from models.heads import ConceptNamer
 from models.mindeye2_keymap import load_mindeye2_backbone_prior
 from models.prior import BrainDiffusionPrior, Generators, randn_per_sample
 from models.sizes import ALL_PARTS, STAGE1_PARTS
@@ -294,25 +294,31 @@ def head_outputs(s: Stage2, b: Batch, motion: torch.Tensor, latent_size: int) ->
     clip axis so that they can be gathered over processes."""
     model = s.accelerator.unwrap_model(s.model)
     text = model.text_embed(motion)  # (b, Dt)
-    logits, labels = model.caption_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)  # (b, L, V), (b, L)
-    keep = labels != IGNORE_INDEX
+    # logits at the K labelled positions only (K, V): the 49,408-way LM head is most of a toy step's work
+    logits, labels, keep = model.caption_target_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
     return {
         "text": text,
         "mask_logits": model.decode_masks(motion, b.key_text.detach())[:, :, 0].float(),  # (b, F, S, S)
         "concept_logits": model.concept_logits(motion).float(),  # (b, C)
         "pred_latents": model.decode_latents(motion, text, out_size=latent_size).float(),  # (b, F, C, s, s)
-        "token_loss": caption_token_losses(logits, labels, s.cfg.train.caption_label_smoothing),  # (b, L)
-        "token_hit": ((logits.argmax(-1) == labels) & keep).float(),  # (b, L)
+        "token_loss": caption_token_losses(logits, labels, keep, s.cfg.train.caption_label_smoothing),  # (b, L)
+        "token_hit": scatter_positions((logits.argmax(-1) == labels).float(), keep),  # (b, L)
         "token_keep": keep.float(),  # (b, L)
     }
 
 
-def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """``utils.losses.caption_ce`` before its mean: per-position label-smoothed CE (B, L), 0 where ignored, so that
-    the mean can be taken over the tokens of the global batch."""
-    flat = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           label_smoothing=label_smoothing, reduction="none")  # fmt: skip
-    return flat.view_as(labels)
+def scatter_positions(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Values (K,) of the K True positions of ``keep`` (B, L) → (B, L), 0 elsewhere (differentiable)."""
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+
+def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, label_smoothing: float
+                         ) -> torch.Tensor:  # fmt: skip
+    """``utils.losses.caption_ce`` before its mean: label-smoothed CE of the K labelled positions' logits (K, V) and
+    labels (K,), placed at ``keep`` (B, L) and 0 where ignored, so that the mean can be taken over the tokens of the
+    global batch."""
+    flat = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")  # (K,)
+    return scatter_positions(flat, keep)
 
 
 def head_losses(s: Stage2, g: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor | float]:
@@ -410,12 +416,12 @@ def decode_val(s: Stage2, split: str, idx: np.ndarray) -> tuple[Batch, dict[str,
     prior_tokens = sample_prior(model.diffusion_prior, model.encode(b.voxels).float(), gens, t.val_prior_steps)
     motion = model.motion(prior_tokens)  # (b, F, T, D)
     text = model.text_embed(motion)
-    logits, labels = model.caption_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
+    logits, labels, _ = model.caption_target_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
     out = {
         "prior": prior_tokens,
         "motion": motion,
-        "caption_logits": logits,
-        "caption_labels": labels,
+        "caption_logits": logits,  # (K, V) at the K labelled positions
+        "caption_labels": labels,  # (K,)
         "concepts": model.concept_logits(motion),
         "masks": model.decode_masks(motion, b.key_text)[:, :, 0],  # (b, F, S, S)
         "target": s.targets(split, idx, t.target_frame),  # (b, T, D)
@@ -431,8 +437,7 @@ def chunk_scores(b: Batch, out: dict[str, Any], frame: int) -> dict[str, float]:
     truth = torch.arange(len(target), device=target.device)
     sims = F.normalize(out["motion"][:, frame].flatten(1), dim=-1) @ target.T  # (b, b)
     prior_sims = F.normalize(out["prior"].flatten(1), dim=-1) @ target.T
-    keep = out["caption_labels"] != -100
-    hits = (out["caption_logits"].argmax(-1) == out["caption_labels"]) & keep
+    hits = out["caption_logits"].argmax(-1) == out["caption_labels"]  # (K,) labelled positions only
     pred = out["concepts"] > 0
     gt = b.concepts > 0.5
     has_obj = b.masks.flatten(1).amax(1) > 0
@@ -444,7 +449,7 @@ def chunk_scores(b: Batch, out: dict[str, Any], frame: int) -> dict[str, float]:
         "bwd_top1": float((sims.argmax(0) == truth).sum()),
         "prior_fwd_top1": float((prior_sims.argmax(1) == truth).sum()),
         "tokens_hit": float(hits.sum()),
-        "tokens": float(keep.sum()),
+        "tokens": float(len(out["caption_labels"])),
         "tp": float((pred & gt).sum()),
         "fp": float((pred & ~gt).sum()),
         "fn": float((~pred & gt).sum()),

@@ -224,6 +224,26 @@ def test_caption_padding_dedicated_vs_upstream():
     assert up_labels[0, 1].item() == IGNORE_INDEX
 
 
+@pytest.mark.parametrize("pad", ["dedicated", "clip_zero"])
+def test_caption_logits_at_labelled_positions_equal_the_full_logits(pad):
+    """Stage 2 applies the LM head to the labelled positions only: the same logits and labels as the full (B, L, V)
+    logits there, in row-major order, and the same label-smoothed loss."""
+    from utils.losses import caption_ce
+
+    m = make_model(caption_pad=pad)
+    prefix = torch.randn(2, DIMS.text_dim)
+    tokens = torch.tensor([[5, 0, 9, 3, 0, 0], [7, 8, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    full, labels = m.caption_logits(prefix, tokens, mask)
+    part, part_labels, keep = m.caption_target_logits(prefix, tokens, mask)
+    assert keep.tolist() == (labels != IGNORE_INDEX).tolist() and part.shape == (int(keep.sum()), full.shape[-1])
+    assert part_labels.tolist() == labels[keep].tolist()
+    torch.testing.assert_close(part, full[keep], atol=1e-5, rtol=1e-5)
+    loss_full = caption_ce(full, labels, 0.1)
+    loss_part = torch.nn.functional.cross_entropy(part, part_labels, label_smoothing=0.1)
+    torch.testing.assert_close(loss_part, loss_full, atol=1e-6, rtol=1e-5)
+
+
 def test_generate_is_greedy_and_batch_independent(model):
     prefix = torch.randn(4, DIMS.text_dim)
     tokens, mask = model.text_dec.generate(prefix, max_new_tokens=6, eos_id=49)

@@ -57,7 +57,7 @@ class ToyClipRecipe:
     context_length: int = 32
     proj_ridge: float = 1e-3  # relative ridge of the tokens->text least squares
     train: TrainRecipe = field(
-        default_factory=lambda: TrainRecipe(steps=1200, batch_size=128, lr=1e-3, weight_decay=0.05, warmup=100)
+        default_factory=lambda: TrainRecipe(steps=900, batch_size=128, lr=1e-3, weight_decay=0.05, warmup=100)
     )
 
     def open_clip_config(self) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class ToyUnclipRecipe:
     num_steps: int = 10
     guidance: float = 3.0
     train: TrainRecipe = field(
-        default_factory=lambda: TrainRecipe(steps=1800, batch_size=32, lr=2e-3, warmup=100, ema=0.995)
+        default_factory=lambda: TrainRecipe(steps=1200, batch_size=32, lr=2e-3, warmup=100, ema=0.995)
     )
 
     def diffusers_config(self, latent_channels: int, latent_size: int, token_dim: int) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class ToyVaeRecipe:
     latent_channels: int = 4
     norm_num_groups: int = 16
     kl_weight: float = 1e-6
-    train: TrainRecipe = field(default_factory=lambda: TrainRecipe(steps=1200, batch_size=32, lr=1e-3, warmup=50))
+    train: TrainRecipe = field(default_factory=lambda: TrainRecipe(steps=800, batch_size=32, lr=1e-3, warmup=50))
 
     def diffusers_config(self, sample_size: int) -> dict[str, Any]:
         levels = len(self.block_out_channels)
