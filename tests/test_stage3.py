@@ -184,6 +184,9 @@ def test_enhance_and_motion_write_separate_folders_and_differ_where_they_should(
     assert not torch.equal(e["keyframes"], m["keyframes"])
     assert json.loads((enhance / "captions.json").read_text())["max_new_tokens"] == 60
     assert json.loads((motion / "captions.json").read_text())["max_new_tokens"] == 30
+    configs = enhance.parent / "config"  # each mode keeps its own resolved config
+    assert "mode: enhance" in (configs / "stage3_enhance.yaml").read_text()
+    assert "mode: motion" in (configs / "stage3_motion.yaml").read_text()
 
 
 def test_enhance_masks_the_blurry_latents_and_the_unclip_tokens(env: SmokeEnv, stage2_run: Path) -> None:

@@ -1,6 +1,7 @@
 """Run folders, the run lock and logging.
 
-``run = <exp_root>/exp_<EXP>/subj_<SUBJ>/`` holds ``config/stage<k>.yaml``, ``logs/``, and one folder per stage:
+``run = <exp_root>/exp_<EXP>/subj_<SUBJ>/`` holds ``config/stage<k>.yaml`` (``config/stage<k>_<mode>.yaml`` for the
+mode-dependent stages), ``logs/``, and one folder per stage:
 ``stage1/``, ``stage2/`` (mode-independent) and ``stage3_<mode>/`` ... ``diagnostics_<mode>/`` (mode-dependent, so
 modes never overwrite each other).
 """
@@ -64,8 +65,10 @@ def rerun_hint(cfg: Any) -> str:
 
 
 def save_resolved_config(cfg: Any, stage: str, paths: RunPaths) -> Path:
-    """Write ``config/stage<k>.yaml`` (atomically) and say so when it replaces a different config."""
-    target = paths.config_dir / f"stage{stage}.yaml"
+    """Write ``config/stage<k>.yaml`` (``stage<k>_<mode>.yaml`` for the mode-dependent stages, so that the enhance
+    and motion runs keep their own) atomically, and say so when it replaces a different config."""
+    name = f"stage{stage}.yaml" if stage in MODE_INDEPENDENT else f"stage{stage}_{paths.mode}.yaml"
+    target = paths.config_dir / name
     text = f"# resolved config of stage {stage}, hash {config_hash(cfg)}\n" + to_yaml(cfg)
     if target.exists() and target.read_text() != text:
         logging.getLogger(__name__).info("stage %s config changed since the last run; %s is replaced", stage, target)
