@@ -118,6 +118,8 @@ def load_optimizer(tr: Trainer, opt, state: Mapping[str, Any], last: Path) -> No
             f"resume with --num_processes {zero['processes']}",
         )
     engine = tr.accelerator.deepspeed_engine_wrapped.engine
+    # The module weights were already loaded strictly from ``last`` (utils.checkpoint); DeepSpeed's copy leaves out
+    # the frozen parameters (exclude_frozen_parameters in save_zero_state), so its own module load cannot be strict.
     engine.load_checkpoint(str(last.parent / zero["dir"]), tag=zero["tag"], load_optimizer_states=True,
                            load_lr_scheduler_states=False, load_module_strict=False)  # fmt: skip
 
