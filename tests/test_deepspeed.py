@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,11 +45,8 @@ def test_a_deepspeed_launch_without_the_package_or_with_zero3_is_refused(monkeyp
 
 
 @pytest.fixture(scope="module")
-def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
-    torch.set_num_threads(threads)
+def env(smoke_world: Path, tmp_path_factory) -> SmokeEnv:
+    return smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
 
 
 def launch(env: SmokeEnv, n: int, exp: str, *extra: str, deepspeed: bool) -> subprocess.CompletedProcess:

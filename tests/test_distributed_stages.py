@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,10 +44,8 @@ def missing_roles(env: SmokeEnv) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
+def env(smoke_world: Path, tmp_path_factory) -> SmokeEnv:
     """The smoke env with every role; 5 test clips in batches of 2, small stage-5 and stage-6 settings."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
     scratch = tmp_path_factory.mktemp("distributed")
     missing = missing_roles(base)
@@ -62,8 +59,7 @@ def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
         "stage5: {video: {steps: 4, strength: 0.5, num_previews: 0}}\n"
         "stage6: {eval: {batch_size: 2, bootstrap: 10}}\n"
     )
-    yield SmokeEnv(base.world, base.weights, base.exp_root, profile)
-    torch.set_num_threads(threads)
+    return SmokeEnv(base.world, base.weights, base.exp_root, profile)
 
 
 @pytest.fixture(scope="module")
