@@ -26,11 +26,7 @@ demo: venv
 	$(PY) download_dataset.py --toy --profile $(PROFILE)
 	$(PY) download_dataset.py --toy-weights --profile $(PROFILE)
 	$(PY) -m tasks_construction.ridge_baseline --profile $(PROFILE)
-	@stages=""; for k in 1 2 3 4 5 6 e; do \
-		case $$k in 1) s=train_neurons.py;; 2) s=train_decoupler.py;; 3) s=recon_decoupled.py;; \
-			4) s=caption_blip2.py;; 5) s=recon_video.py;; 6) s=eval_metrics.py;; e) s=gen_decoupled_outputs.py;; esac; \
-		[ -f $$s ] && stages="$$stages$$k"; \
-	done; \
+	@stages="$$($(PY) -m utils.stages present)"; \
 	if [ -n "$$stages" ]; then bash train_neurons.sh cpu $(EXP) $$stages $(MODE) $(SUBJ) $(PROFILE); \
 	else echo "no pipeline stage is implemented in this checkout yet; the toy world and its baseline are built"; fi
 	$(PY) -m pipeline.report --profile $(PROFILE) --exp $(EXP) --subj $(SUBJ) --mode $(MODE)
@@ -40,4 +36,6 @@ lint: venv
 
 test: venv
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	$(PY) -m pytest -q

@@ -10,13 +10,14 @@ manifest.json. Stage 5 uses these captions while they are current for stage 3's 
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import Stage4Config
 
 
-def main(cfg) -> None:
+def main(cfg: Stage4Config) -> None:
     from pipeline.stage4 import caption
 
     caption(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("4", main, __doc__))
+    sys.exit(run_stage(Stage4Config, main, __doc__))

@@ -20,13 +20,22 @@ from pathlib import Path
 
 from utils.cli import OneLineParser, report_error
 from utils.config import load_config
-from utils.data_catalog import DataFile, dataset_files, human_size, is_present, missing_files
+from utils.data_catalog import (
+    SOURCES,
+    WORLD_FILE,
+    DataFile,
+    dataset_files,
+    human_size,
+    is_present,
+    key_objects_info_file,
+    missing_files,
+)
 from utils.errors import ConfigError, DataError, NeuronsError
 from utils.io import atomic_write_json
 from utils.runs import setup_logging
+from utils.stage_configs import Stage1Config, WorldBuildConfig
 
 log = logging.getLogger("download_dataset")
-SPLITS = ("train", "test")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,19 +64,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_toy(args) -> int:
     from tasks_construction import find_key_obj
-    from tasks_construction.toy_cortex import build_world
+    from tasks_construction.toy_cortex.build import build_world
 
-    cfg = load_config("world", args.profile or "toy", args.overrides)
+    cfg = load_config(WorldBuildConfig, args.profile or "toy", args.overrides)
     if cfg.model.size == "paper":
         raise ConfigError(
             f"profile '{cfg.run.profile}' is the real cc2017 world", "use --profile toy or --profile smoke with --toy"
         )
     out = Path(args.out or cfg.paths.data_root)
     summary = build_world(cfg.world, out)
-    if summary.get("skipped") and all((out / "masks" / f"key_objects_info_{s}.json").exists() for s in SPLITS):
+    if summary.get("skipped") and all((out / key_objects_info_file(s)).exists() for s in SOURCES):
         log.info("toy cortex world in %s is complete; nothing to do", out)
     else:
-        find_key_obj.run(out, SPLITS)
+        find_key_obj.run(out, SOURCES)
     ceiling = summary.get("ceiling", {})
     log.info("toy cortex world ready in %s", out)
     for subj, scores in sorted(ceiling.items()):
@@ -77,22 +86,22 @@ def build_toy(args) -> int:
 
 def build_toy_weights(args) -> int:
     """Pretrain the toy foundation models on the world's training split, then embed its captions with the toy CLIP."""
-    from models.foundation import build_role
+    from models.foundation import build_role, foundation_impl
     from models.foundation.toy.build import build_toy_weights as build
     from tasks_construction import gen_GT_clip_embeds
 
-    cfg = load_config("world", args.profile or "toy", args.overrides)
+    cfg = load_config(WorldBuildConfig, args.profile or "toy", args.overrides)
     if cfg.model.size == "paper":
         raise ConfigError(f"profile '{cfg.run.profile}' uses the real weights", "use --profile toy or smoke")
     data_root, weights_root = Path(args.out or cfg.paths.data_root), Path(cfg.paths.weights_root)
-    if not (data_root / "world.json").exists():
+    if not (data_root / WORLD_FILE).exists():
         raise DataError(
             f"no toy world in {data_root}",
             f"build it first: python download_dataset.py --toy --profile {cfg.run.profile}",
         )
     summary = build(data_root, weights_root, cfg.model.size, cfg.world.seed, num_threads=args.threads)
     log.info("toy foundation models ready in %s (%.0f s)", weights_root, summary.get("seconds", 0.0))
-    clip = build_role("clip", cfg.model.size, weights_root, "cpu")
+    clip = build_role("clip", foundation_impl(cfg.model.size), weights_root, "cpu")
     gen_GT_clip_embeds.run(data_root, clip, cfg.data.caption_source)
     gen_GT_clip_embeds.copy_toy_tokens_proj(weights_root, data_root)
     if args.evaluate:
@@ -136,7 +145,7 @@ def fetch(entry: DataFile, root: Path) -> None:
 
 
 def real_data(args) -> int:
-    cfg = load_config("1", args.profile or "paper", args.overrides)
+    cfg = load_config(Stage1Config, args.profile or "paper", args.overrides)
     root = Path(args.out or cfg.paths.data_root)
     subjects = tuple(sorted(set(args.subj or (1, 2, 3))))
     missing = missing_files(root, subjects)
@@ -164,11 +173,11 @@ def real_data(args) -> int:
 def list_weights(args) -> int:
     """Print every paper weight file (role, source, size, local path) and fetch the missing ones when the hub answers;
     otherwise exit 1 with the command that gets each missing file."""
-    from models.foundation.catalog import describe_missing, missing_weights, print_catalog
+    from models.foundation.catalog import catalog_table, describe_missing, missing_weights
 
-    cfg = load_config("1", args.profile or "paper", args.overrides)
+    cfg = load_config(Stage1Config, args.profile or "paper", args.overrides)
     root = Path(cfg.paths.weights_root)
-    print(print_catalog(root))
+    print(catalog_table(root))
     missing = missing_weights(root)
     if missing and not args.check and hub_reachable():
         for entry in missing:

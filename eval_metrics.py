@@ -11,13 +11,14 @@ metric as mean, std, n; protocol, chance levels, config hash, input paths) and e
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import Stage6Config
 
 
-def main(cfg) -> None:
+def main(cfg: Stage6Config) -> None:
     from pipeline.stage6 import evaluate
 
     evaluate(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("6", main, __doc__))
+    sys.exit(run_stage(Stage6Config, main, __doc__))

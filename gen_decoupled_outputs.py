@@ -11,13 +11,14 @@ concepts.png, dice.png, panels/clip_<i>.png, manifest.json); stage 6 puts them i
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import DiagnosticsConfig
 
 
-def main(cfg) -> None:
+def main(cfg: DiagnosticsConfig) -> None:
     from pipeline.diagnostics import diagnose
 
     diagnose(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("e", main, __doc__))
+    sys.exit(run_stage(DiagnosticsConfig, main, __doc__))

@@ -12,13 +12,14 @@ previews/ and manifest.json.
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import Stage3Config
 
 
-def main(cfg) -> None:
+def main(cfg: Stage3Config) -> None:
     from pipeline.stage3 import reconstruct
 
     reconstruct(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("3", main, __doc__))
+    sys.exit(run_stage(Stage3Config, main, __doc__))

@@ -11,13 +11,14 @@ videos.safetensors (N, num_frames, 3, R, R) float16 in [0, 1], prompts.json, pre
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import Stage5Config
 
 
-def main(cfg) -> None:
+def main(cfg: Stage5Config) -> None:
     from pipeline.stage5 import generate
 
     generate(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("5", main, __doc__))
+    sys.exit(run_stage(Stage5Config, main, __doc__))

@@ -11,13 +11,14 @@ Resume an interrupted run with --set train.resume=true.
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import Stage2Config
 
 
-def main(cfg) -> None:
+def main(cfg: Stage2Config) -> None:
     from pipeline.stage2 import train
 
     train(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("2", main, __doc__))
+    sys.exit(run_stage(Stage2Config, main, __doc__))

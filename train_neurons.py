@@ -10,13 +10,14 @@ Resume an interrupted run with --set train.resume=true.
 import sys
 
 from utils.cli import run_stage
+from utils.stage_configs import Stage1Config
 
 
-def main(cfg) -> None:
+def main(cfg: Stage1Config) -> None:
     from pipeline.stage1 import train
 
     train(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("1", main, __doc__))
+    sys.exit(run_stage(Stage1Config, main, __doc__))

@@ -3,19 +3,29 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VALID_STAGES="123456e"
 VALID_MODES="enhance motion"
 VALID_PROFILES="paper toy smoke"
-MULTI_DEVICE_STAGES="123456"  # stages that shard their work over accelerate processes (e: one process)
 
-declare -A STAGE_SCRIPT=(
-  [1]=train_neurons.py [2]=train_decoupler.py [3]=recon_decoupled.py [4]=caption_blip2.py
-  [5]=recon_video.py [6]=eval_metrics.py [e]=gen_decoupled_outputs.py
-)
-declare -A STAGE_NAME=(
-  [1]="brain model" [2]="decoupler" [3]="decoupled reconstruction" [4]="BLIP-2 captions"
-  [5]="video reconstruction" [6]="metrics" [e]="diagnostics"
-)
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x "$HERE/.venv/bin/python" ]]; then
+  PY="$HERE/.venv/bin/python"
+else
+  PY="python3"
+fi
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
+# The stage table (utils/stages.py): key, script, multi-process (1/0) and name of each stage, in the fixed order.
+STAGE_TABLE="$("$PY" -m utils.stages table)" || { echo "error: cannot read the stage table with $PY" >&2; exit 2; }
+VALID_STAGES=""
+MULTI_DEVICE_STAGES=""  # stages that shard their work over accelerate processes
+declare -A STAGE_SCRIPT STAGE_NAME
+while IFS=$'\t' read -r key script multi name; do
+  VALID_STAGES+="$key"
+  STAGE_SCRIPT[$key]="$script"
+  STAGE_NAME[$key]="$name"
+  if [[ "$multi" == 1 ]]; then MULTI_DEVICE_STAGES+="$key"; fi
+done <<<"$STAGE_TABLE"
 
 usage() {
   cat <<EOF
@@ -25,8 +35,7 @@ usage: bash train_neurons.sh GPU EXP STAGES MODE SUBJ [PROFILE]
            with 'accelerate launch --num_processes N'
   EXP      experiment name; outputs go to <exp_root>/exp_<EXP>/subj_<SUBJ>/ (exp_root: EXP by default)
   STAGES   any of the characters '$VALID_STAGES', run in that fixed order:
-             1 brain model   2 decoupler   3 decoupled reconstruction   4 BLIP-2 captions
-             5 video         6 metrics     e diagnostics
+$(for ((i = 0; i < ${#VALID_STAGES}; i++)); do k="${VALID_STAGES:i:1}"; echo "             $k  ${STAGE_NAME[$k]} (${STAGE_SCRIPT[$k]})"; done)
   MODE     enhance or motion
   SUBJ     1, 2 or 3
   PROFILE  paper (default), toy, smoke, or a path to a YAML profile
@@ -35,14 +44,19 @@ examples:
   bash train_neurons.sh 0 neurons 123456 enhance 1            # the paper, one GPU
   bash train_neurons.sh cpu demo 123456 enhance 1 toy         # the toy cortex world on the CPU
 environment: PYTHON (interpreter, default .venv/bin/python if present), NEURONS_SET (extra '--set' overrides,
-  space-separated, passed to every stage; prefix a key with stage<k>. to aim it at one stage, e.g.
-  NEURONS_SET="run.seed=1 stage1.train.num_epochs=2 stage3.sample.batch_size=4")
+  passed to every stage; prefix a key with stage<k>. to aim it at one stage). Overrides are separated by spaces
+  and quoted as in a shell when one holds spaces, e.g.
+  NEURONS_SET="run.seed=1 stage1.train.num_epochs=2 'stage5.video.prompt_suffix=, 8k uhd'"
 EOF
 }
 
 die() {  # one-line error, exit status 2
   echo "error: $1" >&2
   exit 2
+}
+
+free_port() {  # a TCP port the OS reports free now, for the launcher's rendezvous
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
 if [[ $# -eq 0 ]]; then usage >&2; exit 2; fi
@@ -61,7 +75,7 @@ if [[ ! "$EXP" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
 fi
 if [[ -z "$STAGES" || ! "$STAGES" =~ ^[$VALID_STAGES]+$ ]]; then
   bad="$(echo "$STAGES" | tr -d "$VALID_STAGES")"
-  die "bad STAGES '$STAGES' (unknown: '${bad}'); valid characters: 1 2 3 4 5 6 e"
+  die "bad STAGES '$STAGES' (unknown: '${bad}'); valid characters: $(sed 's/./& /g; s/ $//' <<<"$VALID_STAGES")"
 fi
 if [[ " $VALID_MODES " != *" $MODE "* ]]; then
   die "bad MODE '$MODE'; valid: enhance, motion"
@@ -77,14 +91,6 @@ if [[ " $VALID_PROFILES " != *" $PROFILE "* ]]; then
   PROFILE="$(cd "$(dirname "$PROFILE")" && pwd)/$(basename "$PROFILE")"
 fi
 
-if [[ -n "${PYTHON:-}" ]]; then
-  PY="$PYTHON"
-elif [[ -x "$HERE/.venv/bin/python" ]]; then
-  PY="$HERE/.venv/bin/python"
-else
-  PY="python3"
-fi
-
 # Stages in the fixed order, each requested one checked before anything runs.
 SELECTED=()
 for ((i = 0; i < ${#VALID_STAGES}; i++)); do
@@ -96,7 +102,10 @@ for ((i = 0; i < ${#VALID_STAGES}; i++)); do
 done
 
 SET_ARGS=()
-for item in ${NEURONS_SET:-}; do SET_ARGS+=(--set "$item"); done
+OVERRIDES="$("$PY" -m utils.stages overrides "${NEURONS_SET:-}")" || exit 2  # shell-style words, one a line
+while IFS= read -r item; do
+  if [[ -n "$item" ]]; then SET_ARGS+=(--set "$item"); fi
+done <<<"$OVERRIDES"
 NUM_PROC=1
 if [[ "$GPU" == "cpu" ]]; then
   export CUDA_VISIBLE_DEVICES=""
@@ -106,7 +115,6 @@ else
   SET_ARGS+=(--set run.device=cuda)  # a stage refuses at once (one line, exit 2) where CUDA is absent
   NUM_PROC=$(( $(tr -cd ',' <<<"$GPU" | wc -c) + 1 ))
 fi
-export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
 # The run folder comes from the resolved config (exp_root may be overridden by the profile or NEURONS_SET).
 RUN_DIR="$("$PY" -c 'import sys; from utils.cli import run_dir_of; print(run_dir_of(sys.argv[1:]))' \
@@ -120,7 +128,7 @@ for k in "${SELECTED[@]}"; do
   log="$LOG_DIR/stage${k}_$(date +%Y%m%d-%H%M%S).log"
   args=(--profile "$PROFILE" --subj "$SUBJ" --exp "$EXP" --mode "$MODE" "${SET_ARGS[@]}")
   if [[ $NUM_PROC -gt 1 && "$MULTI_DEVICE_STAGES" == *"$k"* ]]; then
-    port=$(( (RANDOM % 40000) + 20000 ))
+    port="$(free_port)"
     cmd=("$PY" -m accelerate.commands.launch --num_processes "$NUM_PROC" --main_process_port "$port" "$script" "${args[@]}")
   else
     cmd=("$PY" -u "$script" "${args[@]}")

@@ -33,10 +33,10 @@ ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
 
 def fake_run(world: Path, paths, n: int) -> None:
     """Stage-3 and stage-5 folders of ``n`` test clips with manifests (as tests/test_stage6.py makes them)."""
-    from pipeline.stage5 import resize
     from utils.data import BrainVideoData
     from utils.io import atomic_save_safetensors, atomic_write_json
     from utils.manifest import StageRecorder
+    from utils.resize import resize_frames_bilinear
 
     data, gen = BrainVideoData(world, 1), torch.Generator().manual_seed(0)
     gt = data.frames("test", range(n))  # (n, F, 3, R, R)
@@ -56,7 +56,7 @@ def fake_run(world: Path, paths, n: int) -> None:
     rec.add_output(atomic_write_json(dir3 / "captions.json", {"captions": captions}))
     rec.extra["n_clips"] = n
     rec.finish()
-    pred = (resize(gt, res) + 0.15 * torch.randn(gt.shape, generator=gen)).clamp(0, 1)
+    pred = (resize_frames_bilinear(gt, res) + 0.15 * torch.randn(gt.shape, generator=gen)).clamp(0, 1)
     config = {"video": {"eval_frames": list(range(gt.shape[1])), "num_frames": gt.shape[1], "resolution": res}}
     rec = StageRecorder("5", dir5, "bench", config, depends_on=("3",)).begin()
     rec.add_output(atomic_save_safetensors(dir5 / "videos.safetensors", {"videos": pred.contiguous()}))
@@ -80,19 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     from models.foundation.toy import build_toy_weights
     from pipeline.stage6 import evaluate
     from utils.config import load_config
+    from utils.data_catalog import frames_file
     from utils.runs import RunPaths
+    from utils.stage_configs import Stage6Config
 
     t0 = time.perf_counter()
     with _quiet():
         build_toy_weights(args.world, args.weights_root, "smoke", seed=0, progress=False, num_threads=args.threads,
                           roles=ROLES)  # fmt: skip
     build_s = time.perf_counter() - t0
-    n = args.clips or torch.load(args.world / "GT_test_3fps.pt", mmap=True, weights_only=True).shape[0]
+    n = args.clips or torch.load(args.world / frames_file("test"), mmap=True, weights_only=True).shape[0]
     with tempfile.TemporaryDirectory() as scratch:
         profile = Path(scratch) / "bench.yaml"
         profile.write_text(f"extends: smoke\npaths:\n  data_root: {args.world}\n  weights_root: {args.weights_root}\n"
                            f"  exp_root: {scratch}/EXP\nrun:\n  device: cpu\n")  # fmt: skip
-        cfg = load_config("6", str(profile), [f"eval.protocol={args.protocol}"], {"exp": "bench", "mode": "enhance"})
+        cli = {"exp": "bench", "mode": "enhance"}
+        cfg = load_config(Stage6Config, str(profile), [f"eval.protocol={args.protocol}"], cli)
         fake_run(args.world, RunPaths.from_config(cfg), n)
         times = []
         for _ in range(args.repeat + 1):

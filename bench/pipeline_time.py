@@ -24,18 +24,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = "123456e"
-
-
-def stage_folders(run_dir: Path, mode: str) -> dict[str, Path]:
-    """The stage folders of a run (utils.runs.RunPaths, without importing the project's config stack)."""
-    names = {"1": "stage1", "2": "stage2", "6": f"eval_{mode}", "e": f"diagnostics_{mode}"}
-    return {k: run_dir / names.get(k, f"stage{k}_{mode}") for k in STAGES}
+from utils.cli import run_dir_of  # noqa: E402
+from utils.runs import RunPaths  # noqa: E402
 
 
 def read_times(run_dir: Path, mode: str) -> dict[str, Any]:
     out = {}
-    for stage, folder in stage_folders(run_dir, mode).items():
+    for stage, folder in RunPaths(run_dir, mode).stage_dirs().items():
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
         except (OSError, ValueError):
@@ -56,10 +51,8 @@ def run_pipeline(args: argparse.Namespace) -> tuple[Path, dict[str, float]]:
         wall[stage] = round(time.perf_counter() - t0, 1)
         if done.returncode:
             raise SystemExit(f"error: stage {stage} failed (exit {done.returncode}); see the driver's log above")
-    probe = [sys.executable, "-c", "import sys; from utils.cli import run_dir_of; print(run_dir_of(sys.argv[1:]))",
-             "--profile", args.profile, "--subj", str(args.subj), "--exp", args.exp, "--mode", args.mode]  # fmt: skip
-    run_dir = subprocess.run(probe, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
-    return Path(run_dir), wall
+    run_dir = run_dir_of(["--profile", args.profile, "--subj", str(args.subj), "--exp", args.exp, "--mode", args.mode])
+    return run_dir, wall
 
 
 def main(argv: list[str] | None = None) -> int:

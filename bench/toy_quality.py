@@ -31,28 +31,39 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils.config import config_hash, load_config, to_dict  # noqa: E402
+from utils.data_catalog import CEILING_FILE, WORLD_FILE, subject_name  # noqa: E402
 from utils.errors import NeuronsError  # noqa: E402
 from utils.manifest import read_manifest, stale_reasons  # noqa: E402
-from utils.runs import MODE_INDEPENDENT, RunPaths  # noqa: E402
+from utils.runs import TOY_QUALITY_FILE, RunPaths  # noqa: E402
+from utils.stage_configs import (  # noqa: E402
+    STAGE_CONFIGS,
+    SharedConfig,
+    Stage2Config,
+    Stage3Config,
+    Stage4Config,
+    Stage5Config,
+    Stage6Config,
+)
+from utils.stages import STAGE_BY_KEY, STAGE_KEYS  # noqa: E402
 
 log = logging.getLogger("toy_quality")
 
+C = TypeVar("C", bound=SharedConfig)
 SUBJ = 1
-PIPELINE_STAGES = "123456e"
 RIDGE_MODE = "motion"  # the ridge run applies no mask; stages 4-6 only use the mode to name folders
 WAYS, ID_TRIALS, ID_SEED = (2, 50), 200, 0  # as stage 1's identification.json
 ROWS = (
@@ -65,12 +76,13 @@ ROWS = (
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------------------
-def stage_config(stage: str, profile: str, exp: str, mode: str, overrides: list[str]) -> Any:
-    """The config a driver run of ``stage`` would resolve (the driver adds run.device=cpu)."""
-    return load_config(stage, profile, [*overrides, "run.device=cpu"], {"subj": SUBJ, "exp": exp, "mode": mode})
+def stage_config(cls: type[C], profile: str, exp: str, mode: str, overrides: list[str]) -> C:
+    """The config (of class ``cls``) a driver run of its stage would resolve (the driver adds run.device=cpu)."""
+    cli = {"subj": SUBJ, "exp": exp, "mode": mode}
+    return load_config(cls, profile, [*overrides, "run.device=cpu"], cli)
 
 
-def is_current(cfg: Any, stage: str, want_hash: str | None = None) -> bool:
+def is_current(cfg: SharedConfig, stage: str, want_hash: str | None = None) -> bool:
     """The stage's manifest exists, is fresh and was written with this config (or has the hash ``want_hash``). The
     mode-independent stages 1 and 2 are compared without ``run.mode``: either mode's run may have written them."""
     folder = RunPaths.from_config(cfg).stage_dir(stage)
@@ -84,21 +96,21 @@ def is_current(cfg: Any, stage: str, want_hash: str | None = None) -> bool:
 
 def comparable(config: dict[str, Any], stage: str) -> str:
     plain = json.loads(json.dumps(config))  # tuples → lists, as in a manifest
-    if stage in MODE_INDEPENDENT:
+    if not STAGE_BY_KEY[stage].mode_dependent:
         plain.get("run", {}).pop("mode", None)
     return json.dumps(plain, sort_keys=True)
 
 
 def stages_to_run(profile: str, exp: str, mode: str, overrides: list[str]) -> str:
-    """From the first stage that is not current on, every stage of ``PIPELINE_STAGES``."""
-    for i, stage in enumerate(PIPELINE_STAGES):
-        if not is_current(stage_config(stage, profile, exp, mode, overrides), stage):
-            return PIPELINE_STAGES[i:]
+    """From the first stage that is not current on, every stage of the pipeline."""
+    for i, stage in enumerate(STAGE_KEYS):
+        if not is_current(stage_config(STAGE_CONFIGS[stage], profile, exp, mode, overrides), stage):
+            return STAGE_KEYS[i:]
     return ""
 
 
 def run_driver(profile: str, exp: str, mode: str, stages: str, overrides: list[str]) -> float:
-    env = {**os.environ, "NEURONS_SET": " ".join(overrides), "PYTHON": sys.executable}
+    env = {**os.environ, "NEURONS_SET": shlex.join(overrides), "PYTHON": sys.executable}
     cmd = ["bash", str(REPO / "train_neurons.sh"), "cpu", exp, stages, mode, str(SUBJ), profile]
     log.info("running %s", " ".join(cmd))
     t0 = time.time()
@@ -111,19 +123,19 @@ def run_driver(profile: str, exp: str, mode: str, stages: str, overrides: list[s
 def pipeline(profile: str, exp: str, mode: str, overrides: list[str]) -> dict[str, Any]:
     stages = stages_to_run(profile, exp, mode, overrides)
     wall = run_driver(profile, exp, mode, stages, overrides) if stages else 0.0
-    cfg6 = stage_config("6", profile, exp, mode, overrides)
+    cfg6 = stage_config(Stage6Config, profile, exp, mode, overrides)
     paths = RunPaths.from_config(cfg6)
     return {
         "stages_run": stages or "none (all current)",
         "wall_s": round(wall, 1),
-        "metrics": json.loads((paths.root / f"metrics_{mode}.json").read_text())["metrics"],
+        "metrics": json.loads(paths.metrics_file.read_text())["metrics"],
         "identification": json.loads((paths.stage_dir("1") / "identification.json").read_text())["test"],
     }
 
 
 # ---- the ridge path ------------------------------------------------------------------------------------------------
-def ridge_settings(cfg3: Any, data: Any, mask_size: int, frame: int) -> dict[str, Any]:
-    world = Path(cfg3.paths.data_root) / "world.json"
+def ridge_settings(cfg3: Stage3Config, data: Any, mask_size: int, frame: int) -> dict[str, Any]:
+    world = Path(cfg3.paths.data_root) / WORLD_FILE
     world_id = hashlib.sha256(world.read_bytes()).hexdigest()[:12] if world.exists() else str(cfg3.paths.data_root)
     return {"method": "himalaya ridge per target, contiguous 5-fold CV", "world": world_id, "subj": SUBJ,
             "target_frame": frame, "mask_size": mask_size, "n_voxels": data.n_voxels,
@@ -133,13 +145,13 @@ def ridge_settings(cfg3: Any, data: Any, mask_size: int, frame: int) -> dict[str
 def targets(data: Any, split: str, clip: Any, vae: Any, frame: int, mask_size: int
             ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:  # fmt: skip
     """Per-clip regression targets of a split, each (n, features), and each one's per-clip shape."""
-    from pipeline.stage6 import resize_masks
+    from utils.resize import resize_masks_majority
 
     tokens, latents = [], []
     for _, frames in data.frame_batches(split, 32):  # (b, F, 3, R, R)
         tokens.append(clip.image_tokens(frames[:, frame]).float().cpu())  # (b, T, D)
         latents.append(vae.encode(frames).float().cpu())  # (b, F, C, s, s)
-    masks = resize_masks(data.key_object_masks(split), mask_size)  # (n, F, S, S)
+    masks = resize_masks_majority(data.key_object_masks(split), mask_size)  # (n, F, S, S)
     full = {"tokens": torch.cat(tokens), "latents": torch.cat(latents), "masks": masks,
             "concepts": data.concept_labels(split), "caption": data.caption_embeddings(split)}  # fmt: skip
     return {k: v.flatten(1).numpy() for k, v in full.items()}, {k: tuple(v.shape[1:]) for k, v in full.items()}
@@ -147,8 +159,7 @@ def targets(data: Any, split: str, clip: Any, vae: Any, frame: int, mask_size: i
 
 def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     """Ridge on z-scored targets (training statistics), predictions mapped back to the target scale."""
-    from tasks_construction.ridge_baseline import DEFAULT_ALPHAS
-    from utils.baselines import fit_ridge
+    from utils.baselines import DEFAULT_ALPHAS, fit_ridge
 
     mu, sd = y_train.mean(axis=0), y_train.std(axis=0)
     sd = np.where(sd > 0, sd, 1.0)
@@ -163,10 +174,11 @@ def nearest_captions(pred: np.ndarray, train_emb: np.ndarray, train_caps: np.nda
 
 
 @torch.no_grad()
-def keyframes_of(tokens: torch.Tensor, cfg3: Any, unclip: Any) -> torch.Tensor:
+def keyframes_of(tokens: torch.Tensor, cfg3: Stage3Config, unclip: Any) -> torch.Tensor:
     """unCLIP keyframes (N, 3, K, K) of tokens (N, T, D), with stage 3's sampler settings and per-clip seeds."""
     from models.brain import clip_generators
     from pipeline.stage3 import UNCLIP_STREAM, configure_unclip
+    from utils.resize import resize_frames_bilinear
     from utils.training import clip_seed
 
     sp = cfg3.sample
@@ -176,24 +188,22 @@ def keyframes_of(tokens: torch.Tensor, cfg3: Any, unclip: Any) -> torch.Tensor:
         idx = range(start, min(start + sp.batch_size, len(tokens)))
         gens = clip_generators([clip_seed(clip_seed(cfg3.run.seed, i), UNCLIP_STREAM) for i in idx], unclip.device)
         frames = unclip.reconstruct(tokens[idx.start : idx.stop].to(unclip.device), gens).float().cpu()
-        if frames.shape[-1] != sp.keyframe_size:
-            frames = F.interpolate(frames, size=(sp.keyframe_size,) * 2, mode="bilinear", antialias=True)
-        out.append(frames.clamp(0, 1))
+        out.append(resize_frames_bilinear(frames, sp.keyframe_size).clamp(0, 1))  # as stage 3
     return torch.cat(out)
 
 
-def ridge_stage3(cfg3: Any, mask_size: int, frame: int) -> dict[str, Any]:
+def ridge_stage3(cfg3: Stage3Config, mask_size: int, frame: int) -> dict[str, Any]:
     """Fit the ridge maps, write the ridge run's stage-3 folder; returns the token identification."""
-    from models.foundation import build_role, require_roles
-    from pipeline.common import data_files, foundation_kind, load_data
+    from models.foundation import build_role, foundation_impl, require_roles
+    from pipeline.common import load_data
     from utils.baselines import identification_accuracy
     from utils.io import atomic_save_safetensors, atomic_write_json
     from utils.manifest import StageRecorder
 
     data = load_data(cfg3, ("caption", "caption_emb", "concepts", "key_obj_mask"))
-    kind, root = foundation_kind(cfg3), cfg3.paths.weights_root
-    require_roles(kind, root, ("clip", "vae", "unclip"))
-    clip, vae, unclip = (build_role(r, kind, root, "cpu") for r in ("clip", "vae", "unclip"))
+    impl, root = foundation_impl(cfg3.model.size), cfg3.paths.weights_root
+    require_roles(impl, root, ("clip", "vae", "unclip"))
+    clip, vae, unclip = (build_role(r, impl, root, "cpu") for r in ("clip", "vae", "unclip"))
     n = cfg3.sample.num_clips or data.n_clips("test")
     y_train, shapes = targets(data, "train", clip, vae, frame, mask_size)
     y_test, _ = targets(data, "test", clip, vae, frame, mask_size)
@@ -219,8 +229,7 @@ def ridge_stage3(cfg3: Any, mask_size: int, frame: int) -> dict[str, Any]:
                                                                       "captions": captions}))  # fmt: skip
     concepts = {"classes": list(data.concept_classes), "mask_names": ["ridge"] * n}
     recorder.add_output(atomic_write_json(folder / "concepts.json", concepts))
-    for path in data_files(data, (f"subj0{SUBJ}_train_fmri.pt", f"subj0{SUBJ}_test_fmri.pt", "GT_train_3fps.pt")):
-        recorder.add_input(path)
+    recorder.add_inputs(data.opened_files)
     recorder.extra.update({"n_clips": n, "ridge_identification": ident})
     recorder.finish()
     return ident
@@ -236,27 +245,31 @@ def ridge_path(profile: str, exp: str, neurons_exp: str, overrides: list[str]) -
     from pipeline.common import load_data
     from utils.runs import run_lock
 
-    cfgs = {k: stage_config(k, profile, exp, RIDGE_MODE, overrides) for k in "3456"}
-    neurons3 = RunPaths.from_config(stage_config("3", profile, neurons_exp, "enhance", overrides)).stage_dir("3")
-    mask_size = mask_size_of(neurons3, cfgs["3"])
-    data = load_data(cfgs["3"], ())
-    frame = min(stage_config("2", profile, exp, RIDGE_MODE, overrides).train.target_frame, data.n_frames - 1)
-    want3 = settings_hash(ridge_settings(cfgs["3"], data, mask_size, frame))
-    current = is_current(cfgs["3"], "3", want3) and all(is_current(cfgs[k], k) for k in "456")
+    cfg3 = stage_config(Stage3Config, profile, exp, RIDGE_MODE, overrides)
+    cfg4 = stage_config(Stage4Config, profile, exp, RIDGE_MODE, overrides)
+    cfg5 = stage_config(Stage5Config, profile, exp, RIDGE_MODE, overrides)
+    cfg6 = stage_config(Stage6Config, profile, exp, RIDGE_MODE, overrides)
+    neurons3 = RunPaths.from_config(stage_config(Stage3Config, profile, neurons_exp, "enhance", overrides))
+    mask_size = mask_size_of(neurons3.stage_dir("3"), cfg3)
+    data = load_data(cfg3, ())
+    frame = min(stage_config(Stage2Config, profile, exp, RIDGE_MODE, overrides).train.target_frame, data.n_frames - 1)
+    want3 = settings_hash(ridge_settings(cfg3, data, mask_size, frame))
+    later: tuple[tuple[SharedConfig, str], ...] = ((cfg4, "4"), (cfg5, "5"), (cfg6, "6"))
+    current = is_current(cfg3, "3", want3) and all(is_current(c, k) for c, k in later)
     t0 = time.time()
-    paths = RunPaths.from_config(cfgs["6"])
+    paths = RunPaths.from_config(cfg6)
     if not current:
         with run_lock(paths.root, "ridge"):
-            ridge_stage3(cfgs["3"], mask_size, frame)
-            stage4.caption(cfgs["4"])
-            stage5.generate(cfgs["5"])
-            stage6.evaluate(cfgs["6"])
+            ridge_stage3(cfg3, mask_size, frame)
+            stage4.caption(cfg4)
+            stage5.generate(cfg5)
+            stage6.evaluate(cfg6)
     ident = read_manifest(paths.stage_dir("3"))["ridge_identification"]
     metrics = json.loads((paths.root / f"metrics_{RIDGE_MODE}.json").read_text())["metrics"]
     return {"reused": current, "wall_s": round(time.time() - t0, 1), "metrics": metrics, "identification": ident}
 
 
-def mask_size_of(neurons_stage3: Path, cfg3: Any) -> int:
+def mask_size_of(neurons_stage3: Path, cfg3: Stage3Config) -> int:
     """Stage 3's mask side S (the NEURONS run's, so both are scored at one size), else a quarter of the frames."""
     from safetensors import safe_open
 
@@ -310,10 +323,10 @@ def chance_row(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def baselines_of(cfg: Any) -> dict[str, Any]:
-    root, subj = Path(cfg.paths.data_root), f"subj0{SUBJ}"
+def baselines_of(cfg: SharedConfig) -> dict[str, Any]:
+    root, subj = Path(cfg.paths.data_root), subject_name(SUBJ)
     out: dict[str, Any] = {}
-    ceiling = json.loads((root / "ceiling.json").read_text()) if (root / "ceiling.json").exists() else {}
+    ceiling = json.loads((root / CEILING_FILE).read_text()) if (root / CEILING_FILE).exists() else {}
     out["ceiling"] = ceiling.get("subjects", {}).get(subj, {}).get("top1")
     from pipeline.report import ridge_identification
 
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = str(Path(profile).resolve())  # as the driver passes it (the profile is part of the config hash)
     t0 = time.time()
     try:
-        cfg = stage_config("6", profile, args.exp, args.modes[0], args.overrides)
+        cfg = stage_config(Stage6Config, profile, args.exp, args.modes[0], args.overrides)
         if cfg.model.size == "paper":
             raise SystemExit("error: toy_quality needs a toy world profile (toy, smoke or one that extends them)")
         results: dict[str, Any] = {"neurons": {m: pipeline(profile, args.exp, m, args.overrides) for m in args.modes}}
@@ -371,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_for_report(cfg: Any, results: dict[str, Any], record: dict[str, Any]) -> None:
+def write_for_report(cfg: SharedConfig, results: dict[str, Any], record: dict[str, Any]) -> None:
     """``<run>/toy_quality.json`` (the ridge → decoders metrics and token identification) and the refreshed report."""
-    from pipeline.report import TOY_QUALITY_FILE, write_report
+    from pipeline.report import write_report
     from utils.io import atomic_write_json
 
     rd = results["ridge_decoders"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -73,7 +74,7 @@ def foundation_dims(profile: str) -> FoundationDims:
     from models.foundation.toy.gpt2 import CLIP_VOCAB
     from models.foundation.toy.gpt2 import RECIPES as GPT2
     from models.foundation.toy.vae import RECIPES as VAE
-    from tasks_construction.toy_cortex.config import ToyWorldConfig
+    from utils.toy_world import ToyWorldConfig
 
     c, g, v = CLIP[profile], GPT2[profile], VAE[profile]
     latent = ToyWorldConfig().resolution // 2 ** (len(v.block_out_channels) - 1)
@@ -166,7 +167,7 @@ def stage2_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], gens: list
     }
     if hasattr(model, "text_dec"):
         # as pipeline/stage2.py: the LM head runs on the labelled positions only
-        logits, labels, _ = model.caption_target_logits(F.normalize(text, dim=-1), x["tokens"], x["token_mask"])
+        logits, labels, _ = model.caption_logits(F.normalize(text, dim=-1), x["tokens"], x["token_mask"])
         losses["caption"] = F.cross_entropy(logits.float(), labels, label_smoothing=t.caption_label_smoothing)
     return L.total_loss(losses, Stage2LossWeights())[0]
 
@@ -208,8 +209,6 @@ def device_peak(precision: str) -> tuple[str, float | None]:
 
 def build_optimizer(params: list[torch.nn.Parameter], impl: str) -> torch.optim.Optimizer:
     """``utils.training.build_optimizer`` (train.adamw_impl); a plain torch AdamW where numpy is missing."""
-    from types import SimpleNamespace
-
     t = Stage1Train()
     try:
         from utils.training import build_optimizer as build
@@ -219,7 +218,7 @@ def build_optimizer(params: list[torch.nn.Parameter], impl: str) -> torch.optim.
         return torch.optim.AdamW(params, lr=t.max_lr, weight_decay=t.weight_decay,
                                  **{"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
                                     "fused": {"fused": True}}[impl])  # fmt: skip
-    return build(params, SimpleNamespace(max_lr=t.max_lr, weight_decay=t.weight_decay, adamw_impl=impl))
+    return build(params, dataclasses.replace(t, adamw_impl=impl))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,15 +6,20 @@ MindEye2's / upstream NEURONS' (`ridge.linears.<i>`, `backbone.mixer_blocks1`, `
 
 Shapes: voxels (B, R, V) with R = `seq_len` (1), CLIP tokens (B, T, D), per-frame tokens (B, F, T, D),
 caption embeddings (B, Dt).
+
+Brain-only decoding, the one path of stage-2 validation and stage 3, is :meth:`NeuronsBrainModel.decode_voxels`
+(a :class:`BrainDecoding`).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,6 +27,7 @@ from models.heads import IGNORE_INDEX, CLIPProj, MotionProj, MultiLabelClassifie
 from models.prior import BrainDiffusionPrior, GainLayerNorm, Generators, MultiQueryAttention, PriorNetwork
 from models.sizes import BrainConfig
 from models.video_decoder import SpatioTemporalAttention, TextDrivenDecoder
+from utils.resize import resize_maps_nearest
 
 if TYPE_CHECKING:  # transformers is imported only where GPT-2 is built: stage 1 and its benchmark need torch alone
     from transformers import GPT2LMHeadModel
@@ -169,58 +175,81 @@ class NeuronsBrainModel(nn.Module):
         """motion (B, F, T, D), caption vector (B, Dt) → VAE latents (B, F, C, s, s), nearest-resized to `out_size`
         (default the VAE latent size)."""
         lat = self.text_seg_dec(motion, text, head="recon")  # (B, F, C, S, S)
-        size = out_size or self.cfg.dims.latent_size
-        b = lat.shape[0]
-        lat = nn.functional.interpolate(lat.flatten(0, 1), size=(size, size), mode="nearest")
-        return lat.view(b, -1, *lat.shape[1:])
+        return resize_maps_nearest(lat, out_size or self.cfg.dims.latent_size)
 
     def caption_logits(
         self, prefix: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """prefix (B, Dt), tokens (B, L) → (logits (B, L, V), labels (B, L) with -100 where ignored).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced GPT-2 logits at the K labelled positions only (the LM head never runs on ignored
+        positions): prefix (B, Dt), tokens (B, L) → (logits (K, V), labels (K,), keep (B, L) bool), K = keep.sum(),
+        row-major.
 
         Honours `cfg.caption_pad`: "dedicated" uses the attention mask; "clip_zero" (upstream) ignores it.
         """
-        mask = attention_mask if self.cfg.caption_pad == "dedicated" else None
-        logits = self.text_dec(prefix, tokens, mask)
-        return logits, caption_labels(tokens, attention_mask, self.cfg.caption_pad)
-
-    def caption_target_logits(
-        self, prefix: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`caption_logits` at the K labelled positions only (the same values, without the LM head's work on
-        padding positions): prefix (B, Dt), tokens (B, L) → (logits (K, V), labels (K,), keep (B, L) bool)."""
         mask = attention_mask if self.cfg.caption_pad == "dedicated" else None
         labels = caption_labels(tokens, attention_mask, self.cfg.caption_pad)
         keep = labels != IGNORE_INDEX
         hidden = self.text_dec.hidden(prefix, tokens, mask)  # (B, L, E)
         return self.text_dec.decoder.lm_head(hidden[keep]), labels[keep], keep
 
+    # ---- brain-only decoding (stage-2 validation, stage 3) -------------------------------------------------------
     @torch.no_grad()
-    def decode_clips(
+    def decode_voxels(
         self,
         voxels: torch.Tensor,
         generators: Generators,
+        prior_steps: int | None = None,
         key_text: torch.Tensor | None = None,
-        subj_idx: int = 0,
-    ) -> dict[str, torch.Tensor]:
-        """Brain-only decoding (stage 3): voxels (B, R, V) → dict of prior tokens (B, T, D), motion (B, F, T, D),
-        caption vector (B, Dt), concept logits (B, n_classes), latents (B, F, C, s, s) and, with `key_text` (B, Dt),
-        mask logits (B, F, 1, S, S). Pass one generator per clip for batch-size-independent results."""
-        cond = self.encode(voxels, subj_idx)
-        prior_tokens = self.diffusion_prior.sample(cond, generators)
-        motion = self.motion(prior_tokens)
-        text = self.text_embed(motion)
-        out = {
-            "prior_tokens": prior_tokens,
-            "motion": motion,
-            "caption_vector": text,
-            "concept_logits": self.concept_logits(motion),
-            "latents": self.decode_latents(motion, text),
-        }
-        if key_text is not None:
-            out["mask_logits"] = self.decode_masks(motion, key_text)
-        return out
+        key_table: torch.Tensor | None = None,
+        latent_size: int | None = None,
+    ) -> BrainDecoding:
+        """Brain-only decoding of B clips: voxels (B, R, V) or (B, V) → :class:`BrainDecoding`.
+
+        The prior is sampled from the brain condition with ``prior_steps`` strided DDPM steps (None: every step);
+        pass one generator per clip for batch-size-independent results. The mask head is queried with ``key_text``
+        (B, Dt) when given, else with the row of ``key_table`` (C, Dt) of each clip's top concept. Latents are
+        nearest-resized to ``latent_size`` (default the VAE latent size).
+        """
+        if (key_text is None) == (key_table is None):
+            raise ValueError("decode_voxels needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
+        dtype = self.diffusion_prior.net.learned_query.dtype  # the weights' (float32): undoes autocast's bf16
+        cond = self.encode(voxels).to(dtype)  # (B, T, D)
+        prior_tokens = self.diffusion_prior.sample(cond, generators, prior_steps).to(dtype)  # (B, T, D)
+        motion = self.motion(prior_tokens)  # (B, F, T, D)
+        text = self.text_embed(motion).to(dtype)  # (B, Dt), unnormalised
+        logits = self.concept_logits(motion).to(dtype)  # (B, C)
+        top = logits.argmax(dim=-1)  # (B,)
+        if key_table is not None:
+            key_text = key_table[top]  # (B, Dt)
+        return BrainDecoding(
+            prior_tokens=prior_tokens,
+            motion=motion,
+            caption_vector=text,
+            concept_logits=logits,
+            mask_logits=self.decode_masks(motion, key_text)[:, :, 0].to(dtype),  # (B, F, S, S)
+            latents=self.decode_latents(motion, text, out_size=latent_size).to(dtype),  # (B, F, C, s, s)
+            top_concept=top,
+        )
+
+
+@dataclass
+class BrainDecoding:
+    """The brain-only outputs of B clips (:meth:`NeuronsBrainModel.decode_voxels`), in the weights' dtype (float32)
+    except ``motion`` (the compute dtype). T = CLIP tokens, D = width, F = frames, C = concept classes, Dt = text
+    width, S = decoder map side, s = latent side."""
+
+    prior_tokens: torch.Tensor  # (B, T, D) sampled from the brain condition
+    motion: torch.Tensor  # (B, F, T, D) per-frame tokens
+    caption_vector: torch.Tensor  # (B, Dt) unnormalised; the GPT-2 prefix is its unit vector
+    concept_logits: torch.Tensor  # (B, C)
+    mask_logits: torch.Tensor  # (B, F, S, S) key-object mask logits
+    latents: torch.Tensor  # (B, F, C_vae, s, s) blurry-video VAE latents
+    top_concept: torch.Tensor  # (B,) long: argmax of concept_logits (the key_table row that queried the mask)
+
+    @property
+    def caption_prefix(self) -> torch.Tensor:
+        """(B, Dt) the unit caption vector that prefixes GPT-2."""
+        return F.normalize(self.caption_vector, dim=-1)
 
 
 def build_gpt2(cfg: BrainConfig) -> GPT2LMHeadModel:
@@ -307,6 +336,7 @@ def clip_generators(seeds: Sequence[int], device: torch.device | str = "cpu") ->
 
 
 __all__ = [
+    "BrainDecoding",
     "MindEyeBackbone",
     "NeuronsBrainModel",
     "RidgeRegression",

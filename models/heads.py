@@ -5,10 +5,11 @@ Also the two helpers behind the caption-padding (defect 21) and concept-name gra
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
@@ -16,7 +17,11 @@ from torch import nn
 from models.sizes import CaptionPad
 from utils.errors import ConfigError, DataError
 
+if TYPE_CHECKING:  # transformers is imported only where GPT-2 is built
+    from transformers import GPT2LMHeadModel
+
 IGNORE_INDEX = -100
+EOT_ID = 49407  # CLIP-BPE end of text
 UPSTREAM_PAD_ID = 0  # upstream zero-pads CLIP-BPE ids; id 0 is also the real token "!"
 
 
@@ -71,7 +76,7 @@ class TextDecoder(nn.Module):
     `decoder` is a `transformers.GPT2LMHeadModel` (pretrained weights are loaded by the gpt2 foundation role).
     """
 
-    def __init__(self, prefix_dim: int, decoder: nn.Module):
+    def __init__(self, prefix_dim: int, decoder: GPT2LMHeadModel):
         super().__init__()
         self.decoder = decoder
         n_embd = decoder.config.n_embd
@@ -192,3 +197,24 @@ class ConceptNamer:
         if missing:
             raise DataError(f"no key-object name for classes {missing}", "fill class_to_key_object from the train set")
         return [self.class_to_key_object[n] for n in names]
+
+
+def key_object_classes(labels: torch.Tensor, names: Sequence[str], classes: Sequence[str]) -> dict[str, str]:
+    """Fine key-object name → concept class, read off the training labels: the class with the highest lift
+    P(class | key object) / P(class) among the classes present in every clip of that key object (its own concepts,
+    the most specific first). Names that are class names map to themselves.
+
+    labels (N, C) concept labels of the training clips; names: N key-object names ("None" = no key object);
+    classes: the C class names."""
+    labels = labels.bool()
+    names_np = np.asarray(names)
+    base = labels.float().mean(0).clamp(min=1e-6)  # (C,)
+    out: dict[str, str] = {}
+    for name in sorted(set(names_np) - {"None"} - set(classes)):
+        rows = labels[torch.as_tensor(names_np == name)]  # (n_name, C)
+        always = rows.all(0)
+        lift = rows.float().mean(0) / base
+        if always.any():
+            lift = torch.where(always, lift, torch.zeros_like(lift))
+        out[str(name)] = classes[int(lift.argmax())]
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,11 @@ from torch import nn
 from utils.errors import WeightsError
 
 log = logging.getLogger(__name__)
+
+MINDEYE2_FILE = "last.pth"  # under weights_root
+MINDEYE2_SOURCE = (
+    "hf download pscotti/mindeyev2 train_logs/final_subj01_pretrained_40sess_24bs/last.pth --repo-type dataset"
+)
 
 # (source prefix, target submodule, target prefix inside that submodule). Names are kept, so the map is 1:1.
 MINDEYE2_KEY_MAP: tuple[tuple[str, str, str], ...] = (
@@ -134,3 +140,20 @@ def load_mindeye2_backbone_prior(
 
 def _prefix_of(key: str) -> str:
     return ".".join(key.split(".")[:2])
+
+
+def require_mindeye2(weights_root: str | Path) -> Path:
+    """The path of MindEye2's ``last.pth`` under ``weights_root``; a one-line WeightsError when it is missing."""
+    path = Path(weights_root) / MINDEYE2_FILE
+    if not path.is_file():
+        raise WeightsError(
+            f"missing MindEye2 weights {path}",
+            f"get them with `{MINDEYE2_SOURCE}` into weights_root, or --set train.init_from_mindeye2=false",
+        )
+    return path
+
+
+def load_mindeye2(weights_root: str | Path, model: nn.Module) -> LoadReport:
+    """Read ``weights_root/last.pth`` and load its backbone (and prior) into ``model`` through the key map."""
+    state = torch.load(require_mindeye2(weights_root), map_location="cpu", weights_only=True)
+    return load_mindeye2_backbone_prior(state, model)

@@ -409,12 +409,26 @@ class BrainDiffusionPrior(nn.Module):
         return F.mse_loss(pred, image_embed), pred
 
     @torch.no_grad()
-    def sample(self, brain_embed: torch.Tensor, generator: Generators = None, cond_scale: float = 1.0) -> torch.Tensor:
-        """Ancestral DDPM over all timesteps. brain_embed (B, T, D) → sampled image tokens (B, T, D).
+    def sample(
+        self,
+        brain_embed: torch.Tensor,
+        generator: Generators = None,
+        steps: int | None = None,
+        cond_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Brain-only ancestral sampling. brain_embed (B, T, D) → sampled image tokens (B, T, D).
 
-        Pass one generator per sample (seeded from the base seed and the clip index) to make the result independent
-        of the batch composition.
+        ``steps`` None (or at least ``timesteps``) runs every DDPM timestep; otherwise ``steps`` evenly strided
+        timesteps, moving between consecutive kept timesteps with the posterior q(x_s | x_t, x0). Pass one generator
+        per sample (seeded from the base seed and the clip index) to make the result independent of the batch
+        composition.
         """
+        if steps is None or steps >= self.noise_scheduler.num_timesteps:
+            return self._sample_every_step(brain_embed, generator, cond_scale)
+        return self._sample_strided(brain_embed, generator, steps, cond_scale)
+
+    def _sample_every_step(self, brain_embed: torch.Tensor, generator: Generators, cond_scale: float) -> torch.Tensor:
+        """Ancestral DDPM over all timesteps: (B, T, D) → (B, T, D)."""
         b, device, dtype = brain_embed.shape[0], brain_embed.device, brain_embed.dtype
         x = randn_per_sample(tuple(brain_embed.shape), generator, device, dtype)
         for i in reversed(range(self.noise_scheduler.num_timesteps)):
@@ -423,4 +437,24 @@ class BrainDiffusionPrior(nn.Module):
             mean, log_var = self.noise_scheduler.q_posterior(x0, x, t)
             noise = randn_per_sample(tuple(x.shape), generator, device, dtype)
             x = mean + (0.5 * log_var).exp() * noise if i > 0 else mean
+        return x
+
+    def _sample_strided(
+        self, brain_embed: torch.Tensor, generator: Generators, steps: int, cond_scale: float
+    ) -> torch.Tensor:
+        """``steps`` evenly strided timesteps from the last to 0: (B, T, D) → (B, T, D)."""
+        sched, cond = self.noise_scheduler, brain_embed
+        n = sched.num_timesteps
+        times = torch.linspace(n - 1, 0, max(steps, 1)).round().long().unique_consecutive().tolist()
+        x = randn_per_sample(tuple(cond.shape), generator, cond.device, cond.dtype)
+        for k, t_now in enumerate(times):
+            t = torch.full((len(cond),), t_now, device=cond.device, dtype=torch.long)
+            x0 = self.net.forward_with_cond_scale(x, t, cond, cond_scale=cond_scale)
+            if k == len(times) - 1:  # the last kept step is t = 0, whose posterior mean is x0 itself
+                return x0
+            a_t, a_s = sched.alphas_cumprod[t_now], sched.alphas_cumprod[times[k + 1]]  # s < t: the next kept step
+            beta = 1 - a_t / a_s
+            mean = (a_s.sqrt() * beta * x0 + (a_t / a_s).sqrt() * (1 - a_s) * x) / (1 - a_t)
+            std = (beta * (1 - a_s) / (1 - a_t)).clamp(min=1e-20).sqrt()
+            x = mean + std * randn_per_sample(tuple(x.shape), generator, x.device, x.dtype)
         return x

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from utils.errors import ConfigError, StageOrderError
 from utils.manifest import require_stage
 from utils.runs import RunPaths, rerun_hint
+from utils.stage_configs import SharedConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,14 @@ def _read_list(path: Path, key: str | None, hint: str, stage: str) -> list[str]:
     return caps
 
 
-def gpt2_captions(cfg: Any) -> list[str]:
+def gpt2_captions(cfg: SharedConfig) -> list[str]:
     """Stage 3's GPT-2 captions (stage 3 must be fresh)."""
     paths, hint = RunPaths.from_config(cfg), rerun_hint(cfg)
     require_stage("3", paths.stage_dir("3"), paths.stage_dirs(), hint)
     return _read_list(paths.stage_dir("3") / CAPTIONS_FILE, "captions", hint, "3")
 
 
-def blip2_captions(cfg: Any) -> list[str]:
+def blip2_captions(cfg: SharedConfig) -> list[str]:
     """Stage 4's BLIP-2 captions; raises :class:`StageOrderError` unless they are current for stage 3's keyframes."""
     paths, hint = RunPaths.from_config(cfg), rerun_hint(cfg)
     stage3, stage4 = paths.stage_dir("3"), paths.stage_dir("4")
@@ -65,7 +66,7 @@ def blip2_captions(cfg: Any) -> list[str]:
     return caps
 
 
-def select_captions(cfg: Any) -> tuple[list[str], Source]:
+def select_captions(cfg: SharedConfig) -> tuple[list[str], Source]:
     """The captions for video generation and their source, ``"blip2"`` (stage 4) or ``"gpt2"`` (stage 3).
 
     Stage 3 must be fresh whatever the source. See the module docstring for the rule and ``video.caption_source``.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,42 +12,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.sizes import PAPER_FOUNDATION_DIMS, FoundationDims, GPT2Dims, brain_config
-from utils.data import BrainVideoData, DataOptions, load_tensor
-from utils.errors import DataError
+from models.foundation import foundation_impl, require_roles, role_fingerprint
+from models.foundation.toy.common import read_manifest, role_dir
+from models.sizes import PAPER_FOUNDATION_DIMS, BrainConfig, FoundationDims, GPT2Dims, brain_config
+from utils.clip_target_cache import ClipTargetCache
+from utils.data import BrainVideoData
+from utils.errors import WeightsError
+from utils.stage_configs import SharedConfig
 
 log = logging.getLogger(__name__)
 
-TOKENS_PROJ_FILE = "coco_tokens_avg_proj.pth"  # frozen CLIP tokens -> caption space map, in data_root
 
-
-def load_data(cfg: Any, fields: tuple[str, ...]) -> BrainVideoData:
+def load_data(cfg: SharedConfig, fields: tuple[str, ...]) -> BrainVideoData:
     """The subject's data, with ``fields`` validated before any work starts."""
-    data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, DataOptions.from_config(cfg.data))
+    data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
     data.validate(fields)
     return data
 
 
-def data_files(data: BrainVideoData, names: tuple[str, ...]) -> list[Path]:
-    """Existing input files of ``data`` among ``names`` (for the manifest)."""
-    return [p for p in (data.root / n for n in names) if p.exists()]
-
-
-def foundation_kind(cfg: Any) -> str:
-    """The foundation-role implementation of this profile: ``paper`` weights or the ``toy`` / ``smoke`` models."""
-    return cfg.model.size
-
-
-def require_foundation(cfg: Any, roles: Sequence[str]) -> None:
+def require_foundation(cfg: SharedConfig, roles: Sequence[str]) -> None:
     """Stage preflight: every weight file of ``roles`` is present (paper: all listed at once) and, for the toy
     roles, whole (the size its manifest records, a readable safetensors header), before any work or output."""
-    from models.foundation import require_roles
-    from models.foundation.toy.common import read_manifest, role_dir
-    from utils.errors import WeightsError
-
-    kind, root = foundation_kind(cfg), Path(cfg.paths.weights_root)
-    if kind == "paper":
-        require_roles(kind, root, tuple(roles))
+    impl, root = foundation_impl(cfg.model.size), Path(cfg.paths.weights_root)
+    if impl == "paper":
+        require_roles(impl, root, tuple(roles))
         return
     missing, broken = [], []
     for role in roles:
@@ -86,9 +75,11 @@ def _toy_file_problem(path: Path, fingerprint: dict[str, Any]) -> str:
     return ""
 
 
-def foundation_dims(cfg: Any, clip: Any, data: BrainVideoData, vae: Any = None, gpt2: Any = None) -> FoundationDims:
+def foundation_dims(
+    cfg: SharedConfig, clip: Any, data: BrainVideoData, vae: Any = None, gpt2: Any = None
+) -> FoundationDims:
     """Dimensions fixed by the foundation models: the paper's constants, or read from the toy models."""
-    if foundation_kind(cfg) == "paper":
+    if foundation_impl(cfg.model.size) == "paper":
         return PAPER_FOUNDATION_DIMS
     latent_size = data.resolution // vae.downsample if vae is not None else 1
     gpt = GPT2Dims(gpt2.hidden_size, gpt2.model.config.n_layer, gpt2.model.config.n_head, gpt2.vocab_size,
@@ -97,14 +88,18 @@ def foundation_dims(cfg: Any, clip: Any, data: BrainVideoData, vae: Any = None, 
     return FoundationDims(clip.num_tokens, clip.token_dim, clip.text_dim, latent_channels, latent_size, gpt)
 
 
-def make_brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any):
+def make_brain_config(
+    cfg: SharedConfig, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any
+) -> BrainConfig:
     brain = _brain_config(cfg, data, dims, parts, **kw)
     if cfg.model.backbone_dropout is not None:
         brain = replace(brain, widths=replace(brain.widths, backbone_dropout=cfg.model.backbone_dropout))
     return brain
 
 
-def _brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any):
+def _brain_config(
+    cfg: SharedConfig, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any
+) -> BrainConfig:
     return brain_config(
         cfg.model.size,
         n_voxels=(data.n_voxels,),
@@ -118,10 +113,17 @@ def _brain_config(cfg: Any, data: BrainVideoData, dims: FoundationDims, parts: t
 
 class ClipTargets:
     """The CLIP image tokens that stages 1 and 2 train against (and stage 2's VAE latents): read from the fp16
-    CLIP-target cache (``data.clip_targets=cache``, :mod:`tasks_construction.cache_clip_targets`) or computed by the
+    CLIP-target cache (``data.clip_targets=cache``, :mod:`utils.clip_target_cache`) or computed by the
     clip (vae) role."""
 
-    def __init__(self, data: BrainVideoData, clip: Any, cache: Any, device: torch.device | str, vae: Any = None):
+    def __init__(
+        self,
+        data: BrainVideoData,
+        clip: Any,
+        cache: ClipTargetCache | None,
+        device: torch.device | str,
+        vae: Any = None,
+    ):
         self.data, self.clip, self.cache, self.device, self.vae = data, clip, cache, device, vae
 
     def __call__(self, split: str, idx: Any, frames: int | Sequence[int]) -> torch.Tensor:
@@ -145,34 +147,25 @@ class ClipTargets:
         return self.vae.encode(self.data.frames(split, idx).to(self.device)).float()
 
 
-def uses_clip_cache(cfg: Any) -> bool:
+def uses_clip_cache(cfg: SharedConfig) -> bool:
     return cfg.data.clip_targets == "cache"
 
 
 def clip_targets(
-    cfg: Any, data: BrainVideoData, clip: Any, device: Any, needs: dict[str, Sequence[int]], vae: Any = None
+    cfg: SharedConfig,
+    data: BrainVideoData,
+    clip: Any,
+    device: Any,
+    needs: Mapping[str, Sequence[int]],
+    vae: Any = None,
 ) -> ClipTargets:
     """The stage's :class:`ClipTargets`; with the cache, first check that it holds ``needs`` ({source: frames})."""
     if not uses_clip_cache(cfg):
         return ClipTargets(data, clip, None, device, vae)
-    from tasks_construction.cache_clip_targets import ClipTargetCache
-
-    cache = ClipTargetCache(cfg.paths.data_root, foundation_kind(cfg), cfg.paths.weights_root, cfg.run.profile)
+    impl = foundation_impl(cfg.model.size)
+    fingerprint = functools.partial(role_fingerprint, impl=impl, weights_root=cfg.paths.weights_root)
+    cache = ClipTargetCache(cfg.paths.data_root, fingerprint, cfg.run.profile)
     for source, frames in needs.items():
         cache.require(source, frames)
     return ClipTargets(data, clip, cache, device, vae)
 
-
-def load_tokens_proj(data_root: str | Path, expect: tuple[int, int]) -> torch.Tensor:
-    """The frozen ``(D, Dt)`` map of ``coco_tokens_avg_proj.pth`` (key ``proj``), shape-checked."""
-    path = Path(data_root) / TOKENS_PROJ_FILE
-    fix = (
-        "real data: python download_dataset.py; toy world: python -m tasks_construction.gen_GT_clip_embeds "
-        "--profile <profile>"
-    )
-    state = load_tensor(path, fix)
-    proj = state.get("proj") if isinstance(state, dict) else None
-    if not isinstance(proj, torch.Tensor) or tuple(proj.shape) != tuple(expect):
-        got = tuple(proj.shape) if isinstance(proj, torch.Tensor) else type(state).__name__
-        raise DataError(f"{path} must hold 'proj' of shape {expect}, found {got}", fix)
-    return proj.float()

@@ -33,33 +33,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.common import data_files, load_data
-from pipeline.stage6 import finite_or_none, resize_masks
+from pipeline.common import load_data
+from pipeline.report import write_report
 from utils.cli import begin_stage
 from utils.errors import ConfigError, StageOrderError
-from utils.io import atomic_path, atomic_write_json
+from utils.io import atomic_path, atomic_write_json, finite_or_none
 from utils.manifest import require_stage
 from utils.metrics import caption_bleu, caption_bleu_per_sample, concept_f1, dice_per_sample
-from utils.runs import RunPaths, rerun_hint
+from utils.resize import resize_maps_nearest, resize_masks_majority
+from utils.runs import DIAGNOSTICS_FILE, RunPaths, rerun_hint
+from utils.stage_configs import DiagnosticsConfig
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE, CONCEPTS_FIG, DICE_FIG, PANELS_DIR = "diagnostics.json", "concepts.png", "dice.png", "panels"
+CONCEPTS_FIG, DICE_FIG, PANELS_DIR = "concepts.png", "dice.png", "panels"
 STAGE3_TENSORS = ("blurry_videos", "masks", "concept_probs")
 STAGE3_JSON = ("captions.json", "concepts.json")
 DATA_FIELDS = ("caption", "concepts", "key_obj_mask", "key_obj_cls")
-DATA_FILES = (
-    "GT_test_3fps.pt", "GT_test_caption.pt", "qwen_annotation/qwen_test_caption_tag_category_id.json",
-    "masks/key_objects_masks_test.pt", "masks/key_objects_info_test.json",
-)  # fmt: skip
 PANEL_ROWS = ("ground truth", "blurry", "masked blurry", "GT key-object mask", "predicted mask")
 
 
 def results_path(paths: RunPaths) -> Path:
-    return paths.stage_dir("e") / RESULTS_FILE
+    return paths.stage_dir("e") / DIAGNOSTICS_FILE
 
 
 def panel_path(out_dir: Path, clip: int) -> Path:
@@ -90,7 +87,7 @@ class DiagInputs:
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
-def load_inputs(cfg: Any) -> DiagInputs:
+def load_inputs(cfg: DiagnosticsConfig) -> DiagInputs:
     paths, hint = RunPaths.from_config(cfg), rerun_hint(cfg)
     dir3 = paths.stage_dir("3")
     manifest = require_stage("3", dir3, paths.stage_dirs(), hint)
@@ -150,7 +147,7 @@ def concept_table(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
 
 def clip_dice(mask_probs: torch.Tensor, gt_masks: torch.Tensor, threshold: float) -> torch.Tensor:
     """(N, F, S, S) probabilities and (N, F, R, R) GT masks → (N,) Dice at S × S (stage 6's definition)."""
-    gt = resize_masks(gt_masks, int(mask_probs.shape[-1]))
+    gt = resize_masks_majority(gt_masks, int(mask_probs.shape[-1]))
     return dice_per_sample(mask_probs > threshold, gt.bool())
 
 
@@ -164,7 +161,7 @@ def caption_rows(x: DiagInputs) -> dict[str, Any]:
 def masked_blurry(blurry: torch.Tensor, mask_probs: torch.Tensor, low: float, threshold: float) -> torch.Tensor:
     """(N, F, 3, R, R) × the soft mask {low, 1} of (N, F, S, S), nearest-resized to R → (N, F, 3, R, R)."""
     soft = torch.where(mask_probs > threshold, 1.0, low)  # (N, F, S, S)
-    soft = F.interpolate(soft, size=blurry.shape[-2:], mode="nearest")  # (N, F, R, R)
+    soft = resize_maps_nearest(soft, blurry.shape[-1])  # (N, F, R, R)
     return blurry * soft[:, :, None]
 
 
@@ -254,7 +251,7 @@ def write_panels(x: DiagInputs, out_dir: Path, count: int, threshold: float) -> 
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
-def check_config(cfg: Any) -> None:
+def check_config(cfg: DiagnosticsConfig) -> None:
     sp = cfg.sample
     if sp.num_panels < 0 or not (0 < sp.concept_threshold < 1 and 0 < sp.mask_threshold < 1):
         raise ConfigError("sample.num_panels must be ≥ 0 and the thresholds in (0, 1)",
@@ -262,12 +259,12 @@ def check_config(cfg: Any) -> None:
 
 
 def clear_outputs(out_dir: Path) -> None:
-    for name in (RESULTS_FILE, CONCEPTS_FIG, DICE_FIG):
+    for name in (DIAGNOSTICS_FILE, CONCEPTS_FIG, DICE_FIG):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / PANELS_DIR, ignore_errors=True)
 
 
-def diagnose(cfg: Any) -> Path:
+def diagnose(cfg: DiagnosticsConfig) -> Path:
     """Run stage e; returns the diagnostics folder."""
     check_config(cfg)
     x = load_inputs(cfg)
@@ -277,7 +274,7 @@ def diagnose(cfg: Any) -> Path:
     clear_outputs(out_dir)
     concepts = concept_table(x.concept_probs, x.labels, x.classes, sp.concept_threshold)
     dice = clip_dice(x.mask_probs, x.gt_masks, sp.mask_threshold)
-    results = {
+    results: dict[str, Any] = {
         "stage": "e",
         "mode": cfg.run.mode,
         "subj": cfg.run.subj,
@@ -295,20 +292,17 @@ def diagnose(cfg: Any) -> Path:
         "captions": caption_rows(x),
         "panel_rows": list(PANEL_ROWS),
     }
-    outputs = [atomic_write_json(out_dir / RESULTS_FILE, finite_or_none(results))]
+    outputs = [atomic_write_json(out_dir / DIAGNOSTICS_FILE, finite_or_none(results))]
     outputs.append(plot_concepts(concepts, out_dir / CONCEPTS_FIG))
     outputs.append(plot_dice(dice, out_dir / DICE_FIG))
     outputs += write_panels(x, out_dir, sp.num_panels, sp.mask_threshold)
     for path in outputs:
         recorder.add_output(path)
-    for path in [*x.files.values(), *data_files(x.data, DATA_FILES)]:
-        recorder.add_input(path)
-    recorder.extra.update({"n_clips": x.n, "results_file": str((out_dir / RESULTS_FILE).resolve())})
+    recorder.add_inputs([*x.files.values(), *x.data.opened_files])
+    recorder.extra.update({"n_clips": x.n, "results_file": str((out_dir / DIAGNOSTICS_FILE).resolve())})
     recorder.finish()
     log.info("stage e (%s): %d clips; concept F1 micro %.3f macro %.3f; key-object Dice %.3f ± %.3f; caption BLEU-4 "
              "%.4f; %d panels", cfg.run.mode, x.n, concepts["micro_f1"], concepts["macro_f1"], float(dice.mean()),
              float(dice.std(correction=0)), results["captions"]["corpus_bleu4"], len(outputs) - 3)  # fmt: skip
-    from pipeline.report import write_report
-
     log.info("stage e done: %s; report %s", out_dir, write_report(cfg))
     return out_dir

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from models.brain import NeuronsBrainModel
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.errors import ConfigError, TrainingError, WeightsError
+from utils.stage_configs import Stage1Config, Stage2Config
 from utils.training import (
     BatchPlan,
     MetricsLog,
@@ -37,6 +39,7 @@ from utils.training import (
 
 log = logging.getLogger(__name__)
 
+TrainingConfig = Stage1Config | Stage2Config  # the stages that train through fit()
 StepFn = Callable[[Any, int, int], Mapping[str, Any]]  # (clip indices, epoch, batch index) -> losses
 EvalFn = Callable[[], dict[str, float]]
 
@@ -56,7 +59,7 @@ class Progress:
 class Trainer:
     """What :func:`fit` needs from a stage. ``generators`` are saved/restored as ``<name>_rng``."""
 
-    cfg: Any
+    cfg: TrainingConfig
     model: torch.nn.Module
     accelerator: Any
     out_dir: Path
@@ -143,7 +146,7 @@ def set_rng_states(tr: Trainer, state: Mapping[str, Any]) -> None:
 def untie(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of tensors that share memory with an earlier entry (GPT-2 ties ``lm_head`` to ``wte``; safetensors
     refuses shared tensors). Loading writes the same values into the tied parameter twice."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int | torch.SymInt]] = set()
     out = {}
     for name, value in state_dict.items():
         key = (value.untyped_storage().data_ptr(), value.storage_offset())
@@ -224,7 +227,9 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
     bar.close()
 
 
-def prepare_training(cfg: Any, stage: str, model: torch.nn.Module, accelerator: Any, n_train: int, out_dir: Path):
+def prepare_training(
+    cfg: TrainingConfig, stage: str, model: NeuronsBrainModel, accelerator: Any, n_train: int, out_dir: Path
+) -> tuple[BatchPlan, Any, torch.optim.lr_scheduler.LRScheduler, MetricsLog]:
     """The batch plan, AdamW over the trainable parameters, the LR schedule and the metrics log of a stage.
 
     The model is moved to the device but not DDP-wrapped: stages call several of its methods per step, so gradients

@@ -30,16 +30,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from pipeline.captions import CAPTIONS_FILE
+from utils.baselines import ridge_baseline
+from utils.cli import OneLineParser, fixed_args, report_error
+from utils.config import load_config
+from utils.data import BrainVideoData
+from utils.data_catalog import CEILING_FILE, RIDGE_BASELINE_FILE, subject_name
 from utils.errors import NeuronsError
 from utils.io import atomic_write_text
 from utils.manifest import read_manifest, stale_reasons
-from utils.runs import RunPaths
+from utils.metrics import dice_per_sample
+from utils.resize import resize_frames_bilinear, resize_masks_majority
+from utils.runs import DIAGNOSTICS_FILE, PROMPTS_FILE, TOY_QUALITY_FILE, VIDEOS_FILE, RunPaths, setup_logging
+from utils.stage_configs import SharedConfig, Stage6Config
+from utils.video_io import side_by_side, to_uint8
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
-TOY_QUALITY_FILE = "toy_quality.json"  # written by bench/toy_quality.py into the run folder
 MODES = ("enhance", "motion")
 DEFAULT_SAMPLES = 8
 NUMBER = re.compile(r"-?[\d.]+( ± [\d.]+)?|n/a|—")  # right-aligned table cells
@@ -57,7 +67,7 @@ NEURONS_SOURCE = "NEURONS (ICCV 2025, arXiv 2503.11167) Table 1, video-level onl
 NEUROCLIPS_SOURCE = "NeuroClips (NeurIPS 2024) Table 1"
 # Published test-set numbers (cc2017), spec dataset-and-metrics §3.1-3.3: per subject where the paper gives them,
 # else the mean of subjects 1-3. All were computed with the upstream metric code (our `neurons` protocol).
-PUBLISHED: dict[str, dict[str, Any]] = {
+PUBLISHED: dict[str, dict[str | int, Any]] = {  # "source", "mean" and per subject
     "MinD-Video": {
         "source": f"{NEUROCLIPS_SOURCE} (mean of 3 subjects)",
         "mean": {"video_2way": 0.839, "video_50way": 0.197, "clip_pcc": 0.408, "frame_2way": 0.796,
@@ -135,9 +145,7 @@ def png_uri(path: Path) -> str:
 
 def gif_uri(frames01: torch.Tensor, fps: float = GIF_FPS) -> str:
     """Frames (F, 3, H, W) in [0, 1] → a looping GIF as a data URI."""
-    import imageio.v3 as iio
-
-    from utils.video_io import to_uint8
+    import imageio.v3 as iio  # heavy, and only the report writes GIFs
 
     payload = iio.imwrite("<bytes>", to_uint8(frames01), extension=".gif", duration=1000.0 / fps, loop=0)
     return data_uri(payload, "image/gif")
@@ -170,7 +178,7 @@ def cell(value: float | dict[str, Any] | None, decimals: int) -> str:
     return "—" if value is None else fmt(value, decimals)
 
 
-def is_paper(cfg: Any) -> bool:
+def is_paper(cfg: SharedConfig) -> bool:
     return cfg.model.size == "paper"
 
 
@@ -179,7 +187,7 @@ def scored_modes(paths: RunPaths) -> dict[str, dict[str, Any]]:
     """mode → its metrics JSON, for every mode stage 6 has scored in this run."""
     out = {}
     for mode in MODES:
-        data = read_json(paths.root / f"metrics_{mode}.json")
+        data = read_json(RunPaths(paths.root, mode).metrics_file)
         if isinstance(data, dict) and "metrics" in data:
             out[mode] = data
     return out
@@ -192,7 +200,7 @@ def chance_of(metrics: dict[str, dict[str, Any]], key: str) -> str:
     return ""
 
 
-def metrics_table(cfg: Any, scored: dict[str, dict[str, Any]], toy_quality: dict[str, Any] | None) -> Table:
+def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_quality: dict[str, Any] | None) -> Table:
     """Ours per mode, then the published numbers (paper) or the ridge → decoders videos (toy), then chance."""
     subj = int(cfg.run.subj)
     header = ["metric", *(f"ours ({mode}, subj {subj})" for mode in scored)]
@@ -227,9 +235,9 @@ def metrics_table(cfg: Any, scored: dict[str, dict[str, Any]], toy_quality: dict
     return Table("Video and sub-task metrics (test clips)", header, rows, notes)
 
 
-def toy_identification(cfg: Any, paths: RunPaths, toy_quality: dict[str, Any] | None) -> Table | None:
+def toy_identification(cfg: SharedConfig, paths: RunPaths, toy_quality: dict[str, Any] | None) -> Table | None:
     """Brain-side clip identification (test, top-1): stage 1 vs the ridge baseline and the oracle ceiling."""
-    subj = f"subj0{cfg.run.subj}"
+    subj = subject_name(cfg.run.subj)
     root = Path(cfg.paths.data_root)
     cols: list[tuple[str, dict[str, float]]] = []
     ours = read_json(paths.stage_dir("1") / "identification.json")
@@ -240,7 +248,7 @@ def toy_identification(cfg: Any, paths: RunPaths, toy_quality: dict[str, Any] | 
     ridge = ridge_identification(cfg)
     if ridge:
         cols.append(("ridge baseline (voxels → 8×8 pixels)", ridge["top1"]))
-    ceiling = read_json(root / "ceiling.json")
+    ceiling = read_json(root / CEILING_FILE)
     if ceiling and subj in ceiling.get("subjects", {}):
         cols.append(("oracle noise ceiling", ceiling["subjects"][subj]["top1"]))
     if not cols:
@@ -255,17 +263,14 @@ def toy_identification(cfg: Any, paths: RunPaths, toy_quality: dict[str, Any] | 
                  notes)  # fmt: skip
 
 
-def ridge_identification(cfg: Any) -> dict[str, Any] | None:
+def ridge_identification(cfg: SharedConfig) -> dict[str, Any] | None:
     """This subject's ridge-baseline test identification: from ``ridge_baseline.json``, else computed (seconds)."""
-    subj = f"subj0{cfg.run.subj}"
-    stored = read_json(Path(cfg.paths.data_root) / "ridge_baseline.json")
+    subj = subject_name(cfg.run.subj)
+    stored = read_json(Path(cfg.paths.data_root) / RIDGE_BASELINE_FILE)
     if stored and subj in stored.get("subjects", {}):
         return stored["subjects"][subj]["test"]
     try:
-        from tasks_construction.ridge_baseline import ridge_baseline
-        from utils.data import BrainVideoData, DataOptions
-
-        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, DataOptions.from_config(cfg.data))
+        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
         return ridge_baseline(data)["test"]
     except (NeuronsError, OSError, ValueError) as err:
         log.warning("no ridge baseline for the report (%s)", str(err).splitlines()[0] if str(err) else err)
@@ -286,8 +291,6 @@ def curves_section(paths: RunPaths) -> str:
 def first_rows(path: Path, name: str, n: int) -> torch.Tensor | None:
     """The first ``n`` rows of tensor ``name`` in a safetensors file, read alone (the paper's stage-5 videos hold
     gigabytes), or None when the file is missing or unreadable."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as fh:
             return fh.get_slice(name)[:n]
@@ -318,19 +321,17 @@ class Samples:
         return int(self.pred.shape[0])
 
 
-def load_samples(cfg: Any, paths: RunPaths, mode: str, scored: dict[str, Any], count: int) -> Samples | str:
+def load_samples(cfg: SharedConfig, paths: RunPaths, mode: str, scored: dict[str, Any], count: int) -> Samples | str:
     """The samples, or a one-line reason (HTML) why there are none."""
-    from utils.data import BrainVideoData, DataOptions
-
     dir3, dir5 = paths.root / f"stage3_{mode}", paths.root / f"stage5_{mode}"
-    videos = first_rows(dir5 / "videos.safetensors", "videos", count)  # (n, F5, 3, R, R)
+    videos = first_rows(dir5 / VIDEOS_FILE, "videos", count)  # (n, F5, 3, R, R)
     blurry = first_rows(dir3 / "blurry_videos.safetensors", "blurry_videos", count)  # (n, F, 3, r, r)
     masks = first_rows(dir3 / "masks.safetensors", "masks", count)  # (n, F, S, S)
     if videos is None or blurry is None or masks is None:
         return '<p class="warn">stage-3/5 outputs are missing: no samples</p>'
     n = min(count, int(videos.shape[0]), int(blurry.shape[0]))
     try:
-        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, DataOptions.from_config(cfg.data))
+        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
         clips = np.arange(n)
         gt, gt_masks = data.frames("test", clips), data.key_object_masks("test", clips)
         labels, classes = data.concept_labels("test")[:n], data.concept_classes
@@ -340,10 +341,10 @@ def load_samples(cfg: Any, paths: RunPaths, mode: str, scored: dict[str, Any], c
     frames = scored.get("eval_frames") or list(range(gt.shape[1]))
     mask_names = (read_json(dir3 / "concepts.json") or {}).get("mask_names", [])
     probs = first_rows(dir3 / "concept_probs.safetensors", "concept_probs", n)
-    gpt2 = (read_json(dir3 / "captions.json") or {}).get("captions", [])
+    gpt2 = (read_json(dir3 / CAPTIONS_FILE) or {}).get("captions", [])
     return Samples(gt, videos[:n, frames].float().clamp(0, 1), blurry[:n].float(), masks[:n].float(), gt_masks,
                    None if probs is None else probs.float(), labels, classes, gt_caps, key_objects,
-                   read_json(dir5 / "prompts.json") or {}, gpt2, [str(m) for m in mask_names])  # fmt: skip
+                   read_json(dir5 / PROMPTS_FILE) or {}, gpt2, [str(m) for m in mask_names])  # fmt: skip
 
 
 def sample_text(x: Samples, i: int, dice: float) -> list[str]:
@@ -363,25 +364,22 @@ def sample_text(x: Samples, i: int, dice: float) -> list[str]:
     return text
 
 
-def sample_section(cfg: Any, paths: RunPaths, mode: str, scored: dict[str, Any], count: int) -> str:
+def sample_section(cfg: SharedConfig, paths: RunPaths, mode: str, scored: dict[str, Any], count: int) -> str:
     """GIFs GT | reconstruction | blurry | predicted mask | GT mask of the first ``count`` clips, with their text."""
-    from pipeline.stage5 import resize
-    from pipeline.stage6 import resize_masks
-    from utils.metrics import dice_per_sample
-    from utils.video_io import side_by_side
-
     x = load_samples(cfg, paths, mode, scored, count)
     if isinstance(x, str):
         return x
     res = int(x.pred.shape[-1])
     pred_bin = x.mask_probs > 0.5  # (n, F, S, S)
-    dice = dice_per_sample(pred_bin, resize_masks(x.gt_masks, int(pred_bin.shape[-1])).bool())
+    dice = dice_per_sample(pred_bin, resize_masks_majority(x.gt_masks, int(pred_bin.shape[-1])).bool())
     legend = "ground truth | reconstruction (stage 5) | blurry video (stage 3) | predicted mask | GT key-object mask"
     out = [f'<p class="note">each GIF: {esc(legend)}; {GIF_FPS:g} fps</p>']
     height = max(96, res * 3) if res < 96 else res
     for i in range(x.n):
-        masks = (resize_masks(pred_bin[i].float(), res)[:, None], resize_masks(x.gt_masks[i], res)[:, None])
-        panel = side_by_side(resize(x.gt[i], res), x.pred[i], resize(x.blurry[i], res), *masks)
+        masks = (resize_masks_majority(pred_bin[i].float(), res)[:, None],
+                 resize_masks_majority(x.gt_masks[i], res)[:, None])  # (F, 1, R, R) each
+        panel = side_by_side(resize_frames_bilinear(x.gt[i], res), x.pred[i], resize_frames_bilinear(x.blurry[i], res),
+                             *masks)  # fmt: skip
         text = "<br>".join(sample_text(x, i, float(dice[i])))
         out.append(f'<div class="sample">{img(gif_uri(panel), f"clip {i}", height, res < 96)}'
                    f'<div class="text">{text}</div></div>')  # fmt: skip
@@ -389,8 +387,8 @@ def sample_section(cfg: Any, paths: RunPaths, mode: str, scored: dict[str, Any],
 
 
 def diagnostics_section(paths: RunPaths, mode: str, count: int) -> str:
-    folder = paths.root / f"diagnostics_{mode}"
-    results = read_json(folder / "diagnostics.json")
+    folder = RunPaths(paths.root, mode).stage_dir("e")
+    results = read_json(folder / DIAGNOSTICS_FILE)
     if results is None:
         return (f'<p class="note">no stage-e diagnostics for {esc(mode)} (bash train_neurons.sh ... e {esc(mode)} '
                 "...)</p>")  # fmt: skip
@@ -438,7 +436,7 @@ def report_path(paths: RunPaths) -> Path:
     return paths.root / REPORT_FILE
 
 
-def tables(cfg: Any, paths: RunPaths) -> list[Table]:
+def tables(cfg: SharedConfig, paths: RunPaths) -> list[Table]:
     scored = scored_modes(paths)
     toy_quality = read_json(paths.root / TOY_QUALITY_FILE)
     out = [metrics_table(cfg, scored, toy_quality)] if scored else []
@@ -450,11 +448,11 @@ def tables(cfg: Any, paths: RunPaths) -> list[Table]:
 
 
 def samples_count(paths: RunPaths, mode: str) -> int:
-    manifest = read_manifest(paths.root / f"eval_{mode}") or {}
+    manifest = read_manifest(RunPaths(paths.root, mode).stage_dir("6")) or {}
     return int(manifest.get("config", {}).get("eval", {}).get("report_samples", DEFAULT_SAMPLES))
 
 
-def write_report(cfg: Any) -> Path:
+def write_report(cfg: SharedConfig) -> Path:
     """(Re)build ``<run>/report.html`` from whatever this run holds; returns its path."""
     paths = RunPaths.from_config(cfg)
     scored = scored_modes(paths)
@@ -480,7 +478,7 @@ def write_report(cfg: Any) -> Path:
     return atomic_write_text(report_path(paths), page)
 
 
-def summary_markdown(cfg: Any) -> str:
+def summary_markdown(cfg: SharedConfig) -> str:
     """The report's tables as markdown (what ``make demo`` prints at the end)."""
     paths = RunPaths.from_config(cfg)
     body = "\n\n".join(t.markdown() for t in tables(cfg, paths))
@@ -488,10 +486,6 @@ def summary_markdown(cfg: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from utils.cli import OneLineParser, report_error
-    from utils.config import load_config
-    from utils.runs import setup_logging
-
     parser = OneLineParser(description="Print a run's metrics tables and its report path (--write: rebuild it).")
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--subj", type=int, choices=(1, 2, 3), default=1)
@@ -502,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("WARNING")
     try:
-        cfg = load_config("6", args.profile, args.overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
+        cfg = load_config(Stage6Config, args.profile, args.overrides, fixed_args(args))
     except NeuronsError as err:
         return report_error(err)
     path = write_report(cfg) if args.write else report_path(RunPaths.from_config(cfg))

@@ -18,28 +18,26 @@ import torch
 import torch.nn.functional as F
 
 from models.brain import NeuronsBrainModel
-from models.foundation import build_role
-from models.mindeye2_keymap import load_mindeye2_backbone_prior
+from models.foundation import build_role, foundation_impl
+from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import STAGE1_PARTS
 from pipeline.common import (
-    TOKENS_PROJ_FILE,
     ClipTargets,
     clip_targets,
-    data_files,
     foundation_dims,
-    foundation_kind,
     load_data,
-    load_tokens_proj,
     make_brain_config,
     require_foundation,
     uses_clip_cache,
 )
 from pipeline.loop import Trainer, fit, prepare_training
+from utils.baselines import identification_accuracy
 from utils.checkpoint import load_checkpoint
 from utils.cli import begin_stage
-from utils.errors import WeightsError
 from utils.io import atomic_write_json
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
+from utils.runs import RunPaths
+from utils.stage_configs import Stage1Config
 from utils.training import (
     BatchPlan,
     MetricsLog,
@@ -51,15 +49,13 @@ from utils.training import (
 log = logging.getLogger(__name__)
 
 FIELDS = ("voxel", "frames", "caption_emb")
-MINDEYE2_FILE = "last.pth"
-MINDEYE2_SOURCE = "hf download pscotti/mindeyev2 train_logs/final_subj01_pretrained_40sess_24bs/last.pth"
 
 
 @dataclass
 class Stage1:
     """Everything one stage-1 run holds."""
 
-    cfg: Any
+    cfg: Stage1Config
     data: Any
     clip: Any  # the clip role (None with the CLIP-target cache at paper scale: bigG is then not needed at all)
     model: NeuronsBrainModel
@@ -68,42 +64,35 @@ class Stage1:
     targets: ClipTargets
 
 
-def setup(cfg: Any) -> Stage1:
+def setup(cfg: Stage1Config) -> Stage1:
     """Validate inputs and build the model (no output is touched here)."""
     data = load_data(cfg, FIELDS)
-    if cfg.train.init_from_mindeye2 and not (Path(cfg.paths.weights_root) / MINDEYE2_FILE).is_file():
-        raise WeightsError(
-            f"missing MindEye2 weights {Path(cfg.paths.weights_root) / MINDEYE2_FILE}",
-            f"get them with `{MINDEYE2_SOURCE} --repo-type dataset` into weights_root, "
-            "or --set train.init_from_mindeye2=false",
-        )
+    if cfg.train.init_from_mindeye2:
+        require_mindeye2(cfg.paths.weights_root)
     accelerator = build_accelerator(cfg)
-    cached, kind = uses_clip_cache(cfg), foundation_kind(cfg)
+    cached, impl = uses_clip_cache(cfg), foundation_impl(cfg.model.size)
     # with the cache the image tower never runs: the toy clip only gives its dims (on the CPU), bigG is not built
     clip = None
-    if not (cached and kind == "paper"):
+    if not (cached and impl == "paper"):
         require_foundation(cfg, ("clip",))
-        clip = build_role("clip", kind, cfg.paths.weights_root, "cpu" if cached else accelerator.device)
+        clip = build_role("clip", impl, cfg.paths.weights_root, "cpu" if cached else accelerator.device)
     dims = foundation_dims(cfg, clip, data)
     needs = {"train": target_frames(cfg, data), "test": [cfg.train.target_frame]}  # test: final identification
     targets = clip_targets(cfg, data, clip, accelerator.device, needs)
     model = NeuronsBrainModel(make_brain_config(cfg, data, dims, STAGE1_PARTS))
-    model.clipproj.proj.data.copy_(load_tokens_proj(cfg.paths.data_root, (dims.clip_dim, dims.text_dim)))
+    model.clipproj.proj.data.copy_(data.tokens_proj((dims.clip_dim, dims.text_dim)))
     if cfg.train.init_from_mindeye2:
-        state = torch.load(Path(cfg.paths.weights_root) / MINDEYE2_FILE, map_location="cpu", weights_only=True)
-        load_mindeye2_backbone_prior(state, model)
-    from utils.runs import RunPaths
-
+        load_mindeye2(cfg.paths.weights_root, model)
     return Stage1(cfg, data, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"), targets)
 
 
-def target_frame(cfg: Any, data: Any, epoch: int) -> int:
+def target_frame(cfg: Stage1Config, data: Any, epoch: int) -> int:
     """The CLIP target frame of ``epoch``: ``target_frame``, alternating with the next one by epoch parity."""
     t = cfg.train
     return min(t.target_frame + (epoch % 2 if t.alternate_target_frame else 0), data.n_frames - 1)
 
 
-def target_frames(cfg: Any, data: Any) -> list[int]:
+def target_frames(cfg: Stage1Config, data: Any) -> list[int]:
     """Every training target frame of a run (what the CLIP-target cache must hold)."""
     return sorted({target_frame(cfg, data, epoch) for epoch in range(min(cfg.train.num_epochs, 2))})
 
@@ -163,7 +152,7 @@ def evaluate(s: Stage1, split: str = "val", chunk: int = 100) -> dict[str, float
     return scores
 
 
-def train(cfg: Any) -> Path:
+def train(cfg: Stage1Config) -> Path:
     """Run stage 1; returns the stage folder."""
     seed_everything(cfg.run.seed)  # before the model is built: its initialisation is seeded too
     s = setup(cfg)
@@ -190,8 +179,6 @@ def train(cfg: Any) -> Path:
 def identification(s: Stage1, split: str, ways=(2, 50), seed: int = 0) -> dict[str, Any]:
     """Clip identification from the predicted CLIP tokens (brain→image, correlation), as the ridge baseline and the
     toy world's noise ceiling score it: each clip's prediction against its own and ``w-1`` other clips' targets."""
-    from utils.baselines import identification_accuracy
-
     s.model.eval()
     preds, targets = [], []
     voxels, frame = s.data.voxels(split), s.cfg.train.target_frame
@@ -215,10 +202,7 @@ def report_identification(s: Stage1) -> Path:
 
 def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
     curves = metrics.plot(s.out_dir / "curves.png")
-    subj = s.cfg.run.subj
-    names = (f"subj0{subj}_train_fmri.pt", "GT_train_3fps.pt", "GT_train_caption_emb.pt", TOKENS_PROJ_FILE)
-    for path in data_files(s.data, names):
-        recorder.add_input(path)
+    recorder.add_inputs(s.data.opened_files)
     for name in ("best", "last"):
         recorder.add_output(s.out_dir / "checkpoints" / name / "model.safetensors")
     recorder.add_output(metrics.path)

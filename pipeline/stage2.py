@@ -11,8 +11,9 @@ Per step on B clips (voxels of repeat ``voxel_repeat``; T = CLIP tokens, D = wid
 
 * video_softclip: SoftCLIP over the B·F frame vectors of M vs the CLIP tokens of every frame (τ cosine ramp by epoch);
 * text_nce: symmetric InfoNCE of ``text_embed(M)`` vs the caption embeddings (τ ``temp_text``);
-* dice: key-object masks ``decode_masks(M, text_pooled(key-object name))`` vs the GT masks (nearest-resized to the
-  decoder size), per clip (``upstream.dice_reduction=batch`` for the upstream whole-batch Dice);
+* dice: key-object masks ``decode_masks(M, text_pooled(key-object name))`` vs the GT masks at the decoder size (area
+  majority; ``upstream.gt_mask_resize=nearest`` for upstream's nearest neighbour), per clip
+  (``upstream.dice_reduction=batch`` for the upstream whole-batch Dice);
 * concepts: BCE of ``concept_logits(M)`` vs the multi-hot concept labels;
 * caption: label-smoothed GPT-2 cross-entropy, prefix ``normalize(text_embed(M))``, on the caption's CLIP-BPE ids
   (the paper feeds CLIP ids straight into GPT-2's ``wte``; the toy GPT-2 was pretrained on the same ids);
@@ -20,8 +21,9 @@ Per step on B clips (voxels of repeat ``voxel_repeat``; T = CLIP tokens, D = wid
 
 total = Σ ``loss_weights`` × progressive multipliers (``progressive``; dice/concepts/caption/latent).
 
-Validation (held-out ``val`` clips, never test) decodes brain-only: the prior is SAMPLED from the brain condition
-(per-clip seeds, ``val_prior_steps`` strided DDPM steps) — not upstream's noised-ground-truth shortcut (defect 16).
+Validation (held-out ``val`` clips, never test) decodes brain-only with the model's ``decode_voxels`` (as stage 3):
+the prior is SAMPLED from the brain condition (per-clip seeds, ``val_prior_steps`` strided DDPM steps) — not
+upstream's noised-ground-truth shortcut (defect 16).
 Scores: ``fwd_top1`` / ``bwd_top1`` (frame ``target_frame`` of M vs its CLIP tokens, within chunks of ``val_chunk``
 clips), ``prior_fwd_top1`` (P itself), ``caption_acc`` (teacher-forced token accuracy), ``concept_f1`` (micro F1 at
 0.5), ``dice`` (mean soft Dice over clips that have a key object, given its name). ``metric`` = the sum of
@@ -40,18 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from models.brain import NeuronsBrainModel, clip_generators
-from models.foundation import build_role
-from models.heads import ConceptNamer
-from models.mindeye2_keymap import load_mindeye2_backbone_prior
-from models.prior import BrainDiffusionPrior, Generators, randn_per_sample
+from models.foundation import build_role, foundation_impl
+from models.heads import EOT_ID, ConceptNamer, key_object_classes
+from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import ALL_PARTS, STAGE1_PARTS
 from pipeline.common import (
-    TOKENS_PROJ_FILE,
     ClipTargets,
     clip_targets,
-    data_files,
     foundation_dims,
-    foundation_kind,
     load_data,
     make_brain_config,
     require_foundation,
@@ -72,7 +70,9 @@ from utils.losses import (
     total_loss,
 )
 from utils.manifest import require_stage
+from utils.resize import resize_maps_nearest, resize_masks_majority
 from utils.runs import RunPaths, rerun_hint
+from utils.stage_configs import Stage2Config, UpstreamFlags
 from utils.training import BatchPlan, MetricsLog, build_accelerator, clip_seed, gather_cat, seed_everything
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,6 @@ log = logging.getLogger(__name__)
 FIELDS = ("voxel", "frames", "caption", "caption_emb", "concepts", "key_obj_mask", "key_obj_cls")
 FROZEN_PARTS = STAGE1_PARTS  # ridge, backbone, clipproj
 FREEZABLE = ("diffusion_prior", "motion_proj", "classifier", "text_seg_dec", "text_dec", "text_dec.decoder")
-MINDEYE2_FILE = "last.pth"
-MINDEYE2_SOURCE = "hf download pscotti/mindeyev2 train_logs/final_subj01_pretrained_40sess_24bs/last.pth"
-EOT_ID = 49407  # CLIP-BPE end of text
 SCORES = ("fwd_top1", "bwd_top1", "prior_fwd_top1", "caption_acc", "concept_f1", "dice")  # validation scores
 
 
@@ -98,7 +95,7 @@ class Captions:
 class Stage2:
     """Everything one stage-2 run holds."""
 
-    cfg: Any
+    cfg: Stage2Config
     data: Any
     clip: Any
     vae: Any
@@ -114,23 +111,14 @@ class Stage2:
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
-def stage1_checkpoint(cfg: Any) -> Path:
+def stage1_checkpoint(cfg: Stage2Config) -> Path:
     """The stage-1 best checkpoint folder, after checking that stage 1 finished and is up to date."""
     paths = RunPaths.from_config(cfg)
     require_stage("1", paths.stage_dir("1"), paths.stage_dirs(), rerun_hint(cfg))
     return resolve_checkpoint(paths.stage_dir("1") / "checkpoints" / "best")
 
 
-def check_mindeye2(cfg: Any) -> None:
-    if cfg.train.init_from_mindeye2 and not (Path(cfg.paths.weights_root) / MINDEYE2_FILE).is_file():
-        raise WeightsError(
-            f"missing MindEye2 weights {Path(cfg.paths.weights_root) / MINDEYE2_FILE}",
-            f"get them with `{MINDEYE2_SOURCE} --repo-type dataset` into weights_root, "
-            "or --set train.init_from_mindeye2=false",
-        )
-
-
-def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Any) -> None:
+def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage2Config) -> None:
     """Strictly load the stage-1 parts (ridge, backbone, clipproj) from a stage-1 checkpoint of this run."""
     tensors, meta = read_weights(folder)
     check_identity(meta, cfg, folder)
@@ -143,14 +131,13 @@ def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Any) -> None:
         raise WeightsError(f"stage-1 checkpoint {folder} has unexpected keys {extra[:3]}", "rerun stage 1")
 
 
-def build_model(cfg: Any, data: Any, dims: Any, gpt2: Any, stage1: Path) -> NeuronsBrainModel:
+def build_model(cfg: Stage2Config, data: Any, dims: Any, gpt2: Any, stage1: Path) -> NeuronsBrainModel:
     up = cfg.upstream
     bcfg = make_brain_config(cfg, data, dims, ALL_PARTS, text_attention=up.text_attention,
                              temporal_scope=up.temporal_scope, caption_pad=up.caption_pad)  # fmt: skip
     model = NeuronsBrainModel(bcfg, gpt2=gpt2.model)
     if cfg.train.init_from_mindeye2:  # fills backbone and prior; the backbone is then replaced by stage 1's
-        state = torch.load(Path(cfg.paths.weights_root) / MINDEYE2_FILE, map_location="cpu", weights_only=True)
-        load_mindeye2_backbone_prior(state, model)
+        load_mindeye2(cfg.paths.weights_root, model)
     load_stage1_parts(model, stage1, cfg)
     for part in frozen_parts(cfg):
         model.get_submodule(part).requires_grad_(False)
@@ -158,7 +145,7 @@ def build_model(cfg: Any, data: Any, dims: Any, gpt2: Any, stage1: Path) -> Neur
     return model
 
 
-def frozen_parts(cfg: Any) -> tuple[str, ...]:
+def frozen_parts(cfg: Stage2Config) -> tuple[str, ...]:
     """The stage-1 parts plus ``train.freeze`` (checked)."""
     unknown = sorted(set(cfg.train.freeze) - set(FREEZABLE))
     if unknown:
@@ -190,27 +177,10 @@ def caption_targets(clip: Any, captions: np.ndarray, max_len: int, max_positions
     return Captions(ids, ~after_eot)
 
 
-def concept_namer(cfg: Any, data: Any) -> ConceptNamer:
+def concept_namer(cfg: Stage2Config, data: Any) -> ConceptNamer:
     """Names for the segmentation head's text (defect 22): classes by default, fine key-object names by flag."""
-    return ConceptNamer(tuple(data.concept_classes), key_object_classes(data), mode=cfg.upstream.concept_names)
-
-
-def key_object_classes(data: Any) -> dict[str, str]:
-    """Fine key-object name → concept class, read off the training labels: the class with the highest lift
-    P(class | key object) / P(class) among the classes present in every clip of that key object (its own concepts,
-    the most specific first). Names that are class names map to themselves."""
-    labels = data.concept_labels("train").bool()  # (n, C)
-    names = np.asarray(data.key_object_names("train"))
-    classes, base = data.concept_classes, labels.float().mean(0).clamp(min=1e-6)
-    out: dict[str, str] = {}
-    for name in sorted(set(names) - {"None"} - set(classes)):
-        rows = labels[torch.as_tensor(names == name)]
-        always = rows.all(0)
-        lift = rows.float().mean(0) / base
-        if always.any():
-            lift = torch.where(always, lift, torch.zeros_like(lift))
-        out[str(name)] = classes[int(lift.argmax())]
-    return out
+    to_class = key_object_classes(data.concept_labels("train"), data.key_object_names("train"), data.concept_classes)
+    return ConceptNamer(tuple(data.concept_classes), to_class, mode=cfg.upstream.concept_names)
 
 
 @torch.no_grad()
@@ -222,20 +192,21 @@ def key_text_embeddings(clip: Any, names: list[str], device: torch.device) -> to
     return emb[torch.as_tensor([lookup[n] for n in names], device=device)]
 
 
-def setup(cfg: Any) -> Stage2:
+def setup(cfg: Stage2Config) -> Stage2:
     """Validate every input (stage 1 first) and build the model; no output is touched here."""
     stage1 = stage1_checkpoint(cfg)
     unknown = sorted(set(cfg.train.selection) - set(SCORES))
     if unknown or not cfg.train.selection:
         raise ConfigError(f"bad train.selection {list(cfg.train.selection)}", f"sum some of {', '.join(SCORES)}")
     data = load_data(cfg, FIELDS)
-    check_mindeye2(cfg)
+    if cfg.train.init_from_mindeye2:
+        require_mindeye2(cfg.paths.weights_root)
     accelerator = build_accelerator(cfg)
-    kind, root, device = foundation_kind(cfg), cfg.paths.weights_root, accelerator.device
+    impl, root, device = foundation_impl(cfg.model.size), cfg.paths.weights_root, accelerator.device
     require_foundation(cfg, ("clip", "vae", "gpt2"))
     # with the CLIP-target cache only the text tower runs, once, at set-up: the clip role stays on the CPU
-    clip = build_role("clip", kind, root, "cpu" if uses_clip_cache(cfg) else device)
-    vae, gpt2 = (build_role(r, kind, root, device) for r in ("vae", "gpt2"))
+    clip = build_role("clip", impl, root, "cpu" if uses_clip_cache(cfg) else device)
+    vae, gpt2 = (build_role(r, impl, root, device) for r in ("vae", "gpt2"))
     dims = foundation_dims(cfg, clip, data, vae, gpt2)
     targets = clip_targets(cfg, data, clip, device, {"train": list(range(data.n_frames))}, vae)
     model = build_model(cfg, data, dims, gpt2, stage1)
@@ -284,9 +255,12 @@ def get_batch(s: Stage2, split: str, idx: Any) -> Batch:
     )
 
 
-def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, F, R, R) binary → (B, F, size, size), nearest."""
-    return F.interpolate(masks, size=(size, size), mode="nearest")
+def gt_masks_at(up: UpstreamFlags, masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Ground-truth key-object masks (B, F, R, R) {0, 1} at the mask head's (B, F, size, size): area majority,
+    or upstream's nearest neighbour with ``upstream.gt_mask_resize=nearest`` (``docs/fidelity.md``)."""
+    if up.gt_mask_resize == "nearest":
+        return resize_maps_nearest(masks, size)
+    return resize_masks_majority(masks, size)
 
 
 def head_outputs(s: Stage2, b: Batch, motion: torch.Tensor, latent_size: int) -> dict[str, torch.Tensor]:
@@ -295,7 +269,7 @@ def head_outputs(s: Stage2, b: Batch, motion: torch.Tensor, latent_size: int) ->
     model = s.accelerator.unwrap_model(s.model)
     text = model.text_embed(motion)  # (b, Dt)
     # logits at the K labelled positions only (K, V): the 49,408-way LM head is most of a toy step's work
-    logits, labels, keep = model.caption_target_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
+    logits, labels, keep = model.caption_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
     return {
         "text": text,
         "mask_logits": model.decode_masks(motion, b.key_text.detach())[:, :, 0].float(),  # (b, F, S, S)
@@ -321,25 +295,26 @@ def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, keep: torch
     return scatter_positions(flat, keep)
 
 
-def head_losses(s: Stage2, g: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor | float]:
-    """Every stage-2 loss on the gathered global batch ``g`` (see :func:`step_loss`), plus the caption token
+def head_losses(s: Stage2, g: dict[str, torch.Tensor], epoch: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Every stage-2 loss on the gathered global batch ``g`` (see :func:`step_loss`), and the caption token
     accuracy."""
     t, up = s.cfg.train, s.cfg.upstream
     tau = softclip_temperature(epoch, t.num_epochs, t.softclip_temp_start, t.softclip_temp_end)
     tokens = g["token_keep"].sum().clamp(min=1.0)
-    return {
+    mask_size = g["mask_logits"].shape[-1]
+    losses = {
         "prior": F.mse_loss(g["prior_tokens"], g["targets"][:, t.target_frame]),
         "video_softclip": soft_clip_loss(g["motion"].flatten(0, 1), g["targets"].flatten(0, 1), tau),
         "text_nce": symmetric_infonce(g["text"], g["caption_emb"], t.temp_text),
-        "dice": dice_loss(g["mask_logits"], resize_masks(g["masks"], g["mask_logits"].shape[-1]), up.dice_reduction),
+        "dice": dice_loss(g["mask_logits"], gt_masks_at(up, g["masks"], mask_size), up.dice_reduction),
         "concepts": concept_bce(g["concept_logits"], g["concepts"]),
         "caption": g["token_loss"].sum() / tokens,
         "latent": latent_l1(g["pred_latents"], g["latents"]),
-        "caption_acc": float(g["token_hit"].sum() / tokens),
     }
+    return losses, float(g["token_hit"].sum() / tokens)
 
 
-def multipliers(cfg: Any, epoch: int, batch: int, steps_per_epoch: int) -> dict[str, float]:
+def multipliers(cfg: Stage2Config, epoch: int, batch: int, steps_per_epoch: int) -> dict[str, float]:
     """Progressive multipliers of this step (all 1 when ``progressive.enabled`` is off)."""
     p = cfg.progressive
     if not p.enabled:
@@ -376,62 +351,37 @@ def step_loss(s: Stage2, plan: BatchPlan, epoch: int, batch: int) -> dict[str, t
     local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
     local |= {"targets": targets, "latents": latents, "caption_emb": b.caption_emb, "concepts": b.concepts,
               "masks": b.masks}  # fmt: skip
-    losses = head_losses(s, {k: gather_cat(acc, v) for k, v in local.items()}, epoch)
-    accuracy = losses.pop("caption_acc")
+    losses, accuracy = head_losses(s, {k: gather_cat(acc, v) for k, v in local.items()}, epoch)
     mult = multipliers(s.cfg, epoch, batch, plan.steps_per_epoch)
     total, _ = total_loss(losses, s.cfg.loss_weights, mult)
     return {"loss": total, **losses, "caption_acc": accuracy, **{f"w_{k}": v for k, v in mult.items()}}
 
 
 # ---- validation ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_prior(prior: BrainDiffusionPrior, cond: torch.Tensor, gens: Generators, steps: int | None) -> torch.Tensor:
-    """Brain-only prior sample (B, T, D): full ancestral DDPM, or ``steps`` evenly strided timesteps using the
-    posterior q(x_s | x_t, x0) between consecutive kept timesteps s < t."""
-    sched = prior.noise_scheduler
-    n = sched.num_timesteps
-    if steps is None or steps >= n:
-        return prior.sample(cond, gens)
-    times = torch.linspace(n - 1, 0, max(steps, 1)).round().long().unique_consecutive().tolist()
-    x = randn_per_sample(tuple(cond.shape), gens, cond.device, cond.dtype)
-    for k, t_now in enumerate(times):
-        t = torch.full((len(cond),), t_now, device=cond.device, dtype=torch.long)
-        x0 = prior.net.forward_with_cond_scale(x, t, cond)
-        if k == len(times) - 1:  # the last kept step is t = 0, whose posterior mean is x0 itself
-            return x0
-        a_t, a_s = sched.alphas_cumprod[t_now], sched.alphas_cumprod[times[k + 1]]
-        beta = 1 - a_t / a_s
-        mean = (a_s.sqrt() * beta * x0 + (a_t / a_s).sqrt() * (1 - a_s) * x) / (1 - a_t)
-        std = (beta * (1 - a_s) / (1 - a_t)).clamp(min=1e-20).sqrt()
-        x = mean + std * randn_per_sample(tuple(x.shape), gens, x.device, x.dtype)
-    return x
-
-
 def decode_val(s: Stage2, split: str, idx: np.ndarray) -> tuple[Batch, dict[str, Any]]:
-    """Brain-only outputs of clips ``idx``: sampled prior tokens, motion tokens and every head."""
+    """Brain-only outputs of clips ``idx`` (:meth:`~models.brain.NeuronsBrainModel.decode_voxels`, the mask queried
+    with each clip's key-object name), the teacher-forced caption logits and the targets they are scored against."""
     model, t = s.accelerator.unwrap_model(s.model), s.cfg.train
     b = get_batch(s, split, idx)
     rows = s.data.indices(split)[idx]
     gens = clip_generators([clip_seed(s.cfg.run.seed, int(r)) for r in rows], s.accelerator.device)
-    prior_tokens = sample_prior(model.diffusion_prior, model.encode(b.voxels).float(), gens, t.val_prior_steps)
-    motion = model.motion(prior_tokens)  # (b, F, T, D)
-    text = model.text_embed(motion)
-    logits, labels, _ = model.caption_target_logits(F.normalize(text, dim=-1), b.tokens, b.token_mask)
-    out = {
-        "prior": prior_tokens,
-        "motion": motion,
+    latents = s.targets.latents(split, idx)  # (b, F, C, s, s)
+    dec = model.decode_voxels(b.voxels, gens, t.val_prior_steps, key_text=b.key_text, latent_size=latents.shape[-1])
+    logits, labels, _ = model.caption_logits(dec.caption_prefix, b.tokens, b.token_mask)
+    return b, {
+        "prior": dec.prior_tokens,
+        "motion": dec.motion,
         "caption_logits": logits,  # (K, V) at the K labelled positions
         "caption_labels": labels,  # (K,)
-        "concepts": model.concept_logits(motion),
-        "masks": model.decode_masks(motion, b.key_text)[:, :, 0],  # (b, F, S, S)
+        "concepts": dec.concept_logits,
+        "masks": dec.mask_logits,  # (b, F, S, S)
         "target": s.targets(split, idx, t.target_frame),  # (b, T, D)
+        "latents": latents,
+        "pred_latents": dec.latents,
     }
-    out["latents"] = s.targets.latents(split, idx)  # (b, F, C, s, s)
-    out["pred_latents"] = model.decode_latents(motion, text, out_size=out["latents"].shape[-1]).float()
-    return b, out
 
 
-def chunk_scores(b: Batch, out: dict[str, Any], frame: int) -> dict[str, float]:
+def chunk_scores(b: Batch, out: dict[str, Any], frame: int, up: UpstreamFlags) -> dict[str, float]:
     """Summed (not averaged) scores of one validation chunk."""
     target = F.normalize(out["target"].flatten(1), dim=-1)
     truth = torch.arange(len(target), device=target.device)
@@ -442,7 +392,7 @@ def chunk_scores(b: Batch, out: dict[str, Any], frame: int) -> dict[str, float]:
     gt = b.concepts > 0.5
     has_obj = b.masks.flatten(1).amax(1) > 0
     probs = torch.sigmoid(out["masks"].float()).flatten(1)  # (b, F·S·S)
-    gt_masks = resize_masks(b.masks, out["masks"].shape[-1]).flatten(1)
+    gt_masks = gt_masks_at(up, b.masks, out["masks"].shape[-1]).flatten(1)
     dice = (2 * (probs * gt_masks).sum(1) + 1e-7) / (probs.sum(1) + gt_masks.sum(1) + 1e-7)  # (b,)
     return {
         "fwd_top1": float((sims.argmax(1) == truth).sum()),
@@ -469,7 +419,7 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
     for start in range(0, n, t.val_chunk):
         idx = np.arange(start, min(start + t.val_chunk, n))
         b, out = decode_val(s, split, idx)
-        for k, v in chunk_scores(b, out, t.target_frame).items():
+        for k, v in chunk_scores(b, out, t.target_frame, s.cfg.upstream).items():
             sums[k] = sums.get(k, 0.0) + v
     set_train_mode(model, s.frozen)
     scores = {k: sums[k] / n for k in ("fwd_top1", "bwd_top1", "prior_fwd_top1", "latent_l1")}
@@ -481,7 +431,7 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
-def train(cfg: Any) -> Path:
+def train(cfg: Stage2Config) -> Path:
     """Run stage 2; returns the stage folder."""
     seed_everything(cfg.run.seed)  # before the model is built: the fresh heads' initialisation is seeded too
     s = setup(cfg)
@@ -508,14 +458,7 @@ def train(cfg: Any) -> Path:
 
 def finish_stage(s: Stage2, recorder, metrics: MetricsLog) -> None:
     curves = metrics.plot(s.out_dir / "curves.png")
-    subj = s.cfg.run.subj
-    names = (
-        f"subj0{subj}_train_fmri.pt", "GT_train_3fps.pt", "GT_train_caption.pt", "GT_train_caption_emb.pt",
-        "qwen_annotation/qwen_train_caption_tag_category_id.json", "masks/key_objects_masks_train.pt",
-        "masks/key_objects_info_train.json", TOKENS_PROJ_FILE,
-    )  # fmt: skip
-    for path in data_files(s.data, names):
-        recorder.add_input(path)
+    recorder.add_inputs(s.data.opened_files)
     recorder.add_input(s.stage1_ckpt / MODEL_FILE)
     for name in ("best", "last"):
         recorder.add_output(s.out_dir / "checkpoints" / name / MODEL_FILE)

@@ -39,31 +39,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from models.brain import NeuronsBrainModel, clip_generators
-from models.foundation import build_role
-from models.heads import ConceptNamer, TextDecoder
+from models.foundation import build_role, foundation_impl
+from models.heads import EOT_ID, ConceptNamer, TextDecoder, key_object_classes
 from models.sizes import ALL_PARTS
 from pipeline.common import (
-    data_files,
     foundation_dims,
-    foundation_kind,
     load_data,
     make_brain_config,
     require_foundation,
 )
-from pipeline.stage2 import EOT_ID, key_object_classes, sample_prior
 from utils.checkpoint import CONFIG_FILE, MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.config import from_dict
 from utils.errors import ConfigError, NeuronsError, WeightsError
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.manifest import require_stage
+from utils.resize import resize_frames_bilinear, resize_maps_nearest
 from utils.runs import RunPaths, rerun_hint
 from utils.sharding import merge_shards, my_clips, remove_shards, write_shard
-from utils.stage_configs import STAGE_CONFIGS
+from utils.stage_configs import Stage2Config, Stage3Config
 from utils.training import autocast, build_accelerator, clip_seed, seed_everything
 from utils.video_io import save_gif, save_png, side_by_side
 
@@ -80,8 +77,8 @@ UNCLIP_STREAM = 1  # per-clip seed stream of the unCLIP noise (the prior uses cl
 class Stage3:
     """Everything one stage-3 run holds."""
 
-    cfg: Any
-    cfg2: Any  # the stage-2 config that trained the model
+    cfg: Stage3Config
+    cfg2: Stage2Config  # the stage-2 config that trained the model
     data: Any
     clip: Any
     vae: Any
@@ -105,7 +102,7 @@ class Stage3:
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
-def stage2_checkpoint(cfg: Any) -> Path:
+def stage2_checkpoint(cfg: Stage3Config) -> Path:
     """The stage-2 best checkpoint folder, after checking that stages 2 (and 1) finished and are up to date."""
     paths = RunPaths.from_config(cfg)
     require_stage("2", paths.stage_dir("2"), paths.stage_dirs(), rerun_hint(cfg))
@@ -116,13 +113,13 @@ def stage2_config(folder: Path) -> Any:
     """The resolved stage-2 config saved beside the checkpoint."""
     path = folder / CONFIG_FILE
     try:
-        return from_dict(STAGE_CONFIGS["2"], yaml.safe_load(path.read_text()), str(path))
+        return from_dict(Stage2Config, yaml.safe_load(path.read_text()), str(path))
     except (OSError, yaml.YAMLError, NeuronsError) as err:
         why = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
         raise WeightsError(f"stage-2 config {path} is missing or unreadable ({why})", "rerun stage 2") from None
 
 
-def check_config(cfg: Any, cfg2: Any, n_clips: int) -> None:
+def check_config(cfg: Stage3Config, cfg2: Stage2Config, n_clips: int) -> None:
     """Refuse settings that cannot work, before anything is built or written."""
     for flag in MODEL_FLAGS:
         mine, theirs = getattr(cfg.upstream, flag), getattr(cfg2.upstream, flag)
@@ -144,7 +141,7 @@ def check_config(cfg: Any, cfg2: Any, n_clips: int) -> None:
             raise ConfigError(cause, "fix it in the profile's stage3.sample block or with --set sample.<key>=...")
 
 
-def max_new_tokens(cfg: Any) -> int:
+def max_new_tokens(cfg: Stage3Config) -> int:
     sp = cfg.sample
     return sp.caption_max_tokens_enhance if cfg.run.mode == "enhance" else sp.caption_max_tokens
 
@@ -159,7 +156,7 @@ def configure_unclip(unclip: Any, sp: Any) -> None:
     unclip.num_steps, unclip.guidance = sp.unclip_steps, sp.unclip_guidance
 
 
-def load_model(cfg: Any, cfg2: Any, data: Any, dims: Any, gpt2: Any, folder: Path, device: torch.device):
+def load_model(cfg: Stage3Config, cfg2: Stage2Config, data: Any, dims: Any, gpt2: Any, folder: Path, device: torch.device):
     """The full brain model as stage 2 built it, loaded strictly from ``folder`` (identity-checked)."""
     up = cfg2.upstream
     bcfg = make_brain_config(cfg2, data, dims, ALL_PARTS, text_attention=up.text_attention,
@@ -171,12 +168,12 @@ def load_model(cfg: Any, cfg2: Any, data: Any, dims: Any, gpt2: Any, folder: Pat
     return model.to(device).eval()
 
 
-def inference_namer(cfg: Any, cfg2: Any, data: Any) -> ConceptNamer:
+def inference_namer(cfg: Stage3Config, cfg2: Stage2Config, data: Any) -> ConceptNamer:
     """The names that query the mask head (defect 22): ``upstream.concept_names`` of this stage picks class names
     ("class", "upstream") or fine key-object names ("fine": each class's most frequent training key object, via the
     stage-2 key-object → class map). Warns when they differ from the names stage 2 trained the head on."""
     classes = tuple(data.concept_classes)
-    to_class = key_object_classes(data)
+    to_class = key_object_classes(data.concept_labels("train"), data.key_object_names("train"), classes)
     counts = Counter(n for n in data.key_object_names("train") if n != "None")
     chosen: dict[str, str] = {}
     for name in sorted(counts, key=lambda n: (-counts[n], n)):  # most frequent first, ties by name
@@ -191,17 +188,17 @@ def inference_namer(cfg: Any, cfg2: Any, data: Any) -> ConceptNamer:
     return ConceptNamer(classes, to_class, mode=mode, class_to_key_object={c: chosen.get(c, c) for c in classes})
 
 
-def setup(cfg: Any) -> Stage3:
+def setup(cfg: Stage3Config) -> Stage3:
     """Validate every input (stage 2 first) and build the models; no output is touched here."""
     folder = stage2_checkpoint(cfg)
     cfg2 = stage2_config(folder)
-    kind, root = foundation_kind(cfg), cfg.paths.weights_root
+    impl, root = foundation_impl(cfg.model.size), cfg.paths.weights_root
     require_foundation(cfg, ("clip", "vae", "gpt2", "unclip"))
     data = load_data(cfg, FIELDS)
     check_config(cfg, cfg2, data.n_clips("test"))
     accelerator = build_accelerator(cfg)
     device = accelerator.device
-    clip, vae, gpt2, unclip = (build_role(r, kind, root, device) for r in ("clip", "vae", "gpt2", "unclip"))
+    clip, vae, gpt2, unclip = (build_role(r, impl, root, device) for r in ("clip", "vae", "gpt2", "unclip"))
     if 1 + max_new_tokens(cfg) > gpt2.max_positions:
         raise ConfigError(f"1 prefix + {max_new_tokens(cfg)} caption tokens exceed GPT-2's {gpt2.max_positions}",
                           f"set the caption max tokens to at most {gpt2.max_positions - 1}")  # fmt: skip
@@ -222,64 +219,42 @@ def soft_mask(mask_probs: torch.Tensor, low: float) -> torch.Tensor:
     return torch.where(mask_probs > 0.5, torch.ones_like(mask_probs), torch.full_like(mask_probs, low))
 
 
-def resize_nearest(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, F, S, S) → (B, F, size, size), nearest."""
-    return F.interpolate(maps, size=(size, size), mode="nearest")
-
-
 def token_mask(latent_mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Per-frame masks (B, F, s, s) → per-token weights (B, T, 1): frame mean, nearest-resized to the √T × √T token
     grid, flattened row-major (the CLIP patch order)."""
-    side = math.isqrt(n_tokens)
-    grid = F.interpolate(latent_mask.mean(dim=1, keepdim=True), size=(side, side), mode="nearest")  # (B, 1, g, g)
+    grid = resize_maps_nearest(latent_mask.mean(dim=1, keepdim=True), math.isqrt(n_tokens))  # (B, 1, g, g)
     return grid.flatten(1)[..., None]
 
 
 @torch.no_grad()
-def brain_outputs(s: Stage3, idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """Steps 1–3 of the module docstring (before the mask is applied) for test clips ``idx``."""
-    model, sp = s.model, s.cfg.sample
+def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
+    """Every output of test clips ``idx`` (tensors on the CPU, captions and mask names as lists): steps 1–3 of the
+    module docstring are the model's brain-only :meth:`~models.brain.NeuronsBrainModel.decode_voxels`."""
+    sp = s.cfg.sample
     gens = clip_generators([clip_seed(s.cfg.run.seed, int(i)) for i in idx], s.device)
     with autocast(s.accelerator, s.cfg):
-        cond = model.encode(s.voxels[torch.as_tensor(idx)].to(s.device)).float()  # (B, T, D)
-        prior = sample_prior(model.diffusion_prior, cond, gens, sp.prior_steps).float()  # (B, T, D)
-        motion = model.motion(prior)  # (B, F, T, D)
-        text = model.text_embed(motion).float()  # (B, Dt), unnormalised
-        logits = model.concept_logits(motion).float()  # (B, C)
-        top = logits.argmax(dim=-1)  # (B,)
-        masks = torch.sigmoid(model.decode_masks(motion, s.name_table[top])[:, :, 0].float())  # (B, F, S, S)
-        latents = model.decode_latents(motion, text, out_size=s.latent_size).float()  # (B, F, C, s, s)
-    return {"prior": prior, "text": text, "concept_probs": torch.sigmoid(logits), "top": top, "masks": masks,
-            "latents": latents}  # fmt: skip
-
-
-@torch.no_grad()
-def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
-    """Every output of test clips ``idx`` (tensors on the CPU, captions and mask names as lists)."""
-    sp = s.cfg.sample
-    out = brain_outputs(s, idx)
-    latents, tokens = out["latents"], out["prior"]
+        dec = s.model.decode_voxels(s.voxels[torch.as_tensor(idx)].to(s.device), gens, sp.prior_steps,
+                                    key_table=s.name_table, latent_size=s.latent_size)  # fmt: skip
+        masks = torch.sigmoid(dec.mask_logits)  # (B, F, S, S)
+    latents, tokens = dec.latents, dec.prior_tokens
     if s.enhance:
-        latent_mask = resize_nearest(soft_mask(out["masks"], sp.mask_soft_low), s.latent_size)  # (B, F, s, s)
+        latent_mask = resize_maps_nearest(soft_mask(masks, sp.mask_soft_low), s.latent_size)  # (B, F, s, s)
         latents = latents * latent_mask[:, :, None]
         tokens = tokens * token_mask(latent_mask, tokens.shape[1])
     blurry = s.vae.decode(latents)  # (B, F, 3, R, R)
     unclip_gens = clip_generators([clip_seed(clip_seed(s.cfg.run.seed, int(i)), UNCLIP_STREAM) for i in idx],
                                   s.device)  # fmt: skip
-    keyframes = s.unclip.reconstruct(tokens, unclip_gens)  # (B, 3, H, W)
-    if keyframes.shape[-1] != sp.keyframe_size:
-        keyframes = F.interpolate(keyframes, size=(sp.keyframe_size,) * 2, mode="bilinear", antialias=True,
-                                  align_corners=False).clamp(0.0, 1.0)  # fmt: skip
+    keyframes = resize_frames_bilinear(s.unclip.reconstruct(tokens, unclip_gens), sp.keyframe_size)  # (B, 3, K, K)
     with autocast(s.accelerator, s.cfg):
-        captions = generate_captions(s, F.normalize(out["text"], dim=-1))
+        captions = generate_captions(s, dec.caption_prefix)
     return {
         "keyframes": keyframes.cpu(),
         "blurry_videos": blurry.cpu(),
-        "masks": out["masks"].cpu(),
-        "concept_probs": out["concept_probs"].cpu(),
-        "prior_tokens": out["prior"].cpu(),
+        "masks": masks.cpu(),
+        "concept_probs": torch.sigmoid(dec.concept_logits).cpu(),
+        "prior_tokens": dec.prior_tokens.cpu(),
         "captions": captions,
-        "mask_names": [s.class_names[i] for i in out["top"].tolist()],
+        "mask_names": [s.class_names[i] for i in dec.top_concept.tolist()],
     }
 
 
@@ -384,7 +359,7 @@ def decode_all(s: Stage3) -> Outputs:
     return out
 
 
-def n_clips(cfg: Any, data: Any) -> int:
+def n_clips(cfg: Stage3Config, data: Any) -> int:
     return cfg.sample.num_clips or data.n_clips("test")
 
 
@@ -446,7 +421,7 @@ def write_previews(s: Stage3, out: Outputs) -> None:
         save_gif(folder / f"video_{i:04d}.gif", side_by_side(*panels), sp.preview_fps)
 
 
-def reconstruct(cfg: Any) -> Path:
+def reconstruct(cfg: Stage3Config) -> Path:
     """Run stage 3 (on every process of a launch: each decodes its round-robin share); returns the stage folder."""
     seed_everything(cfg.run.seed)
     s = setup(cfg)
@@ -467,13 +442,7 @@ def reconstruct(cfg: Any) -> Path:
 
 
 def finish_stage(s: Stage3, out: Outputs, recorder: Any) -> None:
-    subj = s.cfg.run.subj
-    names = (
-        f"subj0{subj}_test_fmri.pt", "GT_test_3fps.pt", "qwen_annotation/qwen_train_caption_tag_category_id.json",
-        "qwen_annotation/concept_classes.json", "masks/key_objects_info_train.json",
-    )  # fmt: skip
-    for path in data_files(s.data, names):
-        recorder.add_input(path)
+    recorder.add_inputs(s.data.opened_files)
     recorder.add_input(s.stage2_ckpt / MODEL_FILE)
     recorder.extra.update({"n_clips": out.n, "stage2_checkpoint": str(s.stage2_ckpt),
                            "processes": s.accelerator.num_processes})  # fmt: skip

@@ -25,17 +25,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from models.foundation import build_role
+from models.foundation import build_role, foundation_impl
 from pipeline.captions import CAPTIONS_FILE, KEYFRAMES_FILE
-from pipeline.common import foundation_kind, require_foundation
+from pipeline.common import require_foundation
 from utils.cli import begin_stage
-from utils.data import BrainVideoData, DataOptions
+from utils.data import BrainVideoData
 from utils.errors import ConfigError, NeuronsError, StageOrderError
 from utils.io import atomic_write_json
 from utils.manifest import require_stage
 from utils.metrics import caption_bleu
 from utils.runs import RunPaths, rerun_hint
 from utils.sharding import gather_values, my_clips
+from utils.stage_configs import Stage4Config
 from utils.training import build_accelerator
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class Stage4:
-    cfg: Any
+    cfg: Stage4Config
     stage3_dir: Path
     out_dir: Path
     keyframes: torch.Tensor  # (N, 3, K, K) in [0, 1]
@@ -59,7 +60,7 @@ def keyframes_path(stage3_dir: Path) -> Path:
     return stage3_dir / KEYFRAMES_FILE
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Stage4Config) -> None:
     c = cfg.caption
     if c.batch_size < 1:
         raise ConfigError("caption.batch_size must be at least 1", "--set caption.batch_size=<n >= 1>")
@@ -81,12 +82,12 @@ def load_keyframes(stage3_dir: Path, hint: str) -> torch.Tensor:
     return frames.float()
 
 
-def model_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
+def model_dtype(cfg: Stage4Config, device: torch.device) -> torch.dtype | None:
     """The BLIP-2 weights' dtype: the mixed-precision dtype on CUDA (upstream ran fp16), full precision elsewhere."""
     return DTYPES.get(cfg.run.mixed_precision) if device.type == "cuda" else None
 
 
-def setup(cfg: Any) -> Stage4:
+def setup(cfg: Stage4Config) -> Stage4:
     """Check stage 3 (fresh, with keyframes) and the config, then build the captioner; no output is touched here."""
     paths, hint = RunPaths.from_config(cfg), rerun_hint(cfg)
     stage3_dir = paths.stage_dir("3")
@@ -95,11 +96,11 @@ def setup(cfg: Any) -> Stage4:
         raise StageOrderError(f"stage 3 in {stage3_dir} recorded no {KEYFRAMES_FILE}", hint.format(stage=3))
     check_config(cfg)
     keyframes = load_keyframes(stage3_dir, hint)
-    kind, root = foundation_kind(cfg), cfg.paths.weights_root
+    impl, root = foundation_impl(cfg.model.size), cfg.paths.weights_root
     require_foundation(cfg, ("blip2",))
     accelerator = build_accelerator(cfg)
     device = accelerator.device
-    blip2 = build_role("blip2", kind, root, device, dtype=model_dtype(cfg, device))
+    blip2 = build_role("blip2", impl, root, device, dtype=model_dtype(cfg, device))
     return Stage4(cfg, stage3_dir, paths.stage_dir("4"), keyframes, blip2, accelerator)
 
 
@@ -117,19 +118,19 @@ def caption_all(s: Stage4) -> list[str]:
     return gather_values(acc, clips, captions, n)
 
 
-def ground_truth_captions(cfg: Any, n: int) -> tuple[list[str], Path | None]:
-    """The first ``n`` test clips' ground-truth captions and their file, or ([], None) when the data lacks them."""
+def ground_truth_captions(cfg: Stage4Config, n: int) -> tuple[list[str], list[Path]]:
+    """The first ``n`` test clips' ground-truth captions and the data files read for them, or ([], []) when the data
+    lacks them."""
     try:
-        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, DataOptions.from_config(cfg.data))
+        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
         refs = [str(x) for x in data.captions("test")[:n]]
     except (NeuronsError, OSError) as err:
         log.warning("no ground-truth test captions (%s): caption BLEU-4 is not scored", str(err).splitlines()[0])
-        return [], None
+        return [], []
     if len(refs) != n:
         log.warning("%d ground-truth test captions for %d keyframes: caption BLEU-4 is not scored", len(refs), n)
-        return [], None
-    path = data.root / "GT_test_caption.pt" if cfg.data.caption_source == "blip2" else None
-    return refs, path if path is not None and path.is_file() else None
+        return [], []
+    return refs, data.opened_files
 
 
 def stage3_captions(stage3_dir: Path) -> list[str] | None:
@@ -155,7 +156,7 @@ def clear_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def caption(cfg: Any) -> Path:
+def caption(cfg: Stage4Config) -> Path:
     """Run stage 4 (on every process of a launch: each captions its round-robin share); returns the stage folder."""
     s = setup(cfg)
     acc, recorder = s.accelerator, None
@@ -179,14 +180,13 @@ def save_outputs(s: Stage4, captions: list[str], recorder: Any) -> None:
     path = atomic_write_json(s.out_dir / CAPTIONS_FILE, captions)
     recorder.add_output(path, (n,), "str")
     recorder.add_input(keyframes_path(s.stage3_dir))
-    refs, refs_file = ground_truth_captions(cfg, n)
+    refs, refs_files = ground_truth_captions(cfg, n)
     if refs:
         scores = score(s, captions, refs)
         path = atomic_write_json(s.out_dir / SCORES_FILE, scores)
         recorder.add_output(path)
         recorder.extra["caption_scores"] = scores
-        if refs_file is not None:
-            recorder.add_input(refs_file)
+        recorder.add_inputs(refs_files)
         log.info("caption BLEU-4: BLIP-2 %.4f, stage-3 GPT-2 %s", scores["blip2_bleu4"], scores.get("gpt2_bleu4"))
     recorder.extra.update({"n_clips": n, "max_new_tokens": cfg.caption.max_new_tokens,
                            "processes": s.accelerator.num_processes})  # fmt: skip

@@ -22,7 +22,6 @@ ground truth, no caption in the name: defect 28) and ``manifest.json``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import time
@@ -31,23 +30,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.foundation import build_role
-from pipeline.common import foundation_kind, require_foundation
+from models.foundation import build_role, foundation_impl
+from pipeline.captions import CAPTIONS_FILE, KEYFRAMES_FILE, select_captions
+from pipeline.common import require_foundation
 from utils.cli import begin_stage
 from utils.errors import ConfigError, StageOrderError
 from utils.io import atomic_save_safetensors, atomic_write_json
-from utils.manifest import read_manifest, require_stage
-from utils.runs import RunPaths, rerun_hint
+from utils.manifest import StageRecorder, read_manifest, require_stage
+from utils.resize import resize_frames_bilinear
+from utils.runs import PROMPTS_FILE, VIDEOS_FILE, RunPaths, rerun_hint
 from utils.sharding import merge_shards, my_clips, remove_shards, write_shard
+from utils.stage_configs import Stage5Config
 from utils.training import build_accelerator, clip_seed, seed_everything
 from utils.video_io import save_gif
 
 log = logging.getLogger(__name__)
 
-VIDEOS_FILE, PROMPTS_FILE, PREVIEWS_DIR = "videos.safetensors", "prompts.json", "previews"
+PREVIEWS_DIR = "previews"
 OUTPUT_DTYPE = torch.float16
 
 
@@ -55,7 +56,7 @@ OUTPUT_DTYPE = torch.float16
 class Stage5:
     """Everything one stage-5 run holds."""
 
-    cfg: Any
+    cfg: Stage5Config
     role: Any  # VideoRole
     accelerator: Any
     out_dir: Path
@@ -84,17 +85,7 @@ def interpolate_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
     return frames[..., lo, :, :, :] * (1 - w) + frames[..., lo + 1, :, :, :] * w
 
 
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``(..., 3, H, W)`` → ``(..., 3, size, size)``, bilinear (antialiased when shrinking), clamped to [0, 1]."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.float()
-    lead = images.shape[:-3]
-    x = F.interpolate(images.reshape(-1, *images.shape[-3:]).float(), size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)  # fmt: skip
-    return x.clamp(0.0, 1.0).reshape(*lead, *x.shape[1:])
-
-
-def prompt_of(cfg: Any, caption: str) -> str:
+def prompt_of(cfg: Stage5Config, caption: str) -> str:
     return caption + cfg.video.prompt_suffix
 
 
@@ -104,9 +95,9 @@ def generate_clip(s: Stage5, clip: int) -> torch.Tensor:
     """Steps 1–4 of the module docstring for test clip ``clip`` → ``(N, 3, R, R)`` float32 in [0, 1] (CPU)."""
     v, role = s.cfg.video, s.role
     gen = torch.Generator(device="cpu").manual_seed(clip_seed(s.cfg.run.seed, clip))
-    key = resize(s.keyframes[clip : clip + 1], v.resolution)  # (1, 3, R, R)
+    key = resize_frames_bilinear(s.keyframes[clip : clip + 1], v.resolution)  # (1, 3, R, R)
     frames = interpolate_frames(s.blurry[clip : clip + 1].float(), v.num_frames)  # (1, N, 3, r, r)
-    blurry = resize(frames, v.resolution)  # (1, N, 3, R, R)
+    blurry = resize_frames_bilinear(frames, v.resolution)  # (1, N, 3, R, R)
     key_latents = role.encode_frames(key, generator=gen)  # (1, C, s, s)
     init = role.encode_frames(blurry, generator=gen).permute(0, 2, 1, 3, 4)  # (1, C, N, s, s)
     noise = torch.randn(init.shape, generator=gen, dtype=torch.float32)  # (1, C, N, s, s)
@@ -133,7 +124,7 @@ def generate_share(s: Stage5) -> Path:
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
-def check_config(cfg: Any, n_clips: int, downsample: int) -> None:
+def check_config(cfg: Stage5Config, n_clips: int, downsample: int) -> None:
     """Refuse settings that cannot work, before anything is written."""
     v = cfg.video
     checks = (
@@ -150,51 +141,36 @@ def check_config(cfg: Any, n_clips: int, downsample: int) -> None:
             raise ConfigError(cause, "fix it in the profile's stage5.video block or with --set video.<key>=...")
 
 
-def stage3_captions(stage3_dir: Path) -> tuple[list[str], str, list[Path]]:
-    import json
-
-    path = stage3_dir / "captions.json"
-    return json.loads(path.read_text())["captions"], "gpt2", [path]
-
-
-def select(cfg: Any, stage3_dir: Path) -> tuple[list[str], str, list[Path]]:
+def select(cfg: Stage5Config, stage3_dir: Path) -> tuple[list[str], str, list[Path]]:
     """Captions, their source ("blip2" | "gpt2") and the files they came from (for the manifest)."""
-    source = cfg.video.caption_source
-    if importlib.util.find_spec("pipeline.captions") is None:  # stage 4 not available in this checkout
-        if source == "blip2":
-            raise ConfigError("video.caption_source=blip2 but stage 4 (pipeline/captions.py) is not available",
-                              "use video.caption_source=gpt2 or auto")  # fmt: skip
-        return stage3_captions(stage3_dir)
-    from pipeline.captions import select_captions
-
     captions, chosen = select_captions(cfg)
     if chosen == "gpt2":
-        return list(captions), chosen, [stage3_dir / "captions.json"]
+        return list(captions), chosen, [stage3_dir / CAPTIONS_FILE]
     stage4 = RunPaths.from_config(cfg).stage_dir("4")
     files = [stage4 / rel for rel in (read_manifest(stage4) or {}).get("outputs", {}) if rel.endswith(".json")]
     return list(captions), chosen, files
 
 
-def load_stage3(cfg: Any) -> tuple[Path, torch.Tensor, torch.Tensor]:
+def load_stage3(cfg: Stage5Config) -> tuple[Path, torch.Tensor, torch.Tensor]:
     paths = RunPaths.from_config(cfg)
     folder = paths.stage_dir("3")
     require_stage("3", folder, paths.stage_dirs(), rerun_hint(cfg))
-    keyframes = load_file(folder / "keyframes.safetensors")["keyframes"]  # (N, 3, K, K)
+    keyframes = load_file(folder / KEYFRAMES_FILE)["keyframes"]  # (N, 3, K, K)
     blurry = load_file(folder / "blurry_videos.safetensors")["blurry_videos"]  # (N, F, 3, r, r)
     return folder, keyframes, blurry
 
 
-def setup(cfg: Any) -> Stage5:
+def setup(cfg: Stage5Config) -> Stage5:
     """Validate every input (stage 3 first) and build the video role; no output is touched here."""
     stage3_dir, keyframes, blurry = load_stage3(cfg)
     captions, source, caption_files = select(cfg, stage3_dir)
     if len(captions) != len(keyframes):
         raise StageOrderError(f"{len(captions)} {source} captions for {len(keyframes)} stage-3 clips",
                               rerun_hint(cfg).format(stage="4" if source == "blip2" else "3"))  # fmt: skip
-    kind, root, v = foundation_kind(cfg), cfg.paths.weights_root, cfg.video
+    impl, root, v = foundation_impl(cfg.model.size), cfg.paths.weights_root, cfg.video
     require_foundation(cfg, ("video",))
     accelerator = build_accelerator(cfg)
-    role = build_role("video", kind, root, accelerator.device, num_frames=v.num_frames, lora_scale=v.lora_scale)
+    role = build_role("video", impl, root, accelerator.device, num_frames=v.num_frames, lora_scale=v.lora_scale)
     check_config(cfg, len(keyframes), role.downsample)
     n = v.num_clips or len(keyframes)
     out_dir = RunPaths.from_config(cfg).stage_dir("5")
@@ -211,7 +187,7 @@ def clear_outputs(out_dir: Path) -> None:
     shutil.rmtree(out_dir / PREVIEWS_DIR, ignore_errors=True)
 
 
-def save_outputs(s: Stage5, videos: torch.Tensor, recorder: Any) -> None:
+def save_outputs(s: Stage5, videos: torch.Tensor, recorder: StageRecorder) -> None:
     meta = {"stage": "5", "mode": s.cfg.run.mode, "subj": str(s.cfg.run.subj), "caption_source": s.caption_source}
     path = atomic_save_safetensors(s.out_dir / VIDEOS_FILE, {"videos": videos}, meta)
     recorder.add_output(path, videos.shape, videos.dtype)
@@ -227,8 +203,8 @@ def save_outputs(s: Stage5, videos: torch.Tensor, recorder: Any) -> None:
         save_gif(s.out_dir / PREVIEWS_DIR / f"video_{i:04d}.gif", videos[i].float(), s.cfg.video.preview_fps)
 
 
-def record_inputs(s: Stage5, recorder: Any) -> None:
-    for name in ("keyframes.safetensors", "blurry_videos.safetensors"):
+def record_inputs(s: Stage5, recorder: StageRecorder) -> None:
+    for name in (KEYFRAMES_FILE, "blurry_videos.safetensors"):
         recorder.add_input(s.stage3_dir / name)
     for path in s.caption_inputs:
         recorder.add_input(path)
@@ -243,7 +219,7 @@ def record_inputs(s: Stage5, recorder: Any) -> None:
     )
 
 
-def generate(cfg: Any) -> Path:
+def generate(cfg: Stage5Config) -> Path:
     """Run stage 5; returns the stage folder."""
     seed_everything(cfg.run.seed)
     s = setup(cfg)
@@ -259,7 +235,7 @@ def generate(cfg: Any) -> Path:
     acc.wait_for_everyone()  # the folder is ready before any shard is written
     generate_share(s)
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if recorder is not None:  # the main process, which began the stage
         videos = merge_shards(s.out_dir, acc.num_processes, s.n_clips)[0]["videos"]
         save_outputs(s, videos, recorder)
         record_inputs(s, recorder)

@@ -29,9 +29,9 @@ in the manifest's ``report`` entry rather than among its outputs).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,19 +39,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.foundation import build_role
-from pipeline.common import foundation_kind, load_data, require_foundation
+from models.foundation import build_role, foundation_impl
+from pipeline.common import load_data, require_foundation
 from pipeline.report import report_path, write_report
-from pipeline.stage5 import PROMPTS_FILE, VIDEOS_FILE, resize
 from utils.cli import begin_stage
 from utils.config import config_hash
+from utils.data_catalog import frames_file
 from utils.errors import ConfigError, StageOrderError
-from utils.io import atomic_write_text
-from utils.manifest import require_stage
+from utils.io import atomic_write_text, finite_or_none
+from utils.manifest import StageRecorder, require_stage
 from utils.metrics import (
+    F1Average,
     caption_bleu,
     chance_level,
     clip_pcc,
@@ -61,8 +61,11 @@ from utils.metrics import (
     n_way_accuracy,
     summarise,
 )
-from utils.runs import RunPaths, rerun_hint
+from utils.resize import resize_frames_bilinear, resize_masks_majority
+from utils.runs import PROMPTS_FILE, VIDEOS_FILE, RunPaths, rerun_hint
 from utils.sharding import gather_values, my_clips
+from utils.stage_configs import Stage6Config
+from utils.training import build_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,6 @@ DATA_FIELDS = ("frames", "caption", "concepts", "key_obj_mask")
 MASK_THRESHOLD = 0.5
 RESIZE_NOTE = "ground truth and blurry videos resized to the prediction's R x R: bilinear, antialiased, clamped"
 MASK_NOTE = "GT key-object masks area-resized to the stage-3 mask size, >= 0.5; stage-3 masks > 0.5"
-
-
-def metrics_path(paths: RunPaths) -> Path:
-    return paths.root / f"metrics_{paths.mode}.json"
 
 
 @dataclass
@@ -93,7 +92,8 @@ class EvalInputs:
     gt_captions: list[str]
     caption_source: str
     eval_frames: tuple[int, ...]
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # the stage-3/5 files and the ground-truth frames
+    data_files: list[Path] = field(default_factory=list)  # every data file read (BrainVideoData.opened_files)
 
     @property
     def n(self) -> int:
@@ -101,7 +101,7 @@ class EvalInputs:
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
-def check_stages(cfg: Any) -> tuple[dict[str, Any], Path, Path]:
+def check_stages(cfg: Stage6Config) -> tuple[dict[str, Any], Path, Path]:
     """Stage 5 (and through its ``depends_on`` stage 3, checked again explicitly) must be complete and fresh."""
     paths = RunPaths.from_config(cfg)
     dirs, hint = paths.stage_dirs(), rerun_hint(cfg)
@@ -110,7 +110,7 @@ def check_stages(cfg: Any) -> tuple[dict[str, Any], Path, Path]:
     return manifest5, dirs["5"], dirs["3"]
 
 
-def stage5_eval_frames(manifest5: dict[str, Any], n_frames5: int, cfg: Any) -> tuple[int, ...]:
+def stage5_eval_frames(manifest5: dict[str, Any], n_frames5: int, cfg: Stage6Config) -> tuple[int, ...]:
     try:
         frames = tuple(int(f) for f in manifest5["config"]["video"]["eval_frames"])
     except (KeyError, TypeError) as err:
@@ -122,16 +122,7 @@ def stage5_eval_frames(manifest5: dict[str, Any], n_frames5: int, cfg: Any) -> t
     return frames
 
 
-def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """(..., H, W) binary → (..., size, size) binary by area coverage ≥ 0.5 (majority vote when shrinking)."""
-    if masks.shape[-1] == size and masks.shape[-2] == size:
-        return (masks > 0).float()
-    lead = masks.shape[:-2]
-    x = F.interpolate(masks.reshape(-1, 1, *masks.shape[-2:]).float(), size=(size, size), mode="area")
-    return (x >= MASK_THRESHOLD).float().reshape(*lead, size, size)
-
-
-def load_inputs(cfg: Any, manifest5: dict[str, Any], dir5: Path, dir3: Path) -> EvalInputs:
+def load_inputs(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, dir3: Path) -> EvalInputs:
     videos = load_file(dir5 / VIDEOS_FILE)["videos"]  # (N, F5, 3, R, R)
     n, res = int(videos.shape[0]), int(videos.shape[-1])
     hint5 = rerun_hint(cfg).format(stage="5")
@@ -156,10 +147,10 @@ def load_inputs(cfg: Any, manifest5: dict[str, Any], dir5: Path, dir3: Path) -> 
     masks = s3["masks"][:n].float()  # (N, F, S, S)
     return EvalInputs(
         pred=videos[:, list(eval_frames)].float().clamp(0.0, 1.0),
-        gt=resize(data.frames("test", clips), res),
-        blurry=resize(s3["blurry_videos"][:n].float(), res),
+        gt=resize_frames_bilinear(data.frames("test", clips), res),
+        blurry=resize_frames_bilinear(s3["blurry_videos"][:n].float(), res),
         mask_probs=masks,
-        gt_masks=resize_masks(data.key_object_masks("test", clips), int(masks.shape[-1])),
+        gt_masks=resize_masks_majority(data.key_object_masks("test", clips), int(masks.shape[-1])),
         concept_probs=s3["concept_probs"][:n].float(),
         concept_labels=data.concept_labels("test")[torch.as_tensor(clips)],
         captions=captions,
@@ -170,8 +161,9 @@ def load_inputs(cfg: Any, manifest5: dict[str, Any], dir5: Path, dir3: Path) -> 
             "videos": dir5 / VIDEOS_FILE,
             "prompts": dir5 / PROMPTS_FILE,
             **{name: dir3 / f"{name}.safetensors" for name in STAGE3_FILES},
-            "gt_frames": data.root / "GT_test_3fps.pt",
+            "gt_frames": data.root / frames_file("test"),
         },
+        data_files=data.opened_files,
     )
 
 
@@ -240,7 +232,7 @@ def bootstrap_std(stat: Callable[[np.ndarray], float], n: int, resamples: int, s
 def task_metrics(x: EvalInputs, ev: Any) -> dict[str, dict[str, Any]]:
     n = x.n
 
-    def f1(idx: np.ndarray, kind: str) -> float:
+    def f1(idx: np.ndarray, kind: F1Average) -> float:
         i = torch.as_tensor(idx)
         return float(concept_f1(x.concept_probs[i], x.concept_labels[i], threshold=MASK_THRESHOLD)[kind])
 
@@ -249,8 +241,9 @@ def task_metrics(x: EvalInputs, ev: Any) -> dict[str, dict[str, Any]]:
 
     everything = np.arange(n)
     out: dict[str, dict[str, Any]] = {}
-    for kind in ("micro", "macro"):
-        std = bootstrap_std(lambda i, k=kind: f1(i, k), n, ev.bootstrap, ev.seed)
+    kinds: tuple[F1Average, ...] = ("micro", "macro")
+    for kind in kinds:
+        std = bootstrap_std(functools.partial(f1, kind=kind), n, ev.bootstrap, ev.seed)
         out[f"concept_f1_{kind}"] = {"mean": f1(everything, kind), "std": std, "n": n}
     out["caption_bleu4"] = {"mean": bleu(everything), "std": bootstrap_std(bleu, n, ev.bootstrap, ev.seed), "n": n}
     dice = dice_per_sample(x.mask_probs > MASK_THRESHOLD, x.gt_masks.bool())
@@ -259,17 +252,6 @@ def task_metrics(x: EvalInputs, ev: Any) -> dict[str, dict[str, Any]]:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
-def finite_or_none(obj: Any) -> Any:
-    """Non-finite floats → None, recursively (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
 @dataclass
 class ModelScores:
     """The evaluation models' outputs for every clip (N clips, F frames)."""
@@ -295,7 +277,7 @@ def model_scores(x: EvalInputs, roles: dict[str, Any], batch: int, accelerator: 
     return ModelScores(video, frame, everyone(clip_features, "clip_pcc", pred))  # type: ignore[arg-type]
 
 
-def compute_metrics(cfg: Any, x: EvalInputs, roles: dict[str, Any], scores: ModelScores
+def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores
                     ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """(metrics, chance levels) of the aligned inputs from the models' ``scores``."""
     ev = cfg.eval
@@ -313,7 +295,7 @@ def compute_metrics(cfg: Any, x: EvalInputs, roles: dict[str, Any], scores: Mode
     return metrics, chance
 
 
-def evaluate(cfg: Any) -> Path:
+def evaluate(cfg: Stage6Config) -> Path:
     """Run stage 6; returns the metrics file."""
     ev = cfg.eval
     if ev.batch_size < 1 or ev.n_trials < 1 or ev.bootstrap < 0 or not ev.ways:
@@ -321,33 +303,31 @@ def evaluate(cfg: Any) -> Path:
                           "fix the profile's stage6.eval block or --set eval.<key>=...")  # fmt: skip
     manifest5, dir5, dir3 = check_stages(cfg)
     x = load_inputs(cfg, manifest5, dir5, dir3)
-    kind, root = foundation_kind(cfg), cfg.paths.weights_root
+    impl, root = foundation_impl(cfg.model.size), cfg.paths.weights_root
     require_foundation(cfg, ROLES)
-    from utils.training import build_accelerator
-
     accelerator = build_accelerator(cfg)
-    roles = {r: build_role(r, kind, root, accelerator.device) for r in ROLES}
+    roles = {r: build_role(r, impl, root, accelerator.device) for r in ROLES}
     paths, recorder = RunPaths.from_config(cfg), None
     if accelerator.is_main_process:
         paths, recorder = begin_stage(cfg, "6", depends_on=("5", "3"))
-        metrics_path(paths).unlink(missing_ok=True)
+        paths.metrics_file.unlink(missing_ok=True)
         log.info("stage 6 (%s): %d clips on %d processes, frames %s at %d px, protocol %s, %s captions", cfg.run.mode,
                  x.n, accelerator.num_processes, list(x.eval_frames), x.pred.shape[-1], ev.protocol,
                  x.caption_source)  # fmt: skip
     accelerator.wait_for_everyone()
     scores = model_scores(x, roles, ev.batch_size, accelerator)
-    if accelerator.is_main_process:
+    if recorder is not None:  # the main process, which began the stage
         metrics, chance = compute_metrics(cfg, x, roles, scores)
         recorder.extra["processes"] = accelerator.num_processes
         write_metrics(cfg, x, paths, recorder, metrics, chance)
     accelerator.wait_for_everyone()
-    return metrics_path(paths)
+    return paths.metrics_file
 
 
-def write_metrics(cfg: Any, x: EvalInputs, paths: RunPaths, recorder: Any, metrics: dict[str, Any],
+def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: StageRecorder, metrics: dict[str, Any],
                   chance: dict[str, Any]) -> None:  # fmt: skip
     """``metrics_<mode>.json``, the manifest and the report (main process)."""
-    ev, out_path = cfg.eval, metrics_path(paths)
+    ev, out_path = cfg.eval, paths.metrics_file
     ident_file = paths.stage_dir("1") / "identification.json"
     identification = json.loads(ident_file.read_text()).get("test") if ident_file.is_file() else None
     report = {
@@ -377,8 +357,7 @@ def write_metrics(cfg: Any, x: EvalInputs, paths: RunPaths, recorder: Any, metri
         "inputs": {k: str(p.resolve()) for k, p in x.files.items()},
     }
     atomic_write_text(out_path, json.dumps(finite_or_none(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    for p in x.files.values():
-        recorder.add_input(p)
+    recorder.add_inputs([*x.files.values(), *x.data_files])
     if identification is not None:
         recorder.add_input(ident_file)
     recorder.add_output(out_path)

@@ -33,7 +33,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.cli import OneLineParser, add_data_root_args, data_root_of, report_error
 from utils.data import load_json, load_tensor, save_tensor_file
+from utils.data_catalog import (
+    KEY_OBJECT_CATEGORIES_FILE,
+    frames_file,
+    key_objects_info_file,
+    key_objects_masks_file,
+    key_objects_vis_dir,
+    mask_frame_key,
+    mask_labels_file,
+    mask_png_dir,
+)
 from utils.errors import DataError, NeuronsError
 from utils.io import atomic_write_bytes, atomic_write_json
 
@@ -70,7 +81,7 @@ def categories_file(data_root: Path, override: Path | None = None) -> Path:
     """The category lists to use: an explicit file, the world's own lists, or the real-data default."""
     if override is not None:
         return override
-    own = data_root / "masks" / "key_object_categories.json"
+    own = data_root / KEY_OBJECT_CATEGORIES_FILE
     return own if own.is_file() else DEFAULT_CATEGORIES
 
 
@@ -109,12 +120,12 @@ def read_clip_masks(mask_dir: Path, mask_dict: dict[str, dict[str, str]], clip: 
     """frame -> label -> (category, mask (H, W) uint8) for the annotated frames of a clip (missing PNGs are noted)."""
     out: dict[int, dict[str, tuple[str, np.ndarray]]] = {}
     for f in range(n_frames):
-        labels = mask_dict.get(f"mask_{clip}_f{f}")
+        labels = mask_dict.get(mask_frame_key(clip, f))
         if not labels:
             continue
         out[f] = {}
         for label, category in labels.items():
-            path = mask_dir / f"mask_{clip}_f{f}_{label}.png"
+            path = mask_dir / f"{mask_frame_key(clip, f)}_{label}.png"
             if not path.is_file():
                 missing.append(path.name)
                 continue
@@ -125,7 +136,7 @@ def read_clip_masks(mask_dir: Path, mask_dict: dict[str, dict[str, str]], clip: 
 
 def split_shape(data_root: Path, split: str) -> tuple[int, int, int, int]:
     """(N, F, H, W) of a split, read from the frame file's header (memory-mapped, no frame data is read)."""
-    path = data_root / f"GT_{split}_3fps.pt"
+    path = data_root / frames_file(split)
     frames = load_tensor(path, f"download or build the data into {data_root}", mmap=True)
     if not isinstance(frames, torch.Tensor) or frames.ndim != 5:
         raise DataError(f"{path} is not a (clips, frames, 3, H, W) tensor", f"re-create {path}")
@@ -139,12 +150,12 @@ def find_key_objects(data_root: Path, split: str, rules: KeyObjectRules, vis: in
 
     n, n_frames, h, w = split_shape(data_root, split)
     fix = f"download the NEURONS annotations (or build the toy world) into {data_root}"
-    mask_dir = data_root / "masks" / f"mask_cls_{split}_qwen_video"
-    mask_dict = load_json(data_root / "masks" / f"mask_cls_dict_{split}_qwen_video.json", fix)
+    mask_dir, labels_path = data_root / mask_png_dir(split), data_root / mask_labels_file(split)
+    mask_dict = load_json(labels_path, fix)
     if not isinstance(mask_dict, dict):
-        raise DataError(f"malformed mask_cls_dict_{split}_qwen_video.json: expected an object", fix)
+        raise DataError(f"malformed {labels_path.name}: expected an object", fix)
     if not mask_dir.is_dir():
-        raise DataError(f"missing folder {mask_dir}", f"{fix}; untar mask_cls_{split}_qwen_video.tar.gz in masks/")
+        raise DataError(f"missing folder {mask_dir}", f"{fix}; untar {mask_dir.name}.tar.gz in masks/")
     masks = torch.zeros((n, n_frames, h, w), dtype=torch.float32)
     info: dict[str, dict[str, str]] = {}
     missing: list[str] = []
@@ -160,8 +171,8 @@ def find_key_objects(data_root: Path, split: str, rules: KeyObjectRules, vis: in
                     masks[clip, f] = torch.maximum(masks[clip, f], torch.from_numpy((mask > 0).astype(np.float32)))
     if missing:
         log.warning("%s: %d PNGs listed in the mask dict are missing (e.g. %s)", split, len(missing), missing[0])
-    atomic_write_json(data_root / "masks" / f"key_objects_info_{split}.json", info)
-    save_tensor_file(data_root / "masks" / f"key_objects_masks_{split}.pt", masks)
+    atomic_write_json(data_root / key_objects_info_file(split), info)
+    save_tensor_file(data_root / key_objects_masks_file(split), masks)
     if vis > 0:
         save_visualisations(data_root, split, info, masks, vis)
     names = [v["category"] for v in info.values()]
@@ -172,8 +183,8 @@ def find_key_objects(data_root: Path, split: str, rules: KeyObjectRules, vis: in
 
 def save_visualisations(data_root: Path, split: str, info: dict, masks: torch.Tensor, count: int, frame: int = 2):
     """PNGs of frame ``frame`` next to its key-object overlay for the first ``count`` clips with a key object."""
-    frames = load_tensor(data_root / f"GT_{split}_3fps.pt", "re-create the frame file", mmap=True)
-    out = data_root / "masks" / f"key_objects_vis_{split}"
+    frames = load_tensor(data_root / frames_file(split), "re-create the frame file", mmap=True)
+    out = data_root / key_objects_vis_dir(split)
     shown = [int(c) for c, v in info.items() if v["category"] != NO_KEY][:count]
     frame = min(frame, frames.shape[1] - 1)
     for clip in shown:
@@ -200,8 +211,6 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from utils.cli import OneLineParser, add_data_root_args, data_root_of, report_error
-
     parser = OneLineParser(description=__doc__.split("\n")[0])
     add_data_root_args(parser)
     parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])

@@ -22,27 +22,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.foundation import build_role, foundation_impl
+from models.foundation.toy.clip import load_proj
+from utils.cli import OneLineParser, report_error
+from utils.config import load_config
+from utils.data import load_json, load_strings
+from utils.data_catalog import SOURCES, TOKENS_PROJ_FILE, annotation_file, caption_emb_file, caption_file
 from utils.errors import NeuronsError
+from utils.io import atomic_torch_save
+from utils.runs import setup_logging
+from utils.stage_configs import Stage1Config
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "test")
 
 
 def caption_files(root: Path, split: str, source: str) -> tuple[Path, Path]:
     """(captions, embeddings) paths of ``split`` for caption ``source``."""
-    if source == "blip2":
-        return root / f"GT_{split}_caption.pt", root / f"GT_{split}_caption_emb.pt"
-    folder = root / "qwen_annotation"
-    return folder / f"GT_{split}_caption_qwen.pt", folder / f"GT_{split}_caption_qwen_emb.pt"
+    return root / caption_file(split, source), root / caption_emb_file(split, source)
 
 
 def read_captions(root: Path, split: str, source: str) -> list[str]:
-    from utils.data import load_json, load_strings
-
     if source == "blip2":
         path = caption_files(root, split, source)[0]
         return [str(c) for c in load_strings(path, "python download_dataset.py")]
-    path = root / "qwen_annotation" / f"qwen_{split}_caption_tag_category_id.json"
+    path = root / annotation_file(split)
     return [str(item["caption"]) for item in load_json(path, "python download_dataset.py")]
 
 
@@ -58,10 +61,8 @@ def embed_captions(clip, captions: Sequence[str], batch_size: int = 256) -> torc
 
 def run(data_root: Path, clip, source: str = "blip2", force: bool = False) -> dict[str, list[int]]:
     """Write the embeddings of both splits; returns their shapes."""
-    from utils.io import atomic_torch_save
-
     shapes = {}
-    for split in SPLITS:
+    for split in SOURCES:
         captions = read_captions(data_root, split, source)
         text_path, emb_path = caption_files(data_root, split, source)
         if emb_path.exists() and not force and emb_path.stat().st_mtime_ns >= _source_mtime(data_root, split, source):
@@ -82,10 +83,6 @@ def copy_toy_tokens_proj(weights_root: Path, data_root: Path) -> Path:
 
     An identical file is kept as it is: rewriting it would change its mtime and make every stage that read it stale.
     """
-    from models.foundation.toy.clip import load_proj
-    from pipeline.common import TOKENS_PROJ_FILE
-    from utils.io import atomic_torch_save
-
     path, proj = data_root / TOKENS_PROJ_FILE, load_proj(weights_root).float().contiguous()
     if path.is_file():
         try:
@@ -101,15 +98,10 @@ def copy_toy_tokens_proj(weights_root: Path, data_root: Path) -> Path:
 def _source_mtime(root: Path, split: str, source: str) -> int:
     if source == "blip2":
         return caption_files(root, split, source)[0].stat().st_mtime_ns
-    return (root / "qwen_annotation" / f"qwen_{split}_caption_tag_category_id.json").stat().st_mtime_ns
+    return (root / annotation_file(split)).stat().st_mtime_ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from models.foundation import build_role
-    from utils.cli import OneLineParser, report_error
-    from utils.config import load_config
-    from utils.runs import setup_logging
-
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="toy", help="paper, toy, smoke or a YAML path (default toy)")
     parser.add_argument("--source", choices=("blip2", "qwen"), help="caption source (default: data.caption_source)")
@@ -118,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("INFO")
     try:
-        cfg = load_config("1", args.profile, args.overrides)
+        cfg = load_config(Stage1Config, args.profile, args.overrides)
         device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
-        clip = build_role("clip", cfg.model.size, cfg.paths.weights_root, device)
+        clip = build_role("clip", foundation_impl(cfg.model.size), cfg.paths.weights_root, device)
         run(Path(cfg.paths.data_root), clip, args.source or cfg.data.caption_source, args.force)
         if cfg.model.size != "paper":
             copy_toy_tokens_proj(Path(cfg.paths.weights_root), Path(cfg.paths.data_root))

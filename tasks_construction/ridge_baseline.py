@@ -4,7 +4,7 @@ The decoder (himalaya, penalty per feature by contiguous 5-fold CV on the traini
 (mean of the training repeats); ``val`` and ``test`` are identified with the mean of their repeats. Features:
 ``pixels`` = the clip's mean frame pooled to ``grid`` x ``grid`` (3*grid^2 values), ``concepts`` = the concept
 multi-hot labels, or both. This is the floor the NEURONS pipeline must beat; on a toy world the oracle noise ceiling
-(``ceiling.json``) is reported beside it.
+(``ceiling.json``) is reported beside it. The per-subject fit is :func:`utils.baselines.ridge_baseline`.
 
 Usage: ``python -m tasks_construction.ridge_baseline --data-root DIR [--subjects 1 2 3] [--out FILE]``
 """
@@ -20,47 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from utils.baselines import pixel_features, ridge_identification
-from utils.data import BrainVideoData, DataOptions
+from utils.baselines import ridge_baseline
+from utils.cli import OneLineParser, add_data_root_args, data_root_of, report_error
+from utils.data import BrainVideoData, DataConfig
+from utils.data_catalog import CEILING_FILE, RIDGE_BASELINE_FILE, subject_name
 from utils.errors import NeuronsError
 from utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-DEFAULT_ALPHAS = tuple(np.logspace(0, 7, 15).tolist())
-
-
-def clip_features(data: BrainVideoData, split: str, kind: str, grid: int, batch_size: int = 64) -> np.ndarray:
-    """Per-clip features (n, D) of a split; frames are read ``batch_size`` clips at a time."""
-    parts = []
-    if "pixels" in kind:
-        parts.append(np.concatenate([pixel_features(f, grid) for _, f in data.frame_batches(split, batch_size)]))
-    if "concepts" in kind:
-        parts.append(data.concept_labels(split).numpy())
-    return np.concatenate(parts, axis=1)
-
-
-def ridge_baseline(
-    data: BrainVideoData,
-    features: str = "pixels",
-    grid: int = 8,
-    ways: Sequence[int] = (2, 50),
-    n_trials: int = 100,
-    seed: int = 0,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-) -> dict[str, Any]:
-    """Fit on train, identify val and test clips of one subject; returns the ridge_identification result."""
-    evals = {}
-    for split in ("val", "test"):
-        if data.n_clips(split) >= 2:
-            evals[split] = (data.voxels(split).numpy(), clip_features(data, split, features, grid))
-    x_train = data.fmri("train").mean(dim=1).numpy()
-    result = ridge_identification(
-        x_train, clip_features(data, "train", features, grid), evals, alphas, ways, n_trials, seed
-    )
-    result["n_clips"] = {s: data.n_clips(s) for s in ("train", "val", "test")}
-    result["n_voxels"] = data.n_voxels
-    return result
 
 
 def run(
@@ -71,14 +38,14 @@ def run(
     ways: Sequence[int] = (2, 50),
     n_trials: int = 100,
     seed: int = 0,
-    options: DataOptions | None = None,
+    data_config: DataConfig | None = None,
 ) -> dict[str, Any]:
     """The baseline for several subjects, their mean, and the world's noise ceiling when it has one."""
     per_subject = {}
     for s in subjects:
-        data = BrainVideoData(data_root, s, options)
-        per_subject[f"subj0{s}"] = ridge_baseline(data, features, grid, ways, n_trials, seed)
-        log.info("subj0%d test top-1 %s", s, _fmt(per_subject[f"subj0{s}"]["test"]["top1"]))
+        data = BrainVideoData(data_root, s, data_config)
+        per_subject[subject_name(s)] = ridge_baseline(data, features, grid, ways, n_trials, seed)
+        log.info("%s test top-1 %s", subject_name(s), _fmt(per_subject[subject_name(s)]["test"]["top1"]))
     keys = next(iter(per_subject.values()))["test"]["top1"].keys()
     mean = {k: float(np.mean([r["test"]["top1"][k] for r in per_subject.values()])) for k in keys}
     out: dict[str, Any] = {
@@ -88,7 +55,7 @@ def run(
         "mean_test_top1": mean,
         "chance": next(iter(per_subject.values()))["test"]["chance"],
     }
-    ceiling_path = data_root / "ceiling.json"
+    ceiling_path = data_root / CEILING_FILE
     if ceiling_path.is_file():
         ceiling = json.loads(ceiling_path.read_text())
         out["ceiling_mean_top1"] = ceiling["mean_top1"]
@@ -101,8 +68,6 @@ def _fmt(top1: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from utils.cli import OneLineParser, add_data_root_args, data_root_of, report_error
-
     parser = OneLineParser(description=__doc__.split("\n")[0])
     add_data_root_args(parser)
     parser.add_argument("--subjects", type=int, nargs="+", default=[1, 2, 3])
@@ -117,13 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data_root = data_root_of(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        options = DataOptions(val_fraction=args.val_fraction, val_seed=args.seed)
+        data_config = DataConfig(val_fraction=args.val_fraction, val_seed=args.seed)
         result = run(
-            args.data_root, args.subjects, args.features, args.grid, args.ways, args.trials, args.seed, options
+            args.data_root, args.subjects, args.features, args.grid, args.ways, args.trials, args.seed, data_config
         )
     except NeuronsError as err:
         return report_error(err)
-    out = args.out or args.data_root / "ridge_baseline.json"
+    out = args.out or args.data_root / RIDGE_BASELINE_FILE
     atomic_write_json(out, result)
     print(f"ridge baseline test top-1 (mean of subjects): {_fmt(result['mean_test_top1'])}")
     if "ceiling_mean_top1" in result:

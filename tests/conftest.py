@@ -12,6 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.data_catalog import (
+    annotation_file,
+    caption_emb_file,
+    caption_file,
+    fmri_file,
+    frames_file,
+    mask_frame_key,
+    mask_labels_file,
+    mask_png_dir,
+)
+
 REAL_VOXELS = (13447, 14828, 9114)  # cc2017 subjects 1..3 (upstream spec §2.1)
 
 
@@ -29,7 +40,8 @@ def one_torch_thread():
 def smoke_world(tmp_path_factory) -> Path:
     """The ``smoke`` toy world with its key-object files."""
     from tasks_construction import find_key_obj
-    from tasks_construction.toy_cortex import build_world, make_config
+    from tasks_construction.toy_cortex.build import build_world
+    from utils.toy_world import make_config
 
     root = tmp_path_factory.mktemp("toy") / "toy_cortex_smoke"
     build_world(make_config("smoke"), root, progress=False)
@@ -68,12 +80,12 @@ def write_real_format(
         for s, v in enumerate(voxels, start=1):
             torch.save(
                 torch.from_numpy(rng.standard_normal((n, reps, v), dtype=np.float32)),
-                root / f"subj0{s}_{split}_fmri.pt",
+                root / fmri_file(s, split),
             )
-        torch.save(torch.rand(n, 6, 3, resolution, resolution), root / f"GT_{split}_3fps.pt")
+        torch.save(torch.rand(n, 6, 3, resolution, resolution), root / frames_file(split))
         captions = np.array([f"a man walks a dog {i}" for i in range(n)])
-        (root / f"GT_{split}_caption.pt").write_bytes(_numpy1_pickle(captions))
-        torch.save(torch.randn(n, text_dim), root / f"GT_{split}_caption_emb.pt")
+        (root / caption_file(split)).write_bytes(_numpy1_pickle(captions))
+        torch.save(torch.randn(n, text_dim), root / caption_emb_file(split))
         ann = [
             {
                 "idx": i,
@@ -83,15 +95,15 @@ def write_real_format(
             }
             for i in range(n)
         ]
-        (root / "qwen_annotation").mkdir(exist_ok=True)
-        (root / "qwen_annotation" / f"qwen_{split}_caption_tag_category_id.json").write_text(json.dumps(ann))
+        (root / annotation_file(split)).parent.mkdir(exist_ok=True)
+        (root / annotation_file(split)).write_text(json.dumps(ann))
         _write_masks(root, split, n, resolution)
     return root
 
 
 def _write_masks(root: Path, split: str, n: int, resolution: int) -> None:
     """A dog moving right (label 1), a static man (label 2) and water (label 3) in every frame."""
-    mask_dir = root / "masks" / f"mask_cls_{split}_qwen_video"
+    mask_dir = root / mask_png_dir(split)
     mask_dir.mkdir(parents=True, exist_ok=True)
     mask_dict = {}
     r = resolution
@@ -104,9 +116,9 @@ def _write_masks(root: Path, split: str, n: int, resolution: int) -> None:
             water = np.zeros((r, r), np.uint8)
             water[: r // 4] = 255
             for label, mask in (("1", dog), ("2", man), ("3", water)):
-                Image.fromarray(mask, mode="L").save(mask_dir / f"mask_{clip}_f{f}_{label}.png")
-            mask_dict[f"mask_{clip}_f{f}"] = {"1": "dog", "2": "man", "3": "water"}
-    (root / "masks" / f"mask_cls_dict_{split}_qwen_video.json").write_text(json.dumps(mask_dict))
+                Image.fromarray(mask, mode="L").save(mask_dir / f"{mask_frame_key(clip, f)}_{label}.png")
+            mask_dict[mask_frame_key(clip, f)] = {"1": "dog", "2": "man", "3": "water"}
+    (root / mask_labels_file(split)).write_text(json.dumps(mask_dict))
 
 
 @pytest.fixture(scope="session")

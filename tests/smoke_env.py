@@ -48,7 +48,7 @@ def smoke_env(world: Path, scratch: Path) -> SmokeEnv:
 
     scratch.mkdir(parents=True, exist_ok=True)
     weights = smoke_weights(world, scratch / "weights")
-    gen_GT_clip_embeds.run(world, build_role("clip", "smoke", weights, "cpu"))
+    gen_GT_clip_embeds.run(world, build_role("clip", "toy", weights, "cpu"))
     gen_GT_clip_embeds.copy_toy_tokens_proj(weights, world)
     exp_root = scratch / "EXP"
     profile = scratch / "smoke_test.yaml"
@@ -64,8 +64,9 @@ def smoke_env(world: Path, scratch: Path) -> SmokeEnv:
 def stage_config(env: SmokeEnv, stage: str, exp: str, *overrides: str, mode: str = "enhance"):
     """The resolved config of ``stage`` for run ``exp`` under ``env.profile``."""
     from utils.config import load_config
+    from utils.stage_configs import STAGE_CONFIGS
 
-    return load_config(stage, str(env.profile), list(overrides), {"exp": exp, "mode": mode})
+    return load_config(STAGE_CONFIGS[stage], str(env.profile), list(overrides), {"exp": exp, "mode": mode})
 
 
 def run_paths(env: SmokeEnv, exp: str, mode: str = "enhance"):

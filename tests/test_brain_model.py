@@ -96,8 +96,8 @@ def test_forward_shapes(model):
     assert model.decode_masks(motion, torch.randn(b, dt)).shape == (b, F_, 1, s, s)
     assert model.decode_latents(motion, torch.randn(b, dt)).shape == (b, F_, 4, 6, 6)
     tokens = torch.randint(0, 50, (b, 9))
-    logits, labels = model.caption_logits(torch.randn(b, dt), tokens, torch.ones(b, 9, dtype=torch.bool))
-    assert logits.shape == (b, 9, 50) and torch.equal(labels, tokens)
+    logits, labels, keep = model.caption_logits(torch.randn(b, dt), tokens, torch.ones(b, 9, dtype=torch.bool))
+    assert logits.shape == (b * 9, 50) and keep.all() and torch.equal(labels, tokens.flatten())
 
 
 def test_backbone_residual_wiring_matches_manual_reference(model):
@@ -163,14 +163,37 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert (rq[3] @ rk[1]).item() == pytest.approx((rq[7] @ rk[5]).item(), abs=1e-4)
 
 
-def test_prior_sampling_is_seeded_and_batch_independent():
+@pytest.mark.parametrize("steps", [None, 3])
+def test_prior_sampling_is_seeded_and_batch_independent(steps):
     prior = make_model().diffusion_prior.double()  # float64: BLAS blocking differs with the batch size
     cond = torch.randn(5, DIMS.clip_tokens, DIMS.clip_dim, dtype=torch.float64)
-    batch = prior.sample(cond, clip_seeds(42, range(5)))
-    alone = prior.sample(cond[3:4], clip_seeds(42, [3]))
+    batch = prior.sample(cond, clip_seeds(42, range(5)), steps)
+    alone = prior.sample(cond[3:4], clip_seeds(42, [3]), steps)
     assert torch.allclose(batch[3:4], alone, atol=1e-9)
-    assert torch.equal(prior.sample(cond[3:4], clip_seeds(42, [3])), alone)
+    assert torch.equal(prior.sample(cond[3:4], clip_seeds(42, [3]), steps), alone)
     assert not torch.allclose(batch[2], batch[3])
+
+
+def test_strided_prior_sampling_follows_the_posterior_between_kept_steps():
+    """``steps`` < timesteps: x starts as noise, each kept step t moves to the next kept s with the posterior
+    q(x_s | x_t, x0) written out here from the cumulative alphas (one noise draw per step), and the last kept step
+    (t = 0) returns x0; ``steps`` ≥ timesteps is the full ancestral sampler."""
+    prior = make_model().diffusion_prior.double()
+    sched, n = prior.noise_scheduler, prior.noise_scheduler.num_timesteps
+    cond = torch.randn(2, DIMS.clip_tokens, DIMS.clip_dim, dtype=torch.float64)
+    times = torch.linspace(n - 1, 0, 3).round().long().tolist()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(cond.shape, generator=gen, dtype=torch.float64)
+    for t_now, t_next in zip(times, times[1:]):
+        x0 = prior.net(x, torch.full((2,), t_now), cond)
+        a_t, a_s = sched.alphas_cumprod[t_now].double(), sched.alphas_cumprod[t_next].double()
+        var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+        mean = a_s.sqrt() * (1 - a_t / a_s) / (1 - a_t) * x0 + (a_t / a_s).sqrt() * (1 - a_s) / (1 - a_t) * x
+        x = mean + var.sqrt() * torch.randn(cond.shape, generator=gen, dtype=torch.float64)
+    expected = prior.net(x, torch.zeros(2, dtype=torch.long), cond)
+    torch.testing.assert_close(prior.sample(cond, torch.Generator().manual_seed(5), steps=3), expected)
+    full = prior.sample(cond, torch.Generator().manual_seed(5))
+    assert torch.equal(prior.sample(cond, torch.Generator().manual_seed(5), steps=n), full)
 
 
 def _decode_one_vs_five(dec: TextDrivenDecoder, head: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,15 +220,40 @@ def test_decoder_depends_on_the_batch_under_upstream_flags(flag):
     assert (in_batch - alone).abs().max() > 1e-4
 
 
-def test_full_decoding_is_batch_independent():
+DECODED = ("prior_tokens", "motion", "caption_vector", "concept_logits", "mask_logits", "latents", "top_concept")
+
+
+@pytest.mark.parametrize("steps", [None, 4])
+def test_brain_only_decoding_is_batch_independent(steps):
     model = make_model().double()  # float64: BLAS blocking differs with the batch size
     blend_half(model)
     voxels = torch.randn(5, 1, N_VOX, dtype=torch.float64)
-    key_text = torch.randn(5, DIMS.text_dim, dtype=torch.float64)
-    batch = model.decode_clips(voxels, clip_seeds(7, range(5)), key_text=key_text)
-    alone = model.decode_clips(voxels[1:2], clip_seeds(7, [1]), key_text=key_text[1:2])
-    for name in ("prior_tokens", "motion", "caption_vector", "concept_logits", "latents", "mask_logits"):
-        assert torch.allclose(batch[name][1:2], alone[name], atol=1e-8), name
+    table = torch.randn(N_CLS, DIMS.text_dim, dtype=torch.float64)
+    batch = model.decode_voxels(voxels, clip_seeds(7, range(5)), steps, key_table=table)
+    alone = model.decode_voxels(voxels[1:2], clip_seeds(7, [1]), steps, key_table=table)
+    for name in DECODED:
+        assert torch.allclose(getattr(batch, name)[1:2], getattr(alone, name), atol=1e-8), name
+
+
+def test_brain_only_decoding_shapes_and_mask_queries():
+    """One call gives every head's output; the mask is queried with the given key text, or with the key-table row of
+    each clip's top concept, and both routes agree when the given text is that row."""
+    model = make_model()
+    b, s, dt = 3, model.cfg.decoder_size, DIMS.text_dim
+    voxels, table = torch.randn(b, N_VOX), torch.randn(N_CLS, dt)
+    dec = model.decode_voxels(voxels, clip_seeds(1, range(b)), 2, key_table=table, latent_size=5)
+    shapes = {name: tuple(getattr(dec, name).shape) for name in DECODED}
+    t, d = DIMS.clip_tokens, DIMS.clip_dim
+    assert shapes == {"prior_tokens": (b, t, d), "motion": (b, F_, t, d), "caption_vector": (b, dt),
+                      "concept_logits": (b, N_CLS), "mask_logits": (b, F_, s, s), "latents": (b, F_, 4, 5, 5),
+                      "top_concept": (b,)}  # fmt: skip
+    assert torch.equal(dec.top_concept, dec.concept_logits.argmax(-1))
+    given = model.decode_voxels(voxels, clip_seeds(1, range(b)), 2, key_text=table[dec.top_concept], latent_size=5)
+    for name in DECODED:
+        assert torch.equal(getattr(given, name), getattr(dec, name)), name
+    torch.testing.assert_close(dec.caption_prefix.norm(dim=-1), torch.ones(b))
+    with pytest.raises(ValueError, match="exactly one"):
+        model.decode_voxels(voxels, clip_seeds(1, range(b)), 2)
 
 
 def test_caption_padding_dedicated_vs_upstream():
@@ -213,29 +261,30 @@ def test_caption_padding_dedicated_vs_upstream():
     prefix = torch.randn(2, DIMS.text_dim)
     tokens = torch.tensor([[5, 0, 9, 3, 0, 0], [7, 8, 0, 0, 0, 0]])  # id 0 is a real token at [0, 1]
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
-    logits, labels = m.caption_logits(prefix, tokens, mask)
-    assert labels.tolist() == [[5, 0, 9, 3, IGNORE_INDEX, IGNORE_INDEX], [7, 8] + [IGNORE_INDEX] * 4]
+    logits, labels, keep = m.caption_logits(prefix, tokens, mask)
+    assert keep.tolist() == mask.tolist() and labels.tolist() == [5, 0, 9, 3, 7, 8]
     other_pads = torch.where(mask, tokens, torch.full_like(tokens, 33))
-    logits2, _ = m.caption_logits(prefix, other_pads, mask)
-    assert torch.allclose(logits[mask], logits2[mask], atol=1e-5)  # pad contents never reach real positions
+    logits2, _, _ = m.caption_logits(prefix, other_pads, mask)
+    assert torch.allclose(logits, logits2, atol=1e-5)  # pad contents never reach real positions
     assert caption_labels(tokens, mask, "clip_zero")[0, 1].item() == IGNORE_INDEX  # upstream drops the real "0"
     up = make_model(caption_pad="clip_zero")
-    _, up_labels = up.caption_logits(prefix, tokens, mask)
-    assert up_labels[0, 1].item() == IGNORE_INDEX
+    _, _, up_keep = up.caption_logits(prefix, tokens, mask)
+    assert not up_keep[0, 1]
 
 
 @pytest.mark.parametrize("pad", ["dedicated", "clip_zero"])
 def test_caption_logits_at_labelled_positions_equal_the_full_logits(pad):
-    """Stage 2 applies the LM head to the labelled positions only: the same logits and labels as the full (B, L, V)
-    logits there, in row-major order, and the same label-smoothed loss."""
+    """The LM head runs on the labelled positions only: the same logits and labels as the full (B, L, V) logits of
+    the text decoder there, in row-major order, and the same label-smoothed loss."""
     from utils.losses import caption_ce
 
     m = make_model(caption_pad=pad)
     prefix = torch.randn(2, DIMS.text_dim)
     tokens = torch.tensor([[5, 0, 9, 3, 0, 0], [7, 8, 0, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
-    full, labels = m.caption_logits(prefix, tokens, mask)
-    part, part_labels, keep = m.caption_target_logits(prefix, tokens, mask)
+    full = m.text_dec(prefix, tokens, mask if pad == "dedicated" else None)  # (B, L, V) reference
+    labels = caption_labels(tokens, mask, pad)
+    part, part_labels, keep = m.caption_logits(prefix, tokens, mask)
     assert keep.tolist() == (labels != IGNORE_INDEX).tolist() and part.shape == (int(keep.sum()), full.shape[-1])
     assert part_labels.tolist() == labels[keep].tolist()
     torch.testing.assert_close(part, full[keep], atol=1e-5, rtol=1e-5)

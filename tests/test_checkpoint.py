@@ -10,6 +10,7 @@ import torch
 from utils.checkpoint import MODEL_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.errors import WeightsError
+from utils.stage_configs import Stage1Config
 
 
 def _model(width: int = 4) -> torch.nn.Module:
@@ -19,7 +20,7 @@ def _model(width: int = 4) -> torch.nn.Module:
 
 @pytest.fixture
 def cfg():
-    return load_config("1", "smoke", ["run.subj=2"])
+    return load_config(Stage1Config, "smoke", ["run.subj=2"])
 
 
 def test_round_trip_restores_weights_and_state(tmp_path, cfg):
@@ -56,10 +57,10 @@ def test_missing_and_unexpected_keys(tmp_path, cfg):
 def test_checkpoint_of_another_subject_or_size_is_refused(tmp_path, cfg):
     folder = save_checkpoint(tmp_path / "best", _model().state_dict(), cfg)
     with pytest.raises(WeightsError, match=r"another run: subj='2' \(run has '1'\)"):
-        load_checkpoint(folder, _model(), load_config("1", "smoke", ["run.subj=1"]))
+        load_checkpoint(folder, _model(), load_config(Stage1Config, "smoke", ["run.subj=1"]))
     with pytest.raises(WeightsError, match=r"model_size='smoke' \(run has 'toy'\)"):
-        load_checkpoint(folder, _model(), load_config("1", "toy", ["run.subj=2"]))
-    state = load_checkpoint(folder, _model(), load_config("1", "toy", ["run.subj=2", "model.size=smoke"]))
+        load_checkpoint(folder, _model(), load_config(Stage1Config, "toy", ["run.subj=2"]))
+    state = load_checkpoint(folder, _model(), load_config(Stage1Config, "toy", ["run.subj=2", "model.size=smoke"]))
     assert state["config"]["run"]["profile"] == "smoke"  # another profile of the same size and subject loads
 
 

@@ -9,31 +9,31 @@ import yaml
 
 from utils.config import config_hash, from_dict, load_config, parse_set, run_dir, to_yaml
 from utils.errors import ConfigError
-from utils.stage_configs import STAGE_CONFIGS
+from utils.stage_configs import STAGE_CONFIGS, Stage1Config, Stage2Config, Stage3Config, Stage5Config, Stage6Config
 
 
 def test_paper_defaults_are_the_papers_values():
-    s1, s2 = load_config("1", "paper"), load_config("2", "paper")
+    s1, s2 = load_config(Stage1Config, "paper"), load_config(Stage2Config, "paper")
     assert (s1.train.batch_size, s1.train.num_epochs, s1.train.max_lr, s1.train.mixup_pct) == (120, 30, 5e-5, 1.0)
     assert (s1.train.temp_image, s1.train.temp_text, s1.train.text_weight) == (0.006, 0.1, 0.25)
     assert (s2.train.batch_size, s2.train.num_epochs, s2.loss_weights.prior) == (10, 50, 30.0)
     assert s2.progressive.starts == {"dice": 0, "concepts": 10, "caption": 20, "latent": 30}
-    s3, s5 = load_config("3", "paper"), load_config("5", "paper")
+    s3, s5 = load_config(Stage3Config, "paper"), load_config(Stage5Config, "paper")
     assert (s3.sample.unclip_steps, s3.sample.unclip_guidance, s3.sample.batch_size) == (38, 5.0, 20)
     assert (s5.video.steps, s5.video.guidance, s5.video.num_frames) == (25, 8.5, 16)
-    assert load_config("6", "paper").eval.protocol == "standard"
+    assert load_config(Stage6Config, "paper").eval.protocol == "standard"
 
 
 @pytest.mark.parametrize("profile", ["paper", "toy", "smoke"])
 @pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
 def test_every_profile_builds_every_stage(profile, stage):
-    cfg = load_config(stage, profile)
+    cfg = load_config(STAGE_CONFIGS[stage], profile)
     assert cfg.run.profile == profile
     assert cfg.model.size == profile
 
 
 def test_smoke_extends_toy():
-    toy, smoke = load_config("2", "toy"), load_config("2", "smoke")
+    toy, smoke = load_config(Stage2Config, "toy"), load_config(Stage2Config, "smoke")
     assert smoke.train.max_lr == toy.train.max_lr  # inherited
     assert smoke.train.batch_size != toy.train.batch_size  # overridden
     assert smoke.paths.data_root.endswith("toy_cortex_smoke")
@@ -41,16 +41,16 @@ def test_smoke_extends_toy():
 
 def test_overrides_are_typed_and_applied_in_order():
     cfg = load_config(
-        "1", "toy", ["train.batch_size=8", "train.max_lr=1e-3", "train.batch_size=4", "run.use_wandb=true"]
+        Stage1Config, "toy", ["train.batch_size=8", "train.max_lr=1e-3", "train.batch_size=4", "run.use_wandb=true"]
     )
     assert cfg.train.batch_size == 4 and cfg.train.max_lr == 1e-3 and cfg.run.use_wandb is True
-    assert isinstance(load_config("1", "toy", ["train.max_lr=1"]).train.max_lr, float)  # int widens to float
-    cfg = load_config("2", "paper", ["progressive.starts.dice=3"])
+    assert isinstance(load_config(Stage1Config, "toy", ["train.max_lr=1"]).train.max_lr, float)  # int widens to float
+    cfg = load_config(Stage2Config, "paper", ["progressive.starts.dice=3"])
     assert cfg.progressive.starts == {"dice": 3, "concepts": 10, "caption": 20, "latent": 30}
 
 
 def test_cli_arguments_fill_the_run_section():
-    cfg = load_config("3", "toy", cli={"subj": 2, "exp": "abc", "mode": "motion"})
+    cfg = load_config(Stage3Config, "toy", cli={"subj": 2, "exp": "abc", "mode": "motion"})
     assert (cfg.run.subj, cfg.run.exp, cfg.run.mode) == (2, "abc", "motion")
     assert run_dir(cfg).parts[-2:] == ("exp_abc", "subj_2")
 
@@ -72,7 +72,7 @@ def test_cli_arguments_fill_the_run_section():
 )
 def test_bad_overrides_give_one_line_errors(override, expected):
     with pytest.raises(ConfigError) as info:
-        load_config("2", "paper", [override])
+        load_config(Stage2Config, "paper", [override])
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
@@ -81,33 +81,33 @@ def test_bad_overrides_give_one_line_errors(override, expected):
 
 def test_unknown_profile_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="unknown profile 'papr'.*paper, toy, smoke"):
-        load_config("1", "papr")
+        load_config(Stage1Config, "papr")
     bad = tmp_path / "bad.yaml"
     bad.write_text("run:\n  seed: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad YAML in .*bad.yaml at line \d+"):
-        load_config("1", str(bad))
+        load_config(Stage1Config, str(bad))
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("extends: smoke\ntrain:\n  batch_size: 3\n")
     with pytest.raises(ConfigError, match="stage-specific.*stage1"):
-        load_config("1", str(wrong))
+        load_config(Stage1Config, str(wrong))
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("extends: smoke\npahts:\n  data_root: x\n")
     with pytest.raises(ConfigError, match="unknown section 'pahts'.*did you mean 'paths'"):
-        load_config("1", str(unknown))
+        load_config(Stage1Config, str(unknown))
 
 
 def test_profile_file_extends_a_builtin(tmp_path):
     prof = tmp_path / "mine.yaml"
     prof.write_text("extends: smoke\nstage1:\n  train:\n    num_epochs: 7\npaths:\n  exp_root: somewhere\n")
-    cfg = load_config("1", str(prof))
-    assert cfg.train.num_epochs == 7 and cfg.train.batch_size == load_config("1", "smoke").train.batch_size
+    cfg = load_config(Stage1Config, str(prof))
+    assert cfg.train.num_epochs == 7 and cfg.train.batch_size == load_config(Stage1Config, "smoke").train.batch_size
     assert cfg.paths.exp_root == "somewhere"
-    assert load_config("2", str(prof)).train.num_epochs == load_config("2", "smoke").train.num_epochs
+    assert load_config(Stage2Config, str(prof)).train.num_epochs == load_config(Stage2Config, "smoke").train.num_epochs
 
 
 @pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
 def test_yaml_round_trip_and_hash(stage):
-    cfg = load_config(stage, "smoke", ["run.seed=7"])
+    cfg = load_config(STAGE_CONFIGS[stage], "smoke", ["run.seed=7"])
     back = from_dict(type(cfg), yaml.safe_load(to_yaml(cfg)))
     assert back == cfg
     assert config_hash(back) == config_hash(cfg)
@@ -115,7 +115,7 @@ def test_yaml_round_trip_and_hash(stage):
 
 
 def test_configs_are_frozen():
-    cfg = load_config("1", "paper")
+    cfg = load_config(Stage1Config, "paper")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.batch_size = 3  # type: ignore[misc]
 
@@ -126,8 +126,8 @@ def test_parse_set_nests_keys():
 
 def test_stage_prefixed_overrides_reach_only_their_stage():
     sets = ["stage1.train.num_epochs=3", "stage3.sample.batch_size=5", "run.seed=9"]
-    s1, s2, s3 = (load_config(k, "smoke", sets) for k in ("1", "2", "3"))
-    assert s1.train.num_epochs == 3 and s2.train.num_epochs == load_config("2", "smoke").train.num_epochs
+    s1, s2, s3 = (load_config(STAGE_CONFIGS[k], "smoke", sets) for k in ("1", "2", "3"))
+    assert s1.train.num_epochs == 3 and s2.train.num_epochs == load_config(Stage2Config, "smoke").train.num_epochs
     assert s3.sample.batch_size == 5 and s1.run.seed == s2.run.seed == s3.run.seed == 9
     with pytest.raises(ConfigError, match="unknown config key 'train.num_epoch'"):
-        load_config("1", "smoke", ["stage1.train.num_epoch=3"])
+        load_config(Stage1Config, "smoke", ["stage1.train.num_epoch=3"])

@@ -10,7 +10,16 @@ import pytest
 import torch
 from conftest import REAL_VOXELS, write_real_format
 
-from utils.data import BrainVideoData, DataOptions, contiguous_val_split, save_tensor_file
+from utils.data import BrainVideoData, DataConfig, contiguous_val_split, save_tensor_file
+from utils.data_catalog import (
+    TOKENS_PROJ_FILE,
+    annotation_file,
+    caption_emb_file,
+    caption_file,
+    fmri_file,
+    frames_file,
+    key_objects_masks_file,
+)
 from utils.errors import DataError
 
 ALL_FIELDS = ("voxel", "frames", "caption", "concepts", "key_obj_mask", "key_obj_cls")
@@ -53,7 +62,7 @@ def test_missing_caption_embeddings_name_the_command(smoke_world: Path):
 
 def test_reads_real_format_files(real_format_root: Path):
     for subject, voxels in enumerate(REAL_VOXELS, start=1):
-        data = BrainVideoData(real_format_root, subject, val_fraction=0.25)
+        data = BrainVideoData(real_format_root, subject, DataConfig(val_fraction=0.25))
         assert not data.is_toy and data.n_voxels == voxels and data.resolution == 224
         assert data.n_clips("val") == 1 and data.n_clips("test") == 3
     data.validate()
@@ -67,7 +76,7 @@ def test_reads_real_format_files(real_format_root: Path):
 def test_frames_are_memory_mapped(smoke_world: Path):
     maps = Path("/proc/self/maps")  # Linux: the process's memory mappings
     data = BrainVideoData(smoke_world, 1)
-    assert str(smoke_world / "GT_train_3fps.pt") in maps.read_text()  # the frame file is mapped, not read
+    assert str(smoke_world / frames_file("train")) in maps.read_text()  # the frame file is mapped, not read
     assert data.frames("val").shape[0] == data.n_clips("val")
 
 
@@ -96,7 +105,7 @@ def _expect(root: Path, pattern: str, subject: int = 1, fields: tuple[str, ...] 
 
 
 def test_missing_file_names_file_and_fix(small_root: Path):
-    (small_root / "GT_test_3fps.pt").unlink()
+    (small_root / frames_file("test")).unlink()
     message = _expect(small_root, r"missing .*GT_test_3fps\.pt")
     assert "download_dataset.py" in message
 
@@ -106,9 +115,9 @@ def test_missing_key_objects_name_find_key_obj(small_root: Path):
 
 
 def test_bad_shapes_and_voxel_mismatch(small_root: Path):
-    torch.save(torch.zeros(5, 30), small_root / "subj01_train_fmri.pt")
+    torch.save(torch.zeros(5, 30), small_root / fmri_file(1, "train"))
     _expect(small_root, r"expected a tensor \(clips, repeats, voxels\)")
-    torch.save(torch.zeros(5, 2, 31), small_root / "subj01_train_fmri.pt")
+    torch.save(torch.zeros(5, 2, 31), small_root / fmri_file(1, "train"))
     _expect(small_root, "train fMRI has 31 voxels, test 30")
 
 
@@ -116,23 +125,23 @@ def test_nan_voxels_are_counted(small_root: Path):
     x = torch.zeros(3, 10, 40)
     x[1, 4, 7] = float("nan")
     x[2, 0, 9] = float("inf")
-    torch.save(x, small_root / "subj02_test_fmri.pt")
+    torch.save(x, small_root / fmri_file(2, "test"))
     _expect(small_root, r"NaN/Inf in 2 voxels across 2 clips \(first clips \[1, 2\]\)", subject=2)
 
 
 def test_bad_frames(small_root: Path):
-    torch.save((torch.rand(5, 6, 3, 8, 8) * 255).to(torch.uint8), small_root / "GT_train_3fps.pt")
+    torch.save((torch.rand(5, 6, 3, 8, 8) * 255).to(torch.uint8), small_root / frames_file("train"))
     _expect(small_root, "uint8 frames")
-    torch.save(torch.rand(5, 6, 3, 8, 8) * 255, small_root / "GT_train_3fps.pt")
+    torch.save(torch.rand(5, 6, 3, 8, 8) * 255, small_root / frames_file("train"))
     _expect(small_root, r"outside \[0,1\]")
-    torch.save(torch.rand(4, 6, 3, 8, 8), small_root / "GT_train_3fps.pt")
+    torch.save(torch.rand(4, 6, 3, 8, 8), small_root / frames_file("train"))
     _expect(small_root, "GT_train_3fps.pt has 4 clips but subj01_train_fmri.pt has 5")
 
 
 def test_count_mismatch_and_malformed_json(small_root: Path):
-    save_tensor_file(small_root / "GT_test_caption.pt", np.array(["a", "b"]))
+    save_tensor_file(small_root / caption_file("test"), np.array(["a", "b"]))
     _expect(small_root, "GT_test_caption.pt has 2 clips", fields=("caption",))
-    path = small_root / "qwen_annotation" / "qwen_train_caption_tag_category_id.json"
+    path = small_root / annotation_file("train")
     path.write_text('[{"idx": 0, "category_id": [1, 0')
     _expect(small_root, "malformed JSON in .*qwen_train_caption_tag_category_id.json", fields=("concepts",))
     path.write_text(json.dumps([{"idx": i, "category_id": [0] * (3 + i % 2)} for i in range(5)]))
@@ -140,12 +149,35 @@ def test_count_mismatch_and_malformed_json(small_root: Path):
 
 
 def test_empty_test_set(small_root: Path):
-    torch.save(torch.zeros(0, 10, 30), small_root / "subj01_test_fmri.pt")
+    torch.save(torch.zeros(0, 10, 30), small_root / fmri_file(1, "test"))
     _expect(small_root, "no clips")
 
 
 def test_caption_source_qwen_reads_the_annotation_captions(small_root: Path):
-    data = BrainVideoData(small_root, 1, DataOptions(caption_source="qwen", val_fraction=0.0))
+    data = BrainVideoData(small_root, 1, DataConfig(caption_source="qwen", val_fraction=0.0))
     assert data.captions("train")[1] == "a man 1"
     with pytest.raises(DataError, match="GT_train_caption_qwen_emb.pt.*gen_GT_clip_embeds"):
         data.caption_embeddings("train")
+
+
+def test_opened_files_record_every_file_read_in_order(small_root: Path):
+    data = BrainVideoData(small_root, 1)
+    files = [fmri_file(1, "train"), fmri_file(1, "test"), frames_file("train"), frames_file("test")]
+    assert data.opened_files == [small_root / f for f in files]
+    data.validate(("caption_emb", "concepts"))
+    data.caption_embeddings("val")  # already read: not recorded twice
+    files += [caption_emb_file(s) for s in ("train", "test")] + [annotation_file(s) for s in ("train", "test")]
+    assert data.opened_files == [small_root / f for f in files]
+    with pytest.raises(DataError, match="find_key_obj"):
+        data.key_object_masks("train")
+    assert small_root / key_objects_masks_file("train") not in data.opened_files  # missing: never read
+
+
+def test_tokens_proj_is_shape_checked_and_recorded(small_root: Path):
+    data = BrainVideoData(small_root, 1)
+    with pytest.raises(DataError, match=r"missing .*coco_tokens_avg_proj\.pth"):
+        data.tokens_proj((8, 16))
+    torch.save({"proj": torch.ones(8, 16)}, small_root / TOKENS_PROJ_FILE)
+    assert data.tokens_proj((8, 16)).shape == (8, 16) and data.opened_files[-1] == small_root / TOKENS_PROJ_FILE
+    with pytest.raises(DataError, match=r"must hold 'proj' of shape \(8, 12\), found \(8, 16\)"):
+        data.tokens_proj((8, 12))

@@ -31,6 +31,7 @@ ZERO2_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAG
 def test_a_deepspeed_launch_without_the_package_or_with_zero3_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import utils.training
     from utils.config import load_config
+    from utils.stage_configs import Stage1Config
     from utils.training import build_accelerator, check_zero_stage
 
     with pytest.raises(ConfigError, match="ZeRO stage 3 partitions the parameters"):
@@ -40,7 +41,7 @@ def test_a_deepspeed_launch_without_the_package_or_with_zero3_is_refused(monkeyp
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setattr(utils.training, "deepspeed_available", lambda: False)
     with pytest.raises(ConfigError, match="deepspeed is not installed") as err:
-        build_accelerator(load_config("1", "smoke"))
+        build_accelerator(load_config(Stage1Config, "smoke"))
     assert "multi_gpu.yaml" in err.value.fix
 
 

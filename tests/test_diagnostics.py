@@ -28,8 +28,9 @@ def profile(smoke_world: Path, tmp_path_factory) -> Path:
 
 def config(profile: Path, exp: str, *overrides: str, stage: str = "e", mode: str = "enhance"):
     from utils.config import load_config
+    from utils.stage_configs import STAGE_CONFIGS
 
-    return load_config(stage, str(profile), list(overrides), {"exp": exp, "mode": mode})
+    return load_config(STAGE_CONFIGS[stage], str(profile), list(overrides), {"exp": exp, "mode": mode})
 
 
 def paths_of(profile: Path, exp: str):
@@ -39,10 +40,10 @@ def paths_of(profile: Path, exp: str):
 
 
 def gt_masks(smoke_world: Path, size: int = MASK_SIZE) -> torch.Tensor:
-    from pipeline.stage6 import resize_masks
     from utils.data import BrainVideoData
+    from utils.resize import resize_masks_majority
 
-    return resize_masks(BrainVideoData(smoke_world, 1).key_object_masks("test", range(N_CLIPS)), size)
+    return resize_masks_majority(BrainVideoData(smoke_world, 1).key_object_masks("test", range(N_CLIPS)), size)
 
 
 def fake_stage3(smoke_world: Path, folder: Path, masks: torch.Tensor | None = None,
@@ -189,10 +190,11 @@ def test_command_line(smoke_world: Path, profile: Path) -> None:
     """gen_decoupled_outputs.py through run_stage, and a one-line error when stage 3 is missing."""
     import gen_decoupled_outputs
     from utils.cli import run_stage
+    from utils.stage_configs import DiagnosticsConfig
 
     fake_stage3(smoke_world, paths_of(profile, "cli").stage_dir("3"))
     argv = ["--profile", str(profile), "--subj", "1", "--exp", "cli", "--mode", "enhance"]
-    assert run_stage("e", gen_decoupled_outputs.main, argv=[*argv, "--set", "sample.num_panels=1"]) == 0
+    assert run_stage(DiagnosticsConfig, gen_decoupled_outputs.main, argv=[*argv, "--set", "sample.num_panels=1"]) == 0
     assert (paths_of(profile, "cli").stage_dir("e") / "panels" / "clip_0000.png").exists()
     missing = ["--profile", str(profile), "--subj", "1", "--exp", "nothing", "--mode", "motion"]
-    assert run_stage("e", gen_decoupled_outputs.main, argv=missing) != 0
+    assert run_stage(DiagnosticsConfig, gen_decoupled_outputs.main, argv=missing) != 0

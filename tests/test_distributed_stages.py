@@ -27,10 +27,11 @@ import sys
 
 from pipeline import stage3, stage4, stage5, stage6
 from utils.config import load_config
+from utils.stage_configs import STAGE_CONFIGS
 
 profile, exp = sys.argv[1:3]
 for stage, run in (("3", stage3.reconstruct), ("4", stage4.caption), ("5", stage5.generate), ("6", stage6.evaluate)):
-    run(load_config(stage, profile, [], {"exp": exp, "mode": "enhance"}))
+    run(load_config(STAGE_CONFIGS[stage], profile, [], {"exp": exp, "mode": "enhance"}))
 """
 
 

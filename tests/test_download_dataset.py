@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils.data_catalog import CEILING_FILE, fmri_file, frames_file, key_objects_info_file
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def test_offline_real_data_lists_every_file_and_where_it_goes(tmp_path):
+    """The upstream file names are spelled out here on purpose: they are the oracle for utils.data_catalog."""
     result = run("--subj", "2", "--out", str(tmp_path / "cc2017"))
     assert result.returncode == 1
     out = result.stdout
@@ -38,9 +41,9 @@ def test_offline_real_data_lists_every_file_and_where_it_goes(tmp_path):
 def test_present_files_are_reported_as_present(tmp_path):
     root = tmp_path / "cc2017"
     root.mkdir()
-    (root / "GT_test_3fps.pt").write_bytes(b"x")
+    (root / frames_file("test")).write_bytes(b"x")
     result = run("--subj", "1", "--out", str(root), "--check")
-    line = next(l for l in result.stdout.splitlines() if l.rstrip().endswith("GT_test_3fps.pt"))
+    line = next(l for l in result.stdout.splitlines() if l.rstrip().endswith(frames_file("test")))
     assert line.startswith("present")
 
 
@@ -55,12 +58,12 @@ def test_toy_world_build_is_idempotent(tmp_path):
     first = run("--toy", "--profile", "smoke", "--out", str(out), "--set", "world.n_train_clips=12",
                 "--set", "world.n_test_clips=6", "--set", "world.segment_clips=6")  # fmt: skip
     assert first.returncode == 0, first.stderr
-    assert (out / "masks" / "key_objects_info_test.json").exists() and (out / "ceiling.json").exists()
-    stamp = (out / "subj01_train_fmri.pt").stat().st_mtime_ns
+    assert (out / key_objects_info_file("test")).exists() and (out / CEILING_FILE).exists()
+    stamp = (out / fmri_file(1, "train")).stat().st_mtime_ns
     again = run("--toy", "--profile", "smoke", "--out", str(out), "--set", "world.n_train_clips=12",
                 "--set", "world.n_test_clips=6", "--set", "world.segment_clips=6")  # fmt: skip
     assert again.returncode == 0 and "nothing to do" in again.stdout
-    assert (out / "subj01_train_fmri.pt").stat().st_mtime_ns == stamp
+    assert (out / fmri_file(1, "train")).stat().st_mtime_ns == stamp
 
 
 def test_weights_listing_names_every_missing_file(tmp_path):

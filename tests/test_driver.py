@@ -16,21 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from utils.stages import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {
-    "1": "train_neurons.py",
-    "2": "train_decoupler.py",
-    "3": "recon_decoupled.py",
-    "4": "caption_blip2.py",
-    "5": "recon_video.py",
-    "6": "eval_metrics.py",
-    "e": "gen_decoupled_outputs.py",
-}
 PROBE = """
 import sys
 from pathlib import Path
 from utils.cli import run_stage
 from utils.errors import DataError
+from utils.stage_configs import STAGE_CONFIGS
 
 def main(cfg):
     if not Path(cfg.paths.data_root).exists():
@@ -38,9 +32,11 @@ def main(cfg):
     with open(Path(cfg.paths.exp_root) / "order.txt", "a") as fh:
         fh.write("STAGE " + str(cfg.run.subj) + " " + cfg.run.mode + "\\n")
     print("probe stage STAGE ran")
+    if hasattr(cfg, "video"):  # a string override with spaces, passed through NEURONS_SET
+        print("prompt suffix", repr(cfg.video.prompt_suffix))
 
 if __name__ == "__main__":
-    sys.exit(run_stage("STAGE", main))
+    sys.exit(run_stage(STAGE_CONFIGS["STAGE"], main))
 """
 
 
@@ -64,8 +60,8 @@ def probe_repo(tmp_path: Path) -> Path:
     shutil.copy(REPO / "train_neurons.sh", repo)
     for package in ("utils", "configs", "tasks_construction"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    for stage, script in SCRIPTS.items():
-        (repo / script).write_text(PROBE.replace("STAGE", stage))
+    for stage in STAGES:
+        (repo / stage.script).write_text(re.sub(r"\bSTAGE\b", stage.key, PROBE))
     (tmp_path / "data").mkdir()
     (repo / "ok.yaml").write_text(
         f"extends: smoke\npaths:\n  data_root: {tmp_path / 'data'}\n  exp_root: {tmp_path}\n"
@@ -134,8 +130,8 @@ def test_missing_stage_script_is_refused_before_anything_runs(probe_repo: Path, 
 def test_gpu_list_uses_accelerate_for_multi_device_stages(probe_repo: Path, tmp_path: Path):
     """With a fake interpreter we can see the command lines without any GPU."""
     fake = tmp_path / "fakepy"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$CUDA_VISIBLE_DEVICES :: $*" >> {tmp_path}/calls.txt\n'
-                    f'if [[ "$1" == "-c" ]]; then exec {sys.executable} "$@"; fi\n')  # fmt: skip
+    real = f'if [[ "$1" == "-c" || "$2" == "utils.stages" ]]; then exec {sys.executable} "$@"; fi\n'  # queries run
+    fake.write_text(f'#!/usr/bin/env bash\necho "$CUDA_VISIBLE_DEVICES :: $*" >> {tmp_path}/calls.txt\n{real}')
     fake.chmod(0o755)
     result = drive("0,1", "demo", "16e", "enhance", "1", "ok.yaml", cwd=probe_repo, env={"PYTHON": str(fake)})
     assert result.returncode == 0, result.stderr
@@ -143,8 +139,20 @@ def test_gpu_list_uses_accelerate_for_multi_device_stages(probe_repo: Path, tmp_
     for script in ("train_neurons.py", "eval_metrics.py"):  # stages 1 to 6 shard their work over processes
         call = next(c for c in calls if script in c)
         assert call.startswith("0,1 :: -m accelerate.commands.launch --num_processes 2"), call
+        assert re.search(r" --main_process_port [1-9]\d* ", call), call  # a port the OS reported free
     stage_e = next(c for c in calls if "gen_decoupled_outputs.py" in c)
     assert stage_e.startswith("0,1 :: -u ") and "accelerate.commands" not in stage_e
+
+
+def test_neurons_set_overrides_may_be_quoted(probe_repo: Path, tmp_path: Path):
+    env = {"NEURONS_SET": "run.seed=3 'stage5.video.prompt_suffix=, 8k uhd' stage5.video.steps=2"}
+    result = drive("cpu", "demo", "5", "enhance", "1", "ok.yaml", cwd=probe_repo, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "prompt suffix ', 8k uhd'" in result.stdout
+    bad = drive("cpu", "demo", "5", "enhance", "1", "ok.yaml", cwd=probe_repo, env={"NEURONS_SET": "'unclosed"})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error: bad NEURONS_SET (No closing quotation)")
+    assert (tmp_path / "order.txt").read_text() == "5 1 enhance\n"  # only the first run reached the stage
 
 
 def test_stage_script_runs_on_its_own(probe_repo: Path, tmp_path: Path):

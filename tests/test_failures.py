@@ -69,12 +69,13 @@ def kept_logging() -> Iterator[None]:
 def run_cli(env: SmokeEnv, stage: str, *args: str, exp: str = "good", profile: Path | None = None) -> int:
     """``python <stage script> --profile P --exp EXP *args``, in this process; returns the exit status."""
     from utils.cli import run_stage
+    from utils.stage_configs import STAGE_CONFIGS
 
     module = importlib.import_module(SCRIPTS[stage])
     argv = ["--profile", str(profile or env.profile), "--exp", exp, *args]
     with kept_logging():
         try:
-            return run_stage(stage, module.main, module.__doc__, argv)
+            return run_stage(STAGE_CONFIGS[stage], module.main, module.__doc__, argv)
         except SystemExit as exit_:  # argparse
             return int(exit_.code or 0)
 
@@ -582,9 +583,10 @@ def test_stage5_refuses_stage3_outputs_older_than_stage2(env: SmokeEnv, good: Pa
     from utils.checkpoint import MODEL_FILE, save_checkpoint
     from utils.config import load_config
     from utils.manifest import StageRecorder
+    from utils.stage_configs import Stage2Config
 
     root = copy_stage1(good, env, "stale")
-    cfg = load_config("2", str(env.profile), [], {"exp": "stale"})
+    cfg = load_config(Stage2Config, str(env.profile), [], {"exp": "stale"})
     checkpoint = root / "stage2" / "checkpoints" / "best"
 
     def run_stage2(width: int) -> None:
@@ -719,6 +721,7 @@ def forked(fn: Callable[[], int], log_path: Path) -> tuple[int, str]:
 def faulty_run(env: SmokeEnv, exp: str, mode: str, at: int) -> tuple[int, str]:
     """Stage 1 of run ``exp`` in a child process hit by fault ``mode``; its exit status and stderr."""
     from utils.cli import run_stage
+    from utils.stage_configs import Stage1Config
 
     module = importlib.import_module(SCRIPTS["1"])
 
@@ -727,7 +730,8 @@ def faulty_run(env: SmokeEnv, exp: str, mode: str, at: int) -> tuple[int, str]:
         # handler (KeyboardInterrupt), as in a terminal
         signal.signal(signal.SIGINT, signal.default_int_handler)
         install_fault(mode, at)
-        return run_stage("1", module.main, module.__doc__, ["--profile", str(env.profile), "--exp", exp, *LOG])
+        argv = ["--profile", str(env.profile), "--exp", exp, *LOG]
+        return run_stage(Stage1Config, module.main, module.__doc__, argv)
 
     return forked(child, env.exp_root.parent / f"{exp}.stderr")
 

@@ -10,6 +10,14 @@ import torch
 from PIL import Image
 
 from tasks_construction.find_key_obj import KeyObjectRules, choose_key_categories
+from utils.data_catalog import (
+    KEY_OBJECT_CATEGORIES_FILE,
+    key_objects_info_file,
+    key_objects_masks_file,
+    mask_frame_key,
+    mask_labels_file,
+    mask_png_dir,
+)
 
 RULES = KeyObjectRules(background=frozenset({"water"}), priority=frozenset({"dog"}))
 
@@ -43,33 +51,33 @@ def test_rules_skip_large_objects_and_backgrounds():
 
 def test_toy_outputs_are_sized_to_each_split(smoke_world: Path):
     for split, n in (("train", 48), ("test", 24)):
-        masks = torch.load(smoke_world / "masks" / f"key_objects_masks_{split}.pt", weights_only=True)
+        masks = torch.load(smoke_world / key_objects_masks_file(split), weights_only=True)
         assert masks.dtype == torch.float32 and masks.shape == (n, 6, 32, 32)
         assert set(masks.unique().tolist()) <= {0.0, 1.0}
-        info = json.loads((smoke_world / "masks" / f"key_objects_info_{split}.json").read_text())
+        info = json.loads((smoke_world / key_objects_info_file(split)).read_text())
         assert sorted(map(int, info)) == list(range(n))
-    lists = json.loads((smoke_world / "masks" / "key_object_categories.json").read_text())
+    lists = json.loads((smoke_world / KEY_OBJECT_CATEGORIES_FILE).read_text())
     assert "water" in lists["background"] and "fish" in lists["priority"]
 
 
 def test_toy_key_masks_are_the_union_of_the_key_category(smoke_world: Path):
-    masks = torch.load(smoke_world / "masks" / "key_objects_masks_test.pt", weights_only=True).numpy()
-    info = json.loads((smoke_world / "masks" / "key_objects_info_test.json").read_text())
-    mask_dict = json.loads((smoke_world / "masks" / "mask_cls_dict_test_qwen_video.json").read_text())
+    masks = torch.load(smoke_world / key_objects_masks_file("test"), weights_only=True).numpy()
+    info = json.loads((smoke_world / key_objects_info_file("test")).read_text())
+    mask_dict = json.loads((smoke_world / mask_labels_file("test")).read_text())
     for clip in (0, 11, 23):
         key = info[str(clip)]["category"]
         for f in range(6):
             want = np.zeros((32, 32), bool)
             for label, name in mask_dict[f"mask_{clip}_f{f}"].items():
                 if name == key:
-                    png = smoke_world / "masks" / "mask_cls_test_qwen_video" / f"mask_{clip}_f{f}_{label}.png"
+                    png = smoke_world / mask_png_dir("test") / f"{mask_frame_key(clip, f)}_{label}.png"
                     want |= np.asarray(Image.open(png)) > 0
             assert np.array_equal(masks[clip, f] > 0, want)
 
 
 def test_real_format_key_objects(real_format_root: Path):
-    info = json.loads((real_format_root / "masks" / "key_objects_info_test.json").read_text())
+    info = json.loads((real_format_root / key_objects_info_file("test")).read_text())
     assert info == {str(i): {"category": "dog"} for i in range(3)}
-    masks = torch.load(real_format_root / "masks" / "key_objects_masks_test.pt", mmap=True, weights_only=True)
+    masks = torch.load(real_format_root / key_objects_masks_file("test"), mmap=True, weights_only=True)
     assert masks.shape == (3, 6, 224, 224)  # the test file is sized to the test set (upstream: 4320 rows)
     assert masks[0, 0, 56:112, 0:56].min() == 1 and masks[0, 0].sum() == 56 * 56

@@ -19,9 +19,9 @@ from torch import nn
 from models.foundation import (
     build_role,
     catalog,
+    catalog_table,
     describe_missing,
     missing_weights,
-    print_catalog,
     require_weights,
     unclip,
     video,
@@ -586,7 +586,7 @@ def test_sharded_weights_count_only_when_every_shard_is_there(tmp_path):
     assert index_entry not in missing_weights(tmp_path, ["blip2"])
 
 
-def test_print_catalog_lists_every_file_with_presence(tmp_path):
+def test_catalog_table_lists_every_file_with_presence(tmp_path):
     (tmp_path / "unclip6_epoch0_step110000.ckpt").write_bytes(b"x")
     rows = catalog.catalog_rows(tmp_path)
     assert len(rows) == len(catalog.CATALOG)
@@ -595,7 +595,7 @@ def test_print_catalog_lists_every_file_with_presence(tmp_path):
     assert next(r for r in rows if r["role"] == "unclip")["download"].startswith(
         "hf download pscotti/mindeyev2 unclip6_epoch0_step110000.ckpt --repo-type dataset"
     )
-    text = print_catalog(tmp_path)
+    text = catalog_table(tmp_path)
     assert len(text.splitlines()) == len(catalog.CATALOG) + 1 and "present" in text.splitlines()[0]
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from utils.data_catalog import frames_file
+
 ROLES = ("clip", "vae", "gpt2", "unclip")
 
 
@@ -77,9 +79,9 @@ def test_clip_role_through_stage_loader(smoke_world: Path, smoke_weights) -> Non
     from models.foundation.registry import build_role
     from models.foundation.toy.clip import load_proj
 
-    role = build_role("clip", "smoke", smoke_weights[0], "cpu")
+    role = build_role("clip", "toy", smoke_weights[0], "cpu")
     assert isinstance(role, ClipRole)
-    frames = torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)[:2]  # (2, F, 3, R, R)
+    frames = torch.load(smoke_world / frames_file("test"), weights_only=True)[:2]  # (2, F, 3, R, R)
     tokens = role.image_tokens(frames)
     assert tokens.shape == (2, frames.shape[1], role.num_tokens, role.token_dim)
     text = role.text_pooled(["a red ball rolls left over blue water", "a yellow bird flies up in night sky"])
@@ -95,9 +97,9 @@ def test_vae_role_through_stage_loader(smoke_world: Path, smoke_weights) -> None
     from models.foundation.registry import build_role
     from models.foundation.vae import VaeRole
 
-    role = build_role("vae", "smoke", smoke_weights[0], "cpu")
+    role = build_role("vae", "toy", smoke_weights[0], "cpu")
     assert isinstance(role, VaeRole) and role.downsample == 4
-    frames = torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)[:2]
+    frames = torch.load(smoke_world / frames_file("test"), weights_only=True)[:2]
     z = role.encode(frames)
     assert z.shape == (*frames.shape[:2], role.latent_channels, 8, 8)
     assert 0.3 < float(z.std()) < 3.0, "scaling_factor gives roughly unit-variance latents"
@@ -110,7 +112,7 @@ def test_gpt2_role_through_stage_loader(smoke_weights) -> None:
     from models.foundation.registry import build_role
     from models.foundation.toy.gpt2 import EOT
 
-    role = build_role("gpt2", "smoke", smoke_weights[0], "cpu")
+    role = build_role("gpt2", "toy", smoke_weights[0], "cpu")
     assert isinstance(role, Gpt2Role) and role.vocab_size > EOT
     ids = torch.tensor([[49406, 320, 736, 49407]])
     assert role.embed_tokens(ids).shape == (1, 4, role.hidden_size)
@@ -122,10 +124,10 @@ def test_unclip_role_through_stage_loader(smoke_world: Path, smoke_weights) -> N
     from models.foundation.unclip import UnclipRole
 
     root = smoke_weights[0]
-    clip = build_role("clip", "smoke", root, "cpu")
-    role = build_role("unclip", "smoke", root, "cpu")
+    clip = build_role("clip", "toy", root, "cpu")
+    role = build_role("unclip", "toy", root, "cpu")
     assert isinstance(role, UnclipRole) and role.token_dim == clip.token_dim
-    frames = torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)[:2, 2]
+    frames = torch.load(smoke_world / frames_file("test"), weights_only=True)[:2, 2]
     tokens = clip.image_tokens(frames)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     out = role.reconstruct(tokens, gens)
@@ -152,8 +154,8 @@ def test_quality_vae_reconstructs(smoke_world: Path, quality) -> None:
     measured by ``evaluate_toy_weights``)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    frames = torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True).flatten(0, 1)[:512]
-    train_mean = torch.load(smoke_world / "GT_train_3fps.pt", weights_only=True).mean(dim=(0, 1))
+    frames = torch.load(smoke_world / frames_file("test"), weights_only=True).flatten(0, 1)[:512]
+    train_mean = torch.load(smoke_world / frames_file("train"), weights_only=True).mean(dim=(0, 1))
     baseline = float(peak_signal_noise_ratio(train_mean.expand_as(frames), frames, data_range=1.0))
     assert quality["vae"]["psnr"] > baseline + 1.5 and quality["vae"]["ssim"] > 0.25, (quality["vae"], baseline)
 

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from utils.data_catalog import frames_file
+
 EXTRA = ("frame_classifier", "video_classifier", "clip_pcc", "blip2", "video")
 
 
@@ -32,7 +34,7 @@ def quality(smoke_world: Path, extra_weights) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def test_frames(smoke_world: Path) -> torch.Tensor:
-    return torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)  # (N, F, 3, R, R)
+    return torch.load(smoke_world / frames_file("test"), weights_only=True)  # (N, F, 3, R, R)
 
 
 def test_build_subset_with_dependencies_and_rerun_is_noop(smoke_world: Path, extra_weights) -> None:
@@ -57,7 +59,7 @@ def test_frame_classifier_through_stage_loader(extra_weights, test_frames: torch
     from models.foundation.frame_classifier import FrameClassifierRole
     from models.foundation.registry import build_role
 
-    role = build_role("frame_classifier", "smoke", extra_weights[0], "cpu")
+    role = build_role("frame_classifier", "toy", extra_weights[0], "cpu")
     assert isinstance(role, FrameClassifierRole) and role.num_classes >= 60
     assert role.labels[0] == "red ball on water, 1 object"
     probs = role.probs(torch.nn.functional.interpolate(test_frames[:3, 0], size=48))  # any size: the processor resizes
@@ -69,7 +71,7 @@ def test_video_classifier_through_stage_loader(extra_weights, test_frames: torch
     from models.foundation.registry import build_role
     from models.foundation.video_classifier import VideoClassifierRole
 
-    role = build_role("video_classifier", "smoke", extra_weights[0], "cpu")
+    role = build_role("video_classifier", "toy", extra_weights[0], "cpu")
     assert isinstance(role, VideoClassifierRole) and role.num_classes >= 60
     assert role.num_frames == test_frames.shape[1] and role.labels[0] == "red ball moving left on water"
     assert role.probs(test_frames[:2]).shape == (2, role.num_classes)
@@ -81,7 +83,7 @@ def test_clip_pcc_through_stage_loader(extra_weights, test_frames: torch.Tensor)
     from models.foundation.clip_pcc import ClipPccRole
     from models.foundation.registry import build_role
 
-    role = build_role("clip_pcc", "smoke", extra_weights[0], "cpu")
+    role = build_role("clip_pcc", "toy", extra_weights[0], "cpu")
     assert isinstance(role, ClipPccRole) and isinstance(role.model, CLIPModel)
     assert role.image_features(test_frames[0]).shape == (test_frames.shape[1], role.embed_dim)
 
@@ -92,7 +94,7 @@ def test_blip2_through_stage_loader(extra_weights, test_frames: torch.Tensor) ->
     from models.foundation.blip2 import Blip2Role
     from models.foundation.registry import build_role
 
-    role = build_role("blip2", "smoke", extra_weights[0], "cpu")
+    role = build_role("blip2", "toy", extra_weights[0], "cpu")
     assert isinstance(role, Blip2Role) and isinstance(role.model, Blip2ForConditionalGeneration)
     captions = role.caption(test_frames[:2, 2])
     assert len(captions) == 2 and all(c and "<image>" not in c for c in captions)
@@ -104,7 +106,7 @@ def test_video_through_stage_loader(extra_weights, test_frames: torch.Tensor) ->
     from models.foundation.registry import build_role
     from models.foundation.video import PerFrameGroupNorm, VideoRole
 
-    role = build_role("video", "smoke", extra_weights[0], "cpu")
+    role = build_role("video", "toy", extra_weights[0], "cpu")
     assert isinstance(role, VideoRole) and isinstance(role.unet, UNetMotionModel)
     assert isinstance(role.controlnet, SparseControlNetModel)
     assert role.controlnet.config.use_simplified_condition_embedding

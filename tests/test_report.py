@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_diagnostics import N_CLIPS, fake_stage3
+from utils.data_catalog import CEILING_FILE, subject_name
 
 EXP = "rep"
 RES5 = 24
@@ -45,8 +46,9 @@ def profile(smoke_world: Path, tmp_path_factory) -> Path:
 
 def config(profile: Path, stage: str = "6", exp: str = EXP, *overrides: str):
     from utils.config import load_config
+    from utils.stage_configs import STAGE_CONFIGS
 
-    return load_config(stage, str(profile), list(overrides), {"exp": exp, "mode": "enhance"})
+    return load_config(STAGE_CONFIGS[stage], str(profile), list(overrides), {"exp": exp, "mode": "enhance"})
 
 
 def fake_training(folder: Path, ident: bool) -> None:
@@ -64,12 +66,12 @@ def fake_training(folder: Path, ident: bool) -> None:
 
 def fake_stage5_and_metrics(smoke_world: Path, paths) -> None:
     """Videos (N, F, 3, RES5, RES5), prompts.json, an eval manifest (report_samples) and metrics_enhance.json."""
-    from pipeline.stage5 import resize
     from utils.data import BrainVideoData
     from utils.io import atomic_save_safetensors, atomic_write_json
     from utils.manifest import StageRecorder
+    from utils.resize import resize_frames_bilinear
 
-    gt = resize(BrainVideoData(smoke_world, 1).frames("test", range(N_CLIPS)), RES5)
+    gt = resize_frames_bilinear(BrainVideoData(smoke_world, 1).frames("test", range(N_CLIPS)), RES5)
     folder = paths.stage_dir("5")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(folder / "videos.safetensors", {"videos": (gt * 0.8).contiguous()})
@@ -140,7 +142,7 @@ def test_toy_comparisons(smoke_world: Path, profile: Path, run: Path) -> None:
     assert rows["PSNR (dB)"][1] == "n/a", "null PSNR (identical frames) is shown as n/a"
     assert ident.header[1:] == ["ours: stage 1 (brain → CLIP tokens)", "ridge baseline (voxels → 8×8 pixels)",
                                 "oracle noise ceiling", "chance"]  # fmt: skip
-    ceiling = json.loads((smoke_world / "ceiling.json").read_text())["subjects"]["subj01"]["top1"]
+    ceiling = json.loads((smoke_world / CEILING_FILE).read_text())["subjects"][subject_name(1)]["top1"]
     by_way = {r[0]: r for r in ident.rows}
     assert by_way["2-way"][1] == "0.600" and by_way["2-way"][3] == f"{ceiling['2-way']:.3f}"
     assert float(by_way["2-way"][2]) > 0.5, "the ridge baseline (computed: the smoke world has no JSON of it)"

@@ -3,6 +3,7 @@ freezing) and the CLIP-target cache, on tiny models and the ``smoke`` world."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Iterator
@@ -13,8 +14,11 @@ import pytest
 import torch
 
 from models.brain import NeuronsBrainModel, inert_parameters
+from models.foundation import role_fingerprint
 from models.sizes import FoundationDims, GPT2Dims, brain_config
 from tests.smoke_env import SmokeEnv, smoke_env
+from utils.clip_target_cache import ClipTargetCache
+from utils.data_catalog import frames_file
 from utils.errors import ConfigError, DataError
 from utils.training import BatchPlan, build_optimizer, one_cycle
 
@@ -61,8 +65,9 @@ def test_schedule_batches_and_coverage_do_not_depend_on_the_process_count() -> N
 
 def lrs(plan: BatchPlan) -> list[float]:
     from utils.config import load_config
+    from utils.stage_configs import Stage1Config
 
-    t = load_config("1", "paper").train
+    t = load_config(Stage1Config, "paper").train
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=t.max_lr)
     sched, out = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs), []
     for _ in range(plan.steps_per_epoch * t.num_epochs):
@@ -147,8 +152,8 @@ def cached_env(env: SmokeEnv, tmp_path_factory) -> SmokeEnv:
     scratch = tmp_path_factory.mktemp("cached")
     world = scratch / "world"
     shutil.copytree(env.world, world)
-    clip, vae = (build_role(role, "smoke", env.weights, "cpu") for role in ("clip", "vae"))
-    write_cache(world, clip, "smoke", env.weights, vae=vae)
+    clip, vae = (build_role(role, "toy", env.weights, "cpu") for role in ("clip", "vae"))
+    write_cache(world, clip, "toy", env.weights, vae=vae)
     profile = scratch / "cached.yaml"
     profile.write_text(env.profile.read_text().replace(str(env.world), str(world)).replace(
         str(env.exp_root), str(scratch / "EXP")))  # fmt: skip
@@ -157,8 +162,9 @@ def cached_env(env: SmokeEnv, tmp_path_factory) -> SmokeEnv:
 
 def config(env: SmokeEnv, stage: str, exp: str, *overrides: str):
     from utils.config import load_config
+    from utils.stage_configs import STAGE_CONFIGS
 
-    return load_config(stage, str(env.profile), ["train.batch_size=8", *overrides], {"exp": exp})
+    return load_config(STAGE_CONFIGS[stage], str(env.profile), ["train.batch_size=8", *overrides], {"exp": exp})
 
 
 def stage1_losses(cfg, steps: int = 2, train: bool = True) -> list[dict[str, float]]:
@@ -219,7 +225,7 @@ def test_cached_and_computed_targets_give_the_same_loss(env: SmokeEnv, cached_en
     from pipeline import stage1
 
     s = stage1.setup(config(env, "1", "c2"))
-    vae = build_role("vae", "smoke", env.weights, "cpu")
+    vae = build_role("vae", "toy", env.weights, "cpu")
     cache = clip_targets(cfg, s.data, s.clip, "cpu", {"train": range(6), "test": [2]}, vae)
     reference = ClipTargets(s.data, s.clip, None, "cpu", vae)
     for split, idx, frames in (("train", [3, 0, 7], range(6)), ("val", [1, 2], 2), ("test", [5, 4], 2)):
@@ -230,10 +236,12 @@ def test_cached_and_computed_targets_give_the_same_loss(env: SmokeEnv, cached_en
     assert cache.cache.has_latents("train")
 
 
-def test_the_cache_refuses_stale_or_incomplete_targets(cached_env: SmokeEnv, tmp_path: Path) -> None:
-    from tasks_construction.cache_clip_targets import ClipTargetCache, frames_file
+def open_cache(world: Path, weights: Path) -> ClipTargetCache:
+    return ClipTargetCache(world, functools.partial(role_fingerprint, impl="toy", weights_root=weights), "smoke")
 
-    cache = ClipTargetCache(cached_env.world, "smoke", cached_env.weights, "smoke")
+
+def test_the_cache_refuses_stale_or_incomplete_targets(cached_env: SmokeEnv, tmp_path: Path) -> None:
+    cache = open_cache(cached_env.world, cached_env.weights)
     cache.require("train", [2, 3])
     with pytest.raises(DataError, match="frames .* not \\[6\\]"):
         cache.require("train", [6])
@@ -242,11 +250,11 @@ def test_the_cache_refuses_stale_or_incomplete_targets(cached_env: SmokeEnv, tmp
         shutil.copytree(cached_env.weights / role, weights / role)  # mtimes kept: the same weights
     with pytest.raises(DataError, match="come from other VAE weights"):
         os.utime(next((weights / "vae").glob("*.safetensors")), ns=(1, 1))
-        ClipTargetCache(cached_env.world, "smoke", weights, "smoke").has_latents("train")
+        open_cache(cached_env.world, weights).has_latents("train")
     with pytest.raises(DataError, match="other clip weights"):
         os.utime(next((weights / "clip").glob("*.safetensors")), ns=(1, 1))
-        ClipTargetCache(cached_env.world, "smoke", weights, "smoke")
-    path = frames_file(cached_env.world, "test")
+        open_cache(cached_env.world, weights)
+    path = cached_env.world / frames_file("test")
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     try:
@@ -255,7 +263,7 @@ def test_the_cache_refuses_stale_or_incomplete_targets(cached_env: SmokeEnv, tmp
     finally:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(DataError, match="no CLIP-target cache"):
-        ClipTargetCache(tmp_path, "smoke", cached_env.weights, "smoke")
+        open_cache(tmp_path, cached_env.weights)
 
 
 # ---- stage 2: freezing, memory options, two processes -----------------------------------------------------------
@@ -316,6 +324,7 @@ import torch
 
 from pipeline import stage2
 from utils.cli import run_stage
+from utils.stage_configs import Stage2Config
 
 build = stage2.build_model
 
@@ -329,7 +338,7 @@ def build_without_dropout(*args, **kwargs):
 
 
 stage2.build_model = build_without_dropout
-sys.exit(run_stage("2", stage2.train, None))
+sys.exit(run_stage(Stage2Config, stage2.train, None))
 """
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.smoke_env import SmokeEnv, smoke_env
+from utils.data_catalog import SOURCES, TOKENS_PROJ_FILE, caption_emb_file, fmri_file, frames_file
 
 COMMON = ["train.batch_size=8", "train.num_epochs=2", "train.log_every=1"]
 INTERRUPT_AT = 7  # mid-way through epoch 1 (5 steps per epoch)
@@ -26,8 +27,9 @@ def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
 
 def config(env: SmokeEnv, exp: str, *overrides: str):
     from utils.config import load_config
+    from utils.stage_configs import Stage1Config
 
-    return load_config("1", str(env.profile), [*COMMON, *overrides], {"exp": exp})
+    return load_config(Stage1Config, str(env.profile), [*COMMON, *overrides], {"exp": exp})
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +43,15 @@ def records(stage_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_writes_checkpoints_and_manifest_with_finite_losses(run_a: Path) -> None:
+def test_run_writes_checkpoints_and_manifest_with_finite_losses(env: SmokeEnv, run_a: Path) -> None:
     from utils.manifest import read_manifest
 
     for name in ("best", "last"):
         assert (run_a / "checkpoints" / name / "model.safetensors").is_file()
     manifest = read_manifest(run_a)
     assert manifest["stage"] == "1" and manifest["depends_on"] == []
+    read = [*(fmri_file(1, s) for s in SOURCES), *map(frames_file, SOURCES), *map(caption_emb_file, SOURCES)]
+    assert sorted(manifest["inputs"]) == sorted(str((env.world / f).resolve()) for f in (*read, TOKENS_PROJ_FILE))
     rows = records(run_a)
     assert all(math.isfinite(r[k]) for r in rows if r["split"] == "train" for k in ("loss", "image", "text"))
     assert [r["epoch"] for r in rows if r["split"] == "val"] == [0, 1]

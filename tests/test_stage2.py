@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.smoke_env import REPO, SmokeEnv, smoke_env
+from utils.data_catalog import key_objects_masks_file
 
 COMMON = ["train.batch_size=8", "train.num_epochs=2", "train.log_every=1"]  # 5 steps per epoch on the smoke world
 INTERRUPT_AT = 7  # the 7th optimiser step: mid-way through epoch 1
@@ -29,9 +30,10 @@ def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
 
 def config(env: SmokeEnv, stage: str, exp: str, *overrides: str):
     from utils.config import load_config
+    from utils.stage_configs import STAGE_CONFIGS
 
     extra = list(overrides) if stage == "1" else [*COMMON, *overrides]
-    return load_config(stage, str(env.profile), extra, {"exp": exp})
+    return load_config(STAGE_CONFIGS[stage], str(env.profile), extra, {"exp": exp})
 
 
 def run_stage1(env: SmokeEnv, exp: str) -> Path:
@@ -74,6 +76,9 @@ def test_run_writes_checkpoints_config_and_manifest(env: SmokeEnv, run_a: Path) 
     assert manifest["depends_on"] == ["1"]
     stage1_best = (paths.stage_dir("1") / "checkpoints" / "best" / "model.safetensors").resolve()
     assert str(stage1_best) in manifest["inputs"]
+    data_inputs = set(manifest["inputs"]) - {str(stage1_best)}  # the data files read, from BrainVideoData
+    masks = str((env.world / key_objects_masks_file("train")).resolve())
+    assert masks in data_inputs and all(Path(p).is_relative_to(env.world.resolve()) for p in data_inputs)
     require_stage("2", run_a, paths.stage_dirs(), "{stage}")
 
 
@@ -130,6 +135,45 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     assert records(out_b) == records(run_a)
 
 
+def test_validation_decodes_through_the_models_brain_only_path(
+    env: SmokeEnv, run_a: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation is ``NeuronsBrainModel.decode_voxels`` (the path of stage 3 and the model tests) with
+    ``val_prior_steps`` and each clip's key-object text; on the ``last`` weights it reproduces the logged scores."""
+    from models.brain import NeuronsBrainModel
+    from pipeline import stage2
+    from utils.checkpoint import load_strict, read_weights
+
+    cfg = config(env, "2", "a")
+    s = stage2.setup(cfg)
+    load_strict(s.model, read_weights(run_a / "checkpoints" / "last")[0], "last")
+    calls, real = [], NeuronsBrainModel.decode_voxels
+
+    def spy(model, voxels, generators, prior_steps=None, **kwargs):
+        calls.append((len(voxels), prior_steps, sorted(kwargs)))
+        return real(model, voxels, generators, prior_steps, **kwargs)
+
+    monkeypatch.setattr(NeuronsBrainModel, "decode_voxels", spy)
+    scores = stage2.evaluate(s)
+    assert sum(n for n, _, _ in calls) == s.data.n_clips("val")
+    assert {(steps, tuple(kw)) for _, steps, kw in calls} == {(cfg.train.val_prior_steps, ("key_text", "latent_size"))}
+    logged = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in logged if r["split"] == "val"][-1]
+    assert {k: scores[k] for k in stage2.SCORES} == pytest.approx({k: last_val[k] for k in stage2.SCORES})
+
+
+def test_dice_targets_are_the_area_majority_of_the_gt_masks_or_upstreams_nearest() -> None:
+    from pipeline.stage2 import gt_masks_at
+    from utils.resize import resize_maps_nearest, resize_masks_majority
+    from utils.stage_configs import UpstreamFlags
+
+    masks = (torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0)) > 0.6).float()
+    assert torch.equal(gt_masks_at(UpstreamFlags(), masks, 5), resize_masks_majority(masks, 5))
+    nearest = gt_masks_at(UpstreamFlags(gt_mask_resize="nearest"), masks, 5)
+    assert torch.equal(nearest, resize_maps_nearest(masks, 5))
+    assert not torch.equal(nearest, resize_masks_majority(masks, 5))
+
+
 def _env_vars() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
@@ -137,9 +181,10 @@ def _env_vars() -> dict[str, str]:
 def test_script_refuses_without_stage1_in_one_line(env: SmokeEnv, capsys: pytest.CaptureFixture[str]) -> None:
     import train_decoupler
     from utils.cli import run_stage
+    from utils.stage_configs import Stage2Config
 
     argv = ["--profile", str(env.profile), "--exp", "cli_no_stage1"]
-    assert run_stage("2", train_decoupler.main, train_decoupler.__doc__, argv) != 0
+    assert run_stage(Stage2Config, train_decoupler.main, train_decoupler.__doc__, argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: StageOrderError") and "stage 1" in last and "train_neurons.sh" in last
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tests.smoke_env import REPO, SmokeEnv, copy_stages, smoke_env
 from tests.smoke_env import run_paths as paths
 from tests.smoke_env import stage_config as config
+from utils.data_catalog import fmri_file
 
 RUN = "s3"
 STAGE2 = ["train.batch_size=8", "train.num_epochs=1"]
@@ -112,7 +113,7 @@ def test_refuses_model_flags_that_differ_from_the_stage2_run(env: SmokeEnv, stag
 def test_fine_concept_names_query_with_frequent_key_objects(
     env: SmokeEnv, stage2_run: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pipeline.stage2 import key_object_classes
+    from models.heads import key_object_classes
     from pipeline.stage3 import inference_namer
     from utils.data import BrainVideoData
 
@@ -120,7 +121,7 @@ def test_fine_concept_names_query_with_frequent_key_objects(
     cfg2 = config(env, "2", RUN)  # trained on class names (the default)
     namer = inference_namer(config(env, "3", RUN, "upstream.concept_names=fine"), cfg2, data)
     assert "defect 22" in caplog.text, "class-trained head queried with fine names: warned"
-    to_class = key_object_classes(data)
+    to_class = key_object_classes(data.concept_labels("train"), data.key_object_names("train"), data.concept_classes)
     for cls, name in zip(data.concept_classes, namer.infer_name(torch.eye(data.n_concepts))):
         assert name == cls or to_class.get(name) == cls, (cls, name)
     assert any(name != cls for cls, name in zip(data.concept_classes, namer.infer_name(torch.eye(data.n_concepts))))
@@ -139,7 +140,7 @@ def test_run_writes_outputs_with_the_recorded_shapes(env: SmokeEnv, enhance: Pat
     require_stage("3", enhance, p.stage_dirs(), "{stage}")
     best = (p.stage_dir("2") / "checkpoints" / "best" / "model.safetensors").resolve()
     assert str(best) in manifest["inputs"]
-    assert str((env.world / "subj01_test_fmri.pt").resolve()) in manifest["inputs"]
+    assert str((env.world / fmri_file(1, "test")).resolve()) in manifest["inputs"]
     got = outputs(enhance)
     for name, tensor in got.items():
         entry = manifest["outputs"][f"{name}.safetensors"]
@@ -192,6 +193,7 @@ def test_enhance_and_motion_write_separate_folders_and_differ_where_they_should(
 def test_enhance_masks_the_blurry_latents_and_the_unclip_tokens(env: SmokeEnv, stage2_run: Path) -> None:
     """What reaches the VAE and unCLIP: in enhance mode the motion-mode inputs times the soft key-object mask."""
     from pipeline import stage3
+    from utils.resize import resize_maps_nearest
 
     s = stage3.setup(config(env, "3", RUN))
     seen: dict[str, list[torch.Tensor]] = {"latents": [], "tokens": []}
@@ -203,12 +205,31 @@ def test_enhance_masks_the_blurry_latents_and_the_unclip_tokens(env: SmokeEnv, s
     s.cfg = config(env, "3", RUN, mode="motion")
     stage3.decode_batch(s, idx)
     low = s.cfg.sample.mask_soft_low
-    latent_mask = stage3.resize_nearest(stage3.soft_mask(batch["masks"], low), s.latent_size)  # (B, F, s, s)
+    latent_mask = resize_maps_nearest(stage3.soft_mask(batch["masks"], low), s.latent_size)  # (B, F, s, s)
     assert set(latent_mask.unique().tolist()) <= {low, 1.0}
     (lat_e, lat_m), (tok_e, tok_m) = seen["latents"], seen["tokens"]
     torch.testing.assert_close(lat_e, lat_m * latent_mask[:, :, None])
     torch.testing.assert_close(tok_e, tok_m * stage3.token_mask(latent_mask, tok_m.shape[1]))
     assert not torch.equal(lat_e, lat_m), "the smoke masks are not all ones"
+
+
+def test_brain_outputs_are_the_models_brain_only_decoding(env: SmokeEnv, stage2_run: Path) -> None:
+    """Prior tokens, concepts and masks are ``NeuronsBrainModel.decode_voxels`` (the path of stage-2 validation and
+    the model tests) with ``prior_steps``, the mask queried with the name of each clip's top concept."""
+    from models.brain import clip_generators
+    from pipeline import stage3
+    from utils.training import clip_seed
+
+    s = stage3.setup(config(env, "3", RUN, mode="motion"))
+    idx = np.array([0, 2])
+    batch = stage3.decode_batch(s, idx)
+    gens = clip_generators([clip_seed(s.cfg.run.seed, int(i)) for i in idx], s.device)
+    dec = s.model.decode_voxels(s.voxels[torch.as_tensor(idx)], gens, s.cfg.sample.prior_steps,
+                                key_table=s.name_table, latent_size=s.latent_size)  # fmt: skip
+    assert torch.equal(batch["prior_tokens"], dec.prior_tokens)
+    assert torch.equal(batch["concept_probs"], torch.sigmoid(dec.concept_logits))
+    assert torch.equal(batch["masks"], torch.sigmoid(dec.mask_logits))
+    assert batch["mask_names"] == [s.class_names[i] for i in dec.top_concept.tolist()]
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------------
@@ -263,9 +284,10 @@ def test_caption_ids_become_text_without_special_or_foreign_ids() -> None:
 def test_script_refuses_without_stage2_in_one_line(env: SmokeEnv, capsys: pytest.CaptureFixture[str]) -> None:
     import recon_decoupled
     from utils.cli import run_stage
+    from utils.stage_configs import Stage3Config
 
     argv = ["--profile", str(env.profile), "--exp", "cli_no_stage2", "--mode", "motion"]
-    assert run_stage("3", recon_decoupled.main, recon_decoupled.__doc__, argv) != 0
+    assert run_stage(Stage3Config, recon_decoupled.main, recon_decoupled.__doc__, argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: StageOrderError") and "stage 2" in last and "train_neurons.sh" in last
 

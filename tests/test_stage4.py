@@ -144,9 +144,10 @@ def test_select_captions_follows_stage4_freshness(env: SmokeEnv, stage2_run: Pat
 def test_script_refuses_without_stage3_in_one_line(env: SmokeEnv, capsys: pytest.CaptureFixture[str]) -> None:
     import caption_blip2
     from utils.cli import run_stage
+    from utils.stage_configs import Stage4Config
 
     argv = ["--profile", str(env.profile), "--exp", "cli_no_stage3", "--mode", "motion"]
-    assert run_stage("4", caption_blip2.main, caption_blip2.__doc__, argv) != 0
+    assert run_stage(Stage4Config, caption_blip2.main, caption_blip2.__doc__, argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: StageOrderError") and "stage 3" in last and "train_neurons.sh" in last
     assert not run_paths(env, "cli_no_stage3", mode="motion").stage_dir("4").exists()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tests.smoke_env import REPO, REPO_SMOKE_WEIGHTS
+from utils.data_catalog import frames_file
 
 N_CLIPS = 3
 RUN = "s5"
@@ -55,8 +56,9 @@ def profile(smoke_world: Path, weights: Path, tmp_path_factory) -> Path:
 
 def config(profile: Path, exp: str, *overrides: str, stage: str = "5"):
     from utils.config import load_config
+    from utils.stage_configs import STAGE_CONFIGS
 
-    return load_config(stage, str(profile), list(overrides), {"exp": exp, "mode": "enhance"})
+    return load_config(STAGE_CONFIGS[stage], str(profile), list(overrides), {"exp": exp, "mode": "enhance"})
 
 
 def stage_dir(profile: Path, exp: str, stage: str) -> Path:
@@ -71,7 +73,7 @@ def fake_stage3(smoke_world: Path, folder: Path) -> Path:
     from utils.io import atomic_save_safetensors, atomic_write_json
     from utils.manifest import StageRecorder
 
-    gt = torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)[:N_CLIPS]  # (N, F, 3, R, R)
+    gt = torch.load(smoke_world / frames_file("test"), weights_only=True)[:N_CLIPS]  # (N, F, 3, R, R)
     res = gt.shape[-1]
     small = F.avg_pool2d(gt.flatten(0, 1), 4)  # a blurry video: 4x down, then back up
     blurry = F.interpolate(small, size=(res, res), mode="bilinear", align_corners=False).view_as(gt)
@@ -161,12 +163,14 @@ def count_unet_calls(role) -> list[int]:
 
 @pytest.mark.parametrize("steps", [5])
 def test_strength_runs_its_share_of_steps_and_keeps_the_init(profile: Path, stage3: Path, steps: int) -> None:
-    from pipeline.stage5 import generate_clip, interpolate_frames, resize, setup
+    from pipeline.stage5 import generate_clip, interpolate_frames, setup
+    from utils.resize import resize_frames_bilinear
 
     s = setup(config(profile, RUN, f"video.steps={steps}"))
     calls = count_unet_calls(s.role)
     v = s.cfg.video
-    target = resize(interpolate_frames(s.blurry[:1].float(), v.num_frames), v.resolution)[0]  # (N, 3, R, R)
+    frames = interpolate_frames(s.blurry[:1].float(), v.num_frames)  # (1, N, 3, r, r)
+    target = resize_frames_bilinear(frames, v.resolution)[0]  # (N, 3, R, R)
     dist = {}
     for strength in (0.0, 0.2, 0.6, 1.0):
         s.cfg = config(profile, RUN, f"video.steps={steps}", f"video.strength={strength}")

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils.data_catalog import frames_file
+
 N_CLIPS = 5
 RES5 = 24  # stage-5 resolution, different from the smoke world's: the ground truth must be resized
 ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
@@ -39,8 +41,9 @@ def profile(smoke_world: Path, tmp_path_factory) -> Path:
 
 def config(profile: Path, exp: str, *overrides: str):
     from utils.config import load_config
+    from utils.stage_configs import Stage6Config
 
-    return load_config("6", str(profile), [*FAST, *overrides], {"exp": exp, "mode": "enhance"})
+    return load_config(Stage6Config, str(profile), [*FAST, *overrides], {"exp": exp, "mode": "enhance"})
 
 
 def paths_of(profile: Path, exp: str):
@@ -50,7 +53,7 @@ def paths_of(profile: Path, exp: str):
 
 
 def gt_clips(smoke_world: Path) -> torch.Tensor:
-    return torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True)[:N_CLIPS]  # (N, F, 3, R, R)
+    return torch.load(smoke_world / frames_file("test"), weights_only=True)[:N_CLIPS]  # (N, F, 3, R, R)
 
 
 def fake_stage3(smoke_world: Path, folder: Path) -> None:
@@ -80,11 +83,11 @@ def fake_stage3(smoke_world: Path, folder: Path) -> None:
 
 def fake_stage5(smoke_world: Path, folder: Path, stage3: Path, perfect: bool) -> None:
     """Videos (N, F + 2, 3, RES5, RES5) whose frames 1..F are the GT (perfect) or a noisy GT at RES5."""
-    from pipeline.stage5 import resize
     from utils.io import atomic_save_safetensors, atomic_write_json
     from utils.manifest import StageRecorder
+    from utils.resize import resize_frames_bilinear
 
-    gt = resize(gt_clips(smoke_world), RES5)
+    gt = resize_frames_bilinear(gt_clips(smoke_world), RES5)
     n, f = gt.shape[:2]
     eval_frames = list(range(1, f + 1))
     gen = torch.Generator().manual_seed(1)
@@ -124,19 +127,18 @@ def noisy(smoke_world: Path, profile: Path) -> dict[str, dict]:
 
 # ---- stage order ---------------------------------------------------------------------------------------------------
 def test_refuses_without_stage5(smoke_world: Path, profile: Path) -> None:
-    from pipeline.stage6 import evaluate, metrics_path
+    from pipeline.stage6 import evaluate
     from utils.errors import StageOrderError
 
     paths = paths_of(profile, "no_stage5")
     fake_stage3(smoke_world, paths.stage_dir("3"))
     with pytest.raises(StageOrderError, match="stage 5"):
         evaluate(config(profile, "no_stage5"))
-    assert not paths.stage_dir("6").exists() and not metrics_path(paths).exists(), "nothing written before the check"
+    assert not paths.stage_dir("6").exists() and not paths.metrics_file.exists(), "nothing written before the check"
 
 
 # ---- the metrics file ----------------------------------------------------------------------------------------------
 def test_metrics_json_has_every_metric(profile: Path, noisy: dict[str, dict]) -> None:
-    from pipeline.stage6 import metrics_path
     from utils.config import config_hash
     from utils.manifest import read_manifest, require_stage
 
@@ -156,7 +158,7 @@ def test_metrics_json_has_every_metric(profile: Path, noisy: dict[str, dict]) ->
     paths = paths_of(profile, "noisy")
     manifest = read_manifest(paths.stage_dir("6"))
     assert manifest["depends_on"] == ["5", "3"]
-    assert str(metrics_path(paths).resolve()) in manifest["outputs"]
+    assert str(paths.metrics_file.resolve()) in manifest["outputs"]
     require_stage("6", paths.stage_dir("6"), paths.stage_dirs(), "{stage}")
 
 

@@ -12,13 +12,27 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tasks_construction.toy_cortex import build_world, make_config
 from tasks_construction.toy_cortex import encoding as enc
+from tasks_construction.toy_cortex.build import build_world
 from tasks_construction.toy_cortex.ceiling import oracle_ceiling
 from tasks_construction.toy_cortex.render import render_split
-from tasks_construction.toy_cortex.vocabulary import CATEGORIES
 from utils.data import load_strings
+from utils.data_catalog import (
+    CEILING_FILE,
+    CONCEPT_CLASSES_FILE,
+    ENCODING_MODEL_DIR,
+    WORLD_FILE,
+    annotation_file,
+    caption_file,
+    encoding_model_file,
+    fmri_file,
+    frames_file,
+    mask_frame_key,
+    mask_labels_file,
+    mask_png_dir,
+)
 from utils.errors import ConfigError, DataError
+from utils.toy_world import CATEGORIES, make_config
 
 TINY = {"n_train_clips": 12, "n_test_clips": 6, "segment_clips": 6, "voxels": (40, 50, 30), "ceiling_trials": 5}
 
@@ -29,31 +43,31 @@ def test_files_match_the_real_formats(smoke_world: Path):
     for split, reps in (("train", 2), ("test", 10)):
         voxel_counts = set()
         for s in (1, 2, 3):
-            x = torch.load(smoke_world / f"subj0{s}_{split}_fmri.pt", weights_only=True)
+            x = torch.load(smoke_world / fmri_file(s, split), weights_only=True)
             assert x.dtype == torch.float32 and x.shape == (n[split], reps, cfg.voxels[s - 1])
             seg = x[: cfg.segment_clips]  # z-scored per voxel, segment and repeat
             assert torch.allclose(seg.mean(0), torch.zeros(()), atol=1e-4)
             assert torch.allclose(seg.std(0, unbiased=False), torch.ones(()), atol=1e-3)
             voxel_counts.add(x.shape[2])
         assert len(voxel_counts) == 3
-        frames = torch.load(smoke_world / f"GT_{split}_3fps.pt", mmap=True, weights_only=True)
+        frames = torch.load(smoke_world / frames_file(split), mmap=True, weights_only=True)
         assert frames.dtype == torch.float32 and frames.shape == (n[split], 6, 3, 32, 32)
         assert frames.min() >= 0.0 and frames.max() <= 1.0
-        captions = load_strings(smoke_world / f"GT_{split}_caption.pt", "")
+        captions = load_strings(smoke_world / caption_file(split), "")
         assert captions.dtype.kind == "U" and captions.shape == (n[split],)
-        ann = json.loads((smoke_world / "qwen_annotation" / f"qwen_{split}_caption_tag_category_id.json").read_text())
-        classes = json.loads((smoke_world / "qwen_annotation" / "concept_classes.json").read_text())
+        ann = json.loads((smoke_world / annotation_file(split)).read_text())
+        classes = json.loads((smoke_world / CONCEPT_CLASSES_FILE).read_text())
         assert [a["idx"] for a in ann] == list(range(n[split]))
         assert all(len(a["category_id"]) == len(classes) and sum(a["category_id"]) >= 1 for a in ann)
         assert all(a["caption"] == c and len(a["tags"]) >= 2 for a, c in zip(ann, captions))
-        mask_dict = json.loads((smoke_world / "masks" / f"mask_cls_dict_{split}_qwen_video.json").read_text())
+        mask_dict = json.loads((smoke_world / mask_labels_file(split)).read_text())
         assert len(mask_dict) == n[split] * 6
-        pngs = list((smoke_world / "masks" / f"mask_cls_{split}_qwen_video").iterdir())
+        pngs = list((smoke_world / mask_png_dir(split)).iterdir())
         assert len(pngs) == sum(len(v) for v in mask_dict.values())
         assert all(re.fullmatch(r"mask_\d+_f\d_\d\.png", p.name) for p in pngs)
         with Image.open(pngs[0]) as img:
             assert img.mode == "L" and img.size == (32, 32)
-    for extra in ("world.json", "ceiling.json", "encoding_model/subj01.safetensors", "encoding_model/model.json"):
+    for extra in (WORLD_FILE, CEILING_FILE, encoding_model_file(1), f"{ENCODING_MODEL_DIR}/model.json"):
         assert (smoke_world / extra).is_file()
     assert re.fullmatch(
         r"an? [a-z ]+ [a-z]+s (left|right|up|down) (over|on|in) [a-z ]+", captions[0].split(" with ")[0]
@@ -70,9 +84,9 @@ def test_objects_are_large_enough(smoke_world: Path):
 def test_masks_match_rendered_objects(smoke_world: Path):
     cfg = make_config("smoke")
     rendered = render_split(cfg, "test")
-    frames = torch.load(smoke_world / "GT_test_3fps.pt", weights_only=True).numpy()
+    frames = torch.load(smoke_world / frames_file("test"), weights_only=True).numpy()
     assert np.array_equal(frames, rendered.frames)
-    mask_dict = json.loads((smoke_world / "masks" / "mask_cls_dict_test_qwen_video.json").read_text())
+    mask_dict = json.loads((smoke_world / mask_labels_file("test")).read_text())
     shots = json.loads((smoke_world / "toy_scenes_test.json").read_text())
     names = {c.name: c for c in CATEGORIES}
     for clip in (0, 7, cfg.n_test_clips - 1):
@@ -80,7 +94,7 @@ def test_masks_match_rendered_objects(smoke_world: Path):
         rgb = {o["label"]: np.asarray(o["rgb"]) for o in shot["objects"]}
         for f in (0, 5):
             for label, name in mask_dict[f"mask_{clip}_f{f}"].items():
-                path = smoke_world / "masks" / "mask_cls_test_qwen_video" / f"mask_{clip}_f{f}_{label}.png"
+                path = smoke_world / mask_png_dir("test") / f"{mask_frame_key(clip, f)}_{label}.png"
                 mask = np.asarray(Image.open(path)) > 0
                 assert np.array_equal(mask, rendered.labels[clip, f] == int(label))
                 if label != "0":
@@ -103,7 +117,7 @@ def test_same_seed_gives_identical_files(tmp_path: Path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     other = build_world(make_config("smoke", **{**TINY, "seed": 1}), tmp_path / "c", progress=False)
     assert not other["skipped"]
-    assert (tmp_path / "a" / "GT_train_3fps.pt").read_bytes() != (tmp_path / "c" / "GT_train_3fps.pt").read_bytes()
+    assert (tmp_path / "a" / frames_file("train")).read_bytes() != (tmp_path / "c" / frames_file("train")).read_bytes()
 
 
 def test_rebuild_rules(smoke_world: Path, tmp_path: Path):
@@ -112,7 +126,7 @@ def test_rebuild_rules(smoke_world: Path, tmp_path: Path):
     with pytest.raises(DataError, match="another config"):
         build_world(make_config("smoke", seed=5), smoke_world, progress=False)
     (tmp_path / "foreign").mkdir()
-    (tmp_path / "foreign" / "subj01_train_fmri.pt").write_bytes(b"real data")
+    (tmp_path / "foreign" / fmri_file(1, "train")).write_bytes(b"real data")
     with pytest.raises(DataError, match="not empty"):
         build_world(make_config("smoke", **TINY), tmp_path / "foreign", progress=False)
 
@@ -120,17 +134,17 @@ def test_rebuild_rules(smoke_world: Path, tmp_path: Path):
 def test_incomplete_world_is_rebuilt(tmp_path: Path):
     cfg = make_config("smoke", **TINY)
     build_world(cfg, tmp_path / "w", progress=False)
-    (tmp_path / "w" / "subj02_test_fmri.pt").unlink()
+    (tmp_path / "w" / fmri_file(2, "test")).unlink()
     summary = build_world(cfg, tmp_path / "w", progress=False)
-    assert not summary["skipped"] and (tmp_path / "w" / "subj02_test_fmri.pt").is_file()
+    assert not summary["skipped"] and (tmp_path / "w" / fmri_file(2, "test")).is_file()
 
 
 def test_ceiling_is_informative_and_falls_with_noise(smoke_world: Path):
     cfg = make_config("smoke")
-    ceiling = json.loads((smoke_world / "ceiling.json").read_text())
+    ceiling = json.loads((smoke_world / CEILING_FILE).read_text())
     mean = ceiling["mean_top1"]
     assert mean["2-way"] > 0.9 and 5 / cfg.n_test_clips < mean["all-way"] < 1.0
-    model = load_file(smoke_world / "encoding_model" / "subj01.safetensors")
+    model = load_file(smoke_world / encoding_model_file(1))
     gain = model["gain"].numpy()
     signal = model["noise_free_test"].numpy() * np.sqrt(gain**2 + 1) / np.where(gain > 0, gain, 1)
     scores = []

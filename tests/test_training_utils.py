@@ -8,6 +8,7 @@ import torch
 
 from utils.config import load_config
 from utils.errors import ConfigError
+from utils.stage_configs import Stage1Config
 from utils.training import BatchPlan, MetricsLog, clip_seed, one_cycle
 
 
@@ -40,7 +41,7 @@ def test_batch_plan_rejects_impossible_sizes():
 
 
 def test_one_cycle_matches_the_upstream_schedule():
-    cfg = load_config("1", "paper").train  # 30 epochs, 5e-5, pct 2/30, final_div 1000
+    cfg = load_config(Stage1Config, "paper").train  # 30 epochs, 5e-5, pct 2/30, final_div 1000
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([param], lr=cfg.max_lr)
     sched = one_cycle(opt, cfg, total_steps=1080)

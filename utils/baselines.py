@@ -3,6 +3,9 @@
 Identification: each query (e.g. a brain-predicted feature vector or a measured response) is compared by Pearson
 correlation with its own target and ``ways - 1`` distinct random other targets; it is correct when its own target
 correlates strictly best. Averaged over all queries and ``n_trials`` seeded draws; all-way compares with every target.
+
+:func:`ridge_baseline` fits the decoder on one subject's training clips and identifies its val and test clips (the
+CLI over several subjects is ``python -m tasks_construction.ridge_baseline``; the run report reads it too).
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from utils.data import BrainVideoData
+
+DEFAULT_ALPHAS = tuple(np.logspace(0, 7, 15).tolist())  # ridge penalties searched by CV
 
 
 def correlation_matrix(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -86,12 +93,12 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float], cv_folds: i
     from threadpoolctl import threadpool_limits
 
     set_backend("numpy", on_error="raise")
-    alphas = np.asarray(alphas, dtype=np.float64)
+    alpha_grid = np.asarray(alphas, dtype=np.float64)
     folds = KFold(cv_folds, shuffle=False)
     if x.shape[0] < x.shape[1]:
-        model = KernelRidgeCV(alphas=alphas, kernel="linear", fit_intercept=True, cv=folds)
+        model = KernelRidgeCV(alphas=alpha_grid, kernel="linear", fit_intercept=True, cv=folds)
     else:
-        model = RidgeCV(alphas=alphas, fit_intercept=True, cv=folds)
+        model = RidgeCV(alphas=alpha_grid, fit_intercept=True, cv=folds)
     with threadpool_limits(limits=1, user_api="blas"):
         model.fit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
     return model
@@ -126,3 +133,36 @@ def ridge_identification(
     out["alpha"] = {"median": float(np.median(chosen)), "min": float(chosen.min()), "max": float(chosen.max())}
     out["solver"] = type(model).__name__
     return out
+
+
+def clip_features(data: BrainVideoData, split: str, kind: str, grid: int, batch_size: int = 64) -> np.ndarray:
+    """Per-clip features (n, D) of a split; frames are read ``batch_size`` clips at a time."""
+    parts = []
+    if "pixels" in kind:
+        parts.append(np.concatenate([pixel_features(f, grid) for _, f in data.frame_batches(split, batch_size)]))
+    if "concepts" in kind:
+        parts.append(data.concept_labels(split).numpy())
+    return np.concatenate(parts, axis=1)
+
+
+def ridge_baseline(
+    data: BrainVideoData,
+    features: str = "pixels",
+    grid: int = 8,
+    ways: Sequence[int] = (2, 50),
+    n_trials: int = 100,
+    seed: int = 0,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> dict[str, Any]:
+    """Fit on train, identify val and test clips of one subject; returns the ridge_identification result."""
+    evals = {}
+    for split in ("val", "test"):
+        if data.n_clips(split) >= 2:
+            evals[split] = (data.voxels(split).numpy(), clip_features(data, split, features, grid))
+    x_train = data.fmri("train").mean(dim=1).numpy()
+    result = ridge_identification(
+        x_train, clip_features(data, "train", features, grid), evals, alphas, ways, n_trials, seed
+    )
+    result["n_clips"] = {s: data.n_clips(s) for s in ("train", "val", "test")}
+    result["n_voxels"] = data.n_voxels
+    return result

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from utils.config import config_hash, to_dict, to_yaml
 from utils.errors import WeightsError
 from utils.io import storage_errors
+from utils.stage_configs import SharedConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "state.pt", "config.y
 IDENTITY_KEYS = ("subj", "model_size")
 
 
-def identity(cfg: Any) -> dict[str, str]:
+def identity(cfg: SharedConfig) -> dict[str, str]:
     """What a checkpoint must agree on with the run that loads it (the profile may differ: a profile that
     ``extends:`` another one loads its checkpoints; a different model size or world shows up here or in the shapes)."""
     return {"profile": str(cfg.run.profile), "subj": str(cfg.run.subj), "model_size": str(cfg.model.size)}
 
 
 def save_checkpoint(
-    folder: Path, state_dict: Mapping[str, torch.Tensor], cfg: Any, state: Mapping[str, Any] | None = None
+    folder: Path, state_dict: Mapping[str, torch.Tensor], cfg: SharedConfig, state: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``folder`` (model weights + training ``state`` + config) atomically, replacing an older one."""
     folder = Path(folder)
@@ -111,7 +112,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         ) from None
 
 
-def check_identity(meta: Mapping[str, str], cfg: Any, path: Path) -> None:
+def check_identity(meta: Mapping[str, str], cfg: SharedConfig, path: Path) -> None:
     want = identity(cfg)
     bad = [f"{k}={meta.get(k)!r} (run has {want[k]!r})" for k in IDENTITY_KEYS if meta.get(k) != want[k]]
     if bad:
@@ -144,7 +145,9 @@ def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], so
     module.load_state_dict(tensors, strict=True)
 
 
-def load_checkpoint(folder: Path, module: torch.nn.Module, cfg: Any, check_run: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    folder: Path, module: torch.nn.Module, cfg: SharedConfig, check_run: bool = True
+) -> dict[str, Any]:
     """Load weights strictly into ``module`` and return the training state (optimizer, scheduler, step, ...)."""
     path = resolve_checkpoint(folder)
     tensors, meta = read_weights(path)

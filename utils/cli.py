@@ -3,7 +3,7 @@
 A stage script is ``main(cfg)`` plus::
 
     if __name__ == "__main__":
-        sys.exit(run_stage("1", main, __doc__))
+        sys.exit(run_stage(Stage1Config, main, __doc__))
 
 Expected failures (:class:`NeuronsError`) print ``error: <cause>; fix: <fix>`` on one line and return the error's
 exit status; configuration errors return 2. ``--debug`` (or ``NEURONS_DEBUG=1``, which reaches every stage of the
@@ -23,19 +23,22 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from utils.config import config_hash, load_config, to_yaml
 from utils.errors import ConfigError, NeuronsError
 from utils.io import storage_error
 from utils.manifest import StageRecorder
 from utils.runs import RunPaths, config_record, run_lock, save_resolved_config, setup_logging, stage_log_path
-from utils.stage_configs import STAGE_NAMES
+from utils.stage_configs import STAGE_KEY_OF, SharedConfig, Stage1Config
+from utils.stages import STAGE_BY_KEY
 
 log = logging.getLogger("neurons")
 
 DRIVER_LOG_ENV = "NEURONS_DRIVER_LOG"  # set by train_neurons.sh, which tees the output into the run's logs/
 DEBUG_ENV = "NEURONS_DEBUG"  # "1": print tracebacks of expected errors too (as --debug)
+
+C = TypeVar("C", bound=SharedConfig)  # the config class of the stage being run
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,6 +64,11 @@ def stage_parser(stage: str, description: str | None) -> OneLineParser:
     if stage in ("1", "2"):
         parser.add_argument("--resume", action="store_true", help="continue from checkpoints/last (train.resume)")
     return parser
+
+
+def fixed_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``run`` keys that a stage's fixed arguments set (``None`` where not given)."""
+    return {"subj": args.subj, "exp": args.exp, "mode": args.mode}
 
 
 def close_progress_bars() -> None:
@@ -104,7 +112,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_device(cfg: Any) -> None:
+def check_device(cfg: SharedConfig) -> None:
     """Refuse ``run.device=cuda`` (the driver sets it for GPU indices) where CUDA is absent, before any work."""
     if cfg.run.device != "cuda":
         return
@@ -120,19 +128,21 @@ def check_device(cfg: Any) -> None:
 
 
 def run_stage(
-    stage: str,
-    main: Callable[[Any], None],
+    config_class: type[C],
+    main: Callable[[C], None],
     description: str | None = None,
     argv: Sequence[str] | None = None,
     parser: OneLineParser | None = None,
 ) -> int:
-    """Parse arguments, build the config, set up logging and the run lock, then call ``main(cfg)``."""
+    """Parse arguments, build the stage's ``config_class`` (``Stage1Config``, ...), set up logging and the run lock,
+    then call ``main(cfg)``."""
+    stage = STAGE_KEY_OF[config_class]
     parser = parser or stage_parser(stage, description)
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or debug_requested()
     try:
         overrides = [*args.overrides, *(["train.resume=true"] if getattr(args, "resume", False) else [])]
-        cfg = load_config(stage, args.profile, overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
+        cfg = load_config(config_class, args.profile, overrides, fixed_args(args))
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
@@ -143,7 +153,7 @@ def run_stage(
             setup_logging(cfg.run.log_level, None if os.environ.get(DRIVER_LOG_ENV) else stage_log_path(paths, stage))
         else:
             setup_logging("WARNING")
-        log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_NAMES[stage], paths.root,
+        log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_BY_KEY[stage].name, paths.root,
                  cfg.run.profile, config_hash(cfg))  # fmt: skip
         with sigterm_as_interrupt(), run_lock(paths.root, stage) if main_process else contextlib.nullcontext():
             main(cfg)
@@ -176,7 +186,7 @@ def data_root_of(args: argparse.Namespace) -> Path:
     if args.data_root is not None:
         return Path(args.data_root)
     try:
-        return Path(load_config("1", args.profile, args.overrides).paths.data_root)
+        return Path(load_config(Stage1Config, args.profile, args.overrides).paths.data_root)
     except NeuronsError as err:
         sys.exit(report_error(err))
 
@@ -185,13 +195,13 @@ def run_dir_of(argv: Sequence[str]) -> Path:
     """The run folder that a stage invoked with ``argv`` would use (the driver asks this before it runs anything)."""
     args = stage_parser("1", None).parse_args(argv)
     try:
-        cfg = load_config("1", args.profile, args.overrides, {"subj": args.subj, "exp": args.exp, "mode": args.mode})
+        cfg = load_config(Stage1Config, args.profile, args.overrides, fixed_args(args))
     except NeuronsError as err:
         sys.exit(report_error(err))
     return RunPaths.from_config(cfg).root
 
 
-def begin_stage(cfg: Any, stage: str, depends_on: Sequence[str] = ()) -> tuple[RunPaths, StageRecorder]:
+def begin_stage(cfg: SharedConfig, stage: str, depends_on: Sequence[str] = ()) -> tuple[RunPaths, StageRecorder]:
     """Call once the inputs are validated: saves the resolved config and starts the stage's manifest."""
     paths = RunPaths.from_config(cfg)
     save_resolved_config(cfg, stage, paths)

@@ -21,31 +21,49 @@ import json
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from utils.errors import ConfigError
-from utils.stage_configs import SHARED_SECTIONS, STAGE_CONFIGS, STAGE_SECTIONS, TOOL_CONFIGS
+from utils.stage_configs import (
+    SHARED_SECTIONS,
+    STAGE_CONFIGS,
+    STAGE_KEY_OF,
+    STAGE_SECTIONS,
+    TOOL_CONFIGS,
+    SharedConfig,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BUILTIN_PROFILES = ("paper", "toy", "smoke")
+
+C = TypeVar("C", bound=SharedConfig)  # a stage's (or tool's) config class
+D = TypeVar("D", bound="DataclassInstance")  # any config dataclass, a section included
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # schema helpers
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: type[DataclassInstance]) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
-def dotted_keys(cls: type, prefix: str = "", sections: bool = False) -> list[str]:
+def _is_section(tp: Any) -> TypeGuard[type[DataclassInstance]]:
+    """Whether a field's type is a nested config section (a dataclass) rather than a value."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def dotted_keys(cls: type[DataclassInstance], prefix: str = "", sections: bool = False) -> list[str]:
     """Leaf keys of a dataclass schema, e.g. ``["train.batch_size", ...]`` (with ``sections``: also ``"train"``)."""
     keys = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
+        if _is_section(tp):
             keys += [f"{prefix}{f.name}"] if sections else []
             keys += dotted_keys(tp, f"{prefix}{f.name}.", sections)
         else:
@@ -141,7 +159,7 @@ def _raise(err: Exception) -> Any:
     raise err
 
 
-def build(cls: type, data: Mapping[str, Any] | None, source: str, prefix: str = "", base: Any = None) -> Any:
+def build(cls: type[D], data: Mapping[str, Any] | None, source: str, prefix: str = "", base: D | None = None) -> D:
     """Build dataclass ``cls`` from ``data`` on top of ``base`` (default: the defaults), type-checking each key."""
     data = dict(data or {})
     hints = _hints(cls)
@@ -160,7 +178,7 @@ def build(cls: type, data: Mapping[str, Any] | None, source: str, prefix: str = 
             kwargs[f.name] = current
             continue
         tp, value = hints[f.name], data[f.name]
-        if dataclasses.is_dataclass(tp):
+        if _is_section(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(
                     f"'{prefix}{f.name}' from {source} must be a mapping of keys",
@@ -174,7 +192,9 @@ def build(cls: type, data: Mapping[str, Any] | None, source: str, prefix: str = 
     return cls(**kwargs)
 
 
-def _merge_known(current: Mapping[str, Any], value: Mapping[str, Any], tp: Any, key: str, source: str) -> dict:
+def _merge_known(
+    current: Mapping[str, Any], value: Mapping[str, Any], tp: Any, key: str, source: str
+) -> dict[str, Any]:
     """Update a non-empty dict field key by key; its key set is fixed by the defaults (typos are errors)."""
     for name in value:
         if name not in current:
@@ -256,7 +276,9 @@ def parse_set(items: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
     return layers
 
 
-def split_profile_layer(data: Mapping[str, Any], section: str | None, cls: type, source: str) -> dict[str, Any]:
+def split_profile_layer(
+    data: Mapping[str, Any], section: str | None, cls: type[SharedConfig], source: str
+) -> dict[str, Any]:
     """Pick from one profile mapping the shared sections that ``cls`` has plus its own ``section`` block."""
     own = {f.name for f in dataclasses.fields(cls)}
     known = set(SHARED_SECTIONS) | set(STAGE_SECTIONS.values())
@@ -288,17 +310,15 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    stage: str,
+    cls: type[C],
     profile: str = "paper",
     overrides: Iterable[str] = (),
     cli: Mapping[str, Any] | None = None,
-) -> Any:
-    """Build the typed config of ``stage`` (a :data:`STAGE_CONFIGS` or :data:`TOOL_CONFIGS` key) from defaults,
-    profile, CLI and ``--set``."""
-    configs = {**STAGE_CONFIGS, **TOOL_CONFIGS}
-    if stage not in configs:
-        raise ConfigError(f"unknown stage '{stage}'", f"use one of {', '.join(configs)}")
-    cls, section = configs[stage], STAGE_SECTIONS.get(stage)
+) -> C:
+    """Build a ``cls`` (a stage's config class, e.g. ``Stage1Config``, or a tool's) from defaults, profile, CLI and
+    ``--set``; a stage's config also takes its own ``stage<k>:`` profile block and ``stage<k>.`` overrides."""
+    key = STAGE_KEY_OF.get(cls)
+    section = STAGE_SECTIONS[key] if key is not None else None
     cfg = cls()
     for source, data in load_profile(profile):
         cfg = build(cls, split_profile_layer(data, section, cls, source), source, base=cfg)
@@ -324,26 +344,26 @@ def _for_stage(data: dict[str, Any], section: str | None) -> dict[str, Any]:
 # serialisation
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def to_dict(cfg: DataclassInstance) -> dict[str, Any]:
     """Plain nested dict (tuples become lists), suitable for YAML/JSON and checkpoints."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: DataclassInstance) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def from_dict(cls: type, data: Mapping[str, Any], source: str = "a saved config") -> Any:
+def from_dict(cls: type[D], data: Mapping[str, Any], source: str = "a saved config") -> D:
     return build(cls, data, source)
 
 
-def config_hash(cfg: Any) -> str:
+def config_hash(cfg: DataclassInstance) -> str:
     """Short, stable hash of the resolved config (12 hex digits)."""
     blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def run_dir(cfg: Any) -> Path:
+def run_dir(cfg: SharedConfig) -> Path:
     """``<exp_root>/exp_<exp>/subj_<subj>``."""
     return Path(cfg.paths.exp_root) / f"exp_{cfg.run.exp}" / f"subj_{cfg.run.subj}"
 

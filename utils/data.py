@@ -1,6 +1,7 @@
 """The data layer: one reader for the real preprocessed cc2017 files and the toy cortex world (same files, same code).
 
-Layout of a ``data_root`` (upstream spec §1.3, §2; S = subject digit, split = train | test)::
+Layout of a ``data_root`` (upstream spec §1.3, §2; S = subject digit, split = train | test; the names are spelled
+once, in :mod:`utils.data_catalog`)::
 
     subj0S_{split}_fmri.pt                      float32 (N, repeats, V): train 2 repeats, test 10
     GT_{split}_3fps.pt                          float32 (N, F, 3, R, R) in [0,1], read lazily (memory map)
@@ -8,6 +9,7 @@ Layout of a ``data_root`` (upstream spec §1.3, §2; S = subject digit, split = 
     GT_{split}_caption_emb.pt                   float32 (N, Dt)                (optional until needed)
     qwen_annotation/qwen_{split}_caption_tag_category_id.json   [{idx, caption, tags, category_id (C multi-hot)}]
     qwen_annotation/concept_classes.json        optional: the C concept class names
+    coco_tokens_avg_proj.pth                    {"proj": float32 (D, Dt)}: frozen CLIP tokens -> caption space map
     masks/mask_cls_dict_{split}_qwen_video.json, masks/mask_cls_{split}_qwen_video/*.png   (read by find_key_obj)
     masks/key_objects_info_{split}.json, masks/key_objects_masks_{split}.pt  float32 (N, F, R, R) (find_key_obj)
 
@@ -20,6 +22,9 @@ validation block are dropped from ``train``. Model selection uses ``val``; ``tes
 
 fMRI per item: train = one repeat chosen per epoch (``epoch % repeats``, as upstream); val = mean of the training
 repeats; test = mean of the test repeats.
+
+Every file a :class:`BrainVideoData` reads is recorded in :attr:`BrainVideoData.opened_files`, in the order it was
+first read; the stages' manifests list those files as their inputs.
 """
 
 from __future__ import annotations
@@ -28,15 +33,28 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
+from utils.data_catalog import (
+    CONCEPT_CLASSES_FILE,
+    SOURCES,
+    TOKENS_PROJ_FILE,
+    WORLD_FILE,
+    annotation_file,
+    caption_emb_file,
+    caption_file,
+    fmri_file,
+    frames_file,
+    key_objects_info_file,
+    key_objects_masks_file,
+)
 from utils.errors import DataError
 from utils.io import atomic_torch_save
 
@@ -157,11 +175,15 @@ def _source(split: str) -> str:
     return "test" if split == "test" else "train"
 
 
-def _cached_by_source(fn):
+_Owner = TypeVar("_Owner")  # the data object whose loader is cached
+_Loaded = TypeVar("_Loaded")
+
+
+def _cached_by_source(fn: Callable[[_Owner, str], _Loaded]) -> Callable[[_Owner, str], _Loaded]:
     """Cache a ``(self, source)`` loader per instance and source (files are read and checked once)."""
 
     @functools.wraps(fn)
-    def wrapper(self, source: str):
+    def wrapper(self: _Owner, source: str) -> _Loaded:
         cache = self.__dict__.setdefault("_loaded", {})
         key = (fn.__name__, source)
         if key not in cache:
@@ -172,18 +194,21 @@ def _cached_by_source(fn):
 
 
 @dataclass(frozen=True)
-class DataOptions:
-    caption_source: str = "blip2"  # "blip2": GT_*_caption(_emb).pt; "qwen": qwen_annotation/GT_*_caption_qwen(_emb).pt
-    val_fraction: float = 0.1
-    val_block_clips: int = 20
-    val_guard_clips: int = 1
-    val_seed: int = 0
+class DataConfig:
+    """The ``data`` section of every stage config: which captions, the validation split, and the CLIP targets."""
 
-    @classmethod
-    def from_config(cls, data_cfg: Any, **overrides: Any) -> DataOptions:
-        """Options from the project config's ``data`` section (fields it lacks keep their defaults)."""
-        names = [f for f in cls.__dataclass_fields__ if hasattr(data_cfg, f)]
-        return cls(**{**{f: getattr(data_cfg, f) for f in names}, **overrides})
+    caption_source: Literal["blip2", "qwen"] = "blip2"  # upstream trained on BLIP-2 captions since f758cf7 (§2.6)
+    val_fraction: float = 0.1  # held out from the training clips for model selection (fixes defect 16)
+    val_block_clips: int = 20  # the validation split is made of whole blocks of contiguous clips ...
+    val_guard_clips: int = 1  # ... with this many clips dropped on each side (neighbouring clips are correlated)
+    val_seed: int = 0
+    num_workers: int = 0
+    # CLIP image-token targets of stages 1 and 2: run the image tower every step ("compute"), or read the fp16
+    # cache written by `python -m tasks_construction.cache_clip_targets` ("cache"; docs/scale.md)
+    clip_targets: Literal["compute", "cache"] = "compute"
+    clip_cache_frames: tuple[int, ...] = ()  # frames the cache tool stores per clip; () = every frame (stage 2)
+    clip_cache_splits: tuple[Literal["train", "test"], ...] = ("train", "test")  # source files the tool caches
+    clip_cache_latents: bool = True  # the tool also caches the VAE latents of every frame (stage 2's latent targets)
 
 
 class BrainVideoData:
@@ -193,33 +218,46 @@ class BrainVideoData:
     key-object masks are loaded and checked on first use. Indices are split-local (0..n_clips(split)-1).
     """
 
-    def __init__(self, root: str | os.PathLike, subject: int, options: DataOptions | None = None, **kwargs: Any):
+    def __init__(self, root: str | os.PathLike, subject: int, config: DataConfig | None = None):
         self.root = Path(root)
         self.subject = int(subject)
-        self.options = options or DataOptions(**kwargs)
-        if self.options.caption_source not in ("blip2", "qwen"):
-            raise DataError(f"unknown caption source {self.options.caption_source!r}", "use 'blip2' or 'qwen'")
+        self.config = config or DataConfig()
+        self._opened: dict[Path, None] = {}  # an ordered set
+        if self.config.caption_source not in ("blip2", "qwen"):
+            raise DataError(f"unknown caption source {self.config.caption_source!r}", "use 'blip2' or 'qwen'")
         if not self.root.is_dir():
             raise DataError(f"data root {self.root} does not exist", self._get_data_hint())
-        self._fmri = {s: self._load_fmri(s) for s in ("train", "test")}
+        self._fmri = {s: self._load_fmri(s) for s in SOURCES}
         self._check_fmri()
-        self._frames = {s: self._load_frames(s) for s in ("train", "test")}
-        self._check_counts({f"GT_{s}_3fps.pt": (s, len(self._frames[s])) for s in ("train", "test")})
-        train_shape, test_shape = (tuple(self._frames[s].shape[1:]) for s in ("train", "test"))
+        self._frames = {s: self._load_frames(s) for s in SOURCES}
+        self._check_counts({frames_file(s): (s, len(self._frames[s])) for s in SOURCES})
+        train_shape, test_shape = (tuple(self._frames[s].shape[1:]) for s in SOURCES)
         if train_shape != test_shape:
             raise DataError(f"train frames are {train_shape} per clip, test {test_shape}", self._get_data_hint())
         self.train_idx, self.val_idx = contiguous_val_split(
             self.n_source("train"),
-            self.options.val_fraction,
-            self.options.val_block_clips,
-            self.options.val_guard_clips,
-            self.options.val_seed,
+            self.config.val_fraction,
+            self.config.val_block_clips,
+            self.config.val_guard_clips,
+            self.config.val_seed,
         )
+
+    @property
+    def opened_files(self) -> list[Path]:
+        """Every file read so far, in the order first read (a stage's manifest inputs)."""
+        return list(self._opened)
+
+    def _open(self, name: str) -> Path:
+        """``root / name``, recorded in :attr:`opened_files` when it exists (a missing file raises when read)."""
+        path = self.root / name
+        if path.is_file():
+            self._opened.setdefault(path, None)
+        return path
 
     # -- facts read from the data
     @property
     def is_toy(self) -> bool:
-        return (self.root / "world.json").is_file()
+        return (self.root / WORLD_FILE).is_file()
 
     @property
     def n_voxels(self) -> int:
@@ -264,7 +302,7 @@ class BrainVideoData:
         rows = self.indices(split) if idx is None else self.indices(split)[np.asarray(idx, dtype=np.int64)]
         return self._frames[_source(split)][torch.as_tensor(rows)]
 
-    def frame_batches(self, split: str, batch_size: int = 64):
+    def frame_batches(self, split: str, batch_size: int = 64) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (split-local indices, frames) in order, ``batch_size`` clips at a time (bounded memory)."""
         n = self.n_clips(split)
         for a in range(0, n, batch_size):
@@ -292,10 +330,12 @@ class BrainVideoData:
     @cached_property
     def concept_classes(self) -> list[str]:
         """Concept class names: ``qwen_annotation/concept_classes.json`` if present, else generic names."""
-        path = self.root / "qwen_annotation" / "concept_classes.json"
-        names = load_json(path, self._get_data_hint()) if path.is_file() else None
+        names = None
+        if (self.root / CONCEPT_CLASSES_FILE).is_file():
+            names = load_json(self._open(CONCEPT_CLASSES_FILE), self._get_data_hint())
         if names is None:
             return [f"class_{i}" for i in range(self.n_concepts)]
+        path = self.root / CONCEPT_CLASSES_FILE
         if not isinstance(names, list) or len(names) != self.n_concepts:
             raise DataError(
                 f"{path} lists {len(names)} names for {self.n_concepts} concept classes", self._get_data_hint()
@@ -313,6 +353,21 @@ class BrainVideoData:
         names = self._key_info(_source(split))
         return [names[i] for i in self.indices(split)]
 
+    # -- the frozen tokens -> caption map
+    def tokens_proj(self, expect: tuple[int, int]) -> torch.Tensor:
+        """The frozen ``(D, Dt)`` map of ``coco_tokens_avg_proj.pth`` (key ``proj``), shape-checked."""
+        path = self._open(TOKENS_PROJ_FILE)
+        fix = (
+            "real data: python download_dataset.py; toy world: python -m tasks_construction.gen_GT_clip_embeds "
+            "--profile <profile>"
+        )
+        state = load_tensor(path, fix)
+        proj = state.get("proj") if isinstance(state, dict) else None
+        if not isinstance(proj, torch.Tensor) or tuple(proj.shape) != tuple(expect):
+            got = tuple(proj.shape) if isinstance(proj, torch.Tensor) else type(state).__name__
+            raise DataError(f"{path} must hold 'proj' of shape {expect}, found {got}", fix)
+        return proj.float()
+
     # -- datasets
     def dataset(self, split: str, fields: Sequence[str] = ("voxel", "frames")) -> BrainVideoDataset:
         return BrainVideoDataset(self, split, fields)
@@ -328,7 +383,7 @@ class BrainVideoData:
         }
         for name in fields:
             if name in getters:
-                for source in ("train", "test"):
+                for source in SOURCES:
                     getters[name](source)
 
     # -- loading and checks (private)
@@ -341,12 +396,12 @@ class BrainVideoData:
         return f"run `python -m tasks_construction.find_key_obj --data-root {self.root}`"
 
     def _emb_hint(self) -> str:
-        if self.options.caption_source == "blip2" and not self.is_toy:
+        if self.config.caption_source == "blip2" and not self.is_toy:
             return self._get_data_hint()
         return f"run `python -m tasks_construction.gen_GT_clip_embeds --data-root {self.root}`"
 
     def _load_fmri(self, source: str) -> torch.Tensor:
-        path = self.root / f"subj0{self.subject}_{source}_fmri.pt"
+        path = self._open(fmri_file(self.subject, source))
         x = load_tensor(path, self._get_data_hint())
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -372,13 +427,13 @@ class BrainVideoData:
                 voxels = int(bad.any(dim=(0, 1)).sum())
                 clips = torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist()
                 raise DataError(
-                    f"subj0{self.subject}_{source}_fmri.pt has NaN/Inf in {voxels} voxels across {len(clips)} clips "
+                    f"{fmri_file(self.subject, source)} has NaN/Inf in {voxels} voxels across {len(clips)} clips "
                     f"(first clips {clips[:5]})",
                     f"re-create the file or drop those voxels; {self._get_data_hint()}",
                 )
 
     def _load_frames(self, source: str) -> torch.Tensor:
-        path = self.root / f"GT_{source}_3fps.pt"
+        path = self._open(frames_file(source))
         x = load_tensor(path, self._get_data_hint(), mmap=True)
         if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[2] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -402,45 +457,37 @@ class BrainVideoData:
         for name, (source, n) in files.items():
             if n != self.n_source(source):
                 raise DataError(
-                    f"{name} has {n} clips but subj0{self.subject}_{source}_fmri.pt has {self.n_source(source)}",
+                    f"{name} has {n} clips but {fmri_file(self.subject, source)} has {self.n_source(source)}",
                     f"use files of the same data release; {self._get_data_hint()}",
                 )
 
     @_cached_by_source
     def _captions(self, source: str) -> np.ndarray:
-        if self.options.caption_source == "blip2":
-            path = self.root / f"GT_{source}_caption.pt"
+        name = caption_file(source, self.config.caption_source)
+        if self.config.caption_source == "blip2":
+            path = self._open(name)
             caps = load_strings(path, self._get_data_hint())
-        else:
-            path = self.root / "qwen_annotation" / f"GT_{source}_caption_qwen.pt"
-            if path.is_file():
-                caps = load_strings(path, self._emb_hint())
-            else:  # the Qwen captions are also inside the annotation JSON
-                path = self._annotation_path(source)
-                caps = np.asarray([item.get("caption", "") for item in self._annotations(source)], dtype=str)
+        elif (self.root / name).is_file():
+            path = self._open(name)
+            caps = load_strings(path, self._emb_hint())
+        else:  # the Qwen captions are also inside the annotation JSON
+            path = self.root / annotation_file(source)
+            caps = np.asarray([item.get("caption", "") for item in self._annotations(source)], dtype=str)
         self._check_counts({path.name: (source, len(caps))})
         return caps
 
     @_cached_by_source
     def _caption_emb(self, source: str) -> torch.Tensor:
-        name = (
-            f"GT_{source}_caption_emb.pt"
-            if self.options.caption_source == "blip2"
-            else f"GT_{source}_caption_qwen_emb.pt"
-        )
-        path = self.root / name if self.options.caption_source == "blip2" else self.root / "qwen_annotation" / name
+        path = self._open(caption_emb_file(source, self.config.caption_source))
         x = load_tensor(path, self._emb_hint())
         if not isinstance(x, torch.Tensor) or x.ndim != 2:
             raise DataError(f"{path} is not a (clips, width) tensor", self._emb_hint())
         self._check_counts({path.name: (source, x.shape[0])})
         return x.float()
 
-    def _annotation_path(self, source: str) -> Path:
-        return self.root / "qwen_annotation" / f"qwen_{source}_caption_tag_category_id.json"
-
     @_cached_by_source
     def _annotations(self, source: str) -> list[dict[str, Any]]:
-        path = self._annotation_path(source)
+        path = self._open(annotation_file(source))
         items = load_json(path, self._get_data_hint())
         if not isinstance(items, list) or not all(isinstance(i, dict) and "category_id" in i for i in items):
             raise DataError(
@@ -451,16 +498,14 @@ class BrainVideoData:
 
     @_cached_by_source
     def _concepts(self, source: str) -> torch.Tensor:
-        items = self._annotations(source)
+        items, path = self._annotations(source), self.root / annotation_file(source)
         widths = {len(i["category_id"]) for i in items}
         if len(widths) != 1:
-            raise DataError(
-                f"{self._annotation_path(source)}: category_id lengths differ {sorted(widths)}", self._get_data_hint()
-            )
+            raise DataError(f"{path}: category_id lengths differ {sorted(widths)}", self._get_data_hint())
         labels = torch.tensor([i["category_id"] for i in items], dtype=torch.float32)
         if source == "test" and labels.shape[1] != self._concepts("train").shape[1]:
             raise DataError(
-                f"{self._annotation_path(source)} has {labels.shape[1]} concept classes, the train file "
+                f"{path} has {labels.shape[1]} concept classes, the train file "
                 f"{self._concepts('train').shape[1]}",
                 self._get_data_hint(),
             )
@@ -468,7 +513,7 @@ class BrainVideoData:
 
     @_cached_by_source
     def _key_masks(self, source: str) -> torch.Tensor:
-        path = self.root / "masks" / f"key_objects_masks_{source}.pt"
+        path = self._open(key_objects_masks_file(source))
         x = load_tensor(path, self._key_object_hint(), mmap=True)
         frames = self._frames[source]
         if (
@@ -486,7 +531,7 @@ class BrainVideoData:
 
     @_cached_by_source
     def _key_info(self, source: str) -> list[str]:
-        path = self.root / "masks" / f"key_objects_info_{source}.json"
+        path = self._open(key_objects_info_file(source))
         info = load_json(path, self._key_object_hint())
         n = self.n_source(source)
         try:

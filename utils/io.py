@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -54,7 +55,7 @@ def storage_error(err: BaseException, path: str | os.PathLike | None = None) -> 
     target = f"cannot write {path}" if path is not None else "a write failed"
     folder = Path(path).parent if path is not None else Path.cwd()
     detail = re.sub(r"\[enforce fail at [^\]]*\][\s.]*", "", str(err).strip().splitlines()[0])[:80]
-    what = STORAGE_ERRNOS.get(code, f"the write failed ({type(err).__name__}: {detail})")
+    what = STORAGE_ERRNOS[code] if code is not None else f"the write failed ({type(err).__name__}: {detail})"
     try:
         free = f", {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
     except OSError:
@@ -118,6 +119,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def finite_or_none(obj: Any) -> Any:
+    """Non-finite floats → None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 
 from utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 IGNORE_INDEX = -100
 
@@ -226,7 +229,7 @@ def upstream_progressive_windows(
 
 def total_loss(
     losses: Mapping[str, torch.Tensor],
-    weights: Mapping[str, float] | object,
+    weights: Mapping[str, float] | DataclassInstance,
     multipliers: Mapping[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_name weight[name] · multiplier[name] · loss[name] → (total, {name: weighted term}).
@@ -235,13 +238,12 @@ def total_loss(
       needs a weight; weights of losses not computed in this step are ignored.
     multipliers: per-step factors such as `progressive_weights(...)`; missing names mean 1.
     """
-    if dataclasses.is_dataclass(weights) and not isinstance(weights, type):
-        weights = dataclasses.asdict(weights)
-    unweighted = sorted(set(losses) - set(weights))
+    table = weights if isinstance(weights, Mapping) else dataclasses.asdict(weights)
+    unweighted = sorted(set(losses) - set(table))
     if unweighted:
         raise ConfigError(f"losses without a weight: {unweighted}", "add them to loss_weights")
     multipliers = multipliers or {}
-    terms = {name: float(weights[name]) * float(multipliers.get(name, 1.0)) * value for name, value in losses.items()}
+    terms = {name: float(table[name]) * float(multipliers.get(name, 1.0)) * value for name, value in losses.items()}
     if not terms:
         raise ConfigError("no losses to combine", "compute at least one loss")
-    return sum(terms.values()), terms
+    return cast(torch.Tensor, sum(terms.values())), terms  # a Tensor: terms is not empty

@@ -12,13 +12,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from utils.errors import StageOrderError
 from utils.io import atomic_write_json, file_fingerprint
+
+if TYPE_CHECKING:  # manifests are read by light tools too: no torch import at run time
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,12 @@ class StageRecorder:
         path = Path(path)
         self.inputs[str(path.resolve())] = file_fingerprint(path)
 
+    def add_inputs(self, paths: Iterable[str | os.PathLike]) -> None:
+        for path in paths:
+            self.add_input(path)
+
     def add_output(
-        self, path: str | os.PathLike, shape: Sequence[int] | None = None, dtype: str | None = None
+        self, path: str | os.PathLike, shape: Sequence[int] | None = None, dtype: str | torch.dtype | None = None
     ) -> None:
         path = Path(path)
         entry: dict[str, Any] = file_fingerprint(path)

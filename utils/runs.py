@@ -22,10 +22,15 @@ from typing import Any
 from utils.config import config_hash, run_dir, to_dict, to_yaml
 from utils.errors import RunLockedError
 from utils.io import atomic_write_text
-from utils.stage_configs import STAGE_CONFIGS
+from utils.stage_configs import SharedConfig
+from utils.stages import STAGE_BY_KEY
 
-MODE_INDEPENDENT = ("1", "2")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Output files that a later stage, the report or bench/ reads too (writer → readers).
+VIDEOS_FILE = "videos.safetensors"  # stage 5 → stage 6, the report
+PROMPTS_FILE = "prompts.json"  # stage 5 → stage 6, the report
+DIAGNOSTICS_FILE = "diagnostics.json"  # stage e → the report
+TOY_QUALITY_FILE = "toy_quality.json"  # run root: bench/toy_quality.py → the report
 
 
 @dataclass(frozen=True)
@@ -34,20 +39,19 @@ class RunPaths:
     mode: str
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RunPaths:
+    def from_config(cls, cfg: SharedConfig) -> RunPaths:
         return cls(run_dir(cfg), cfg.run.mode)
 
     def stage_dir(self, stage: str) -> Path:
-        if stage in MODE_INDEPENDENT:
-            return self.root / f"stage{stage}"
-        if stage == "6":
-            return self.root / f"eval_{self.mode}"
-        if stage == "e":
-            return self.root / f"diagnostics_{self.mode}"
-        return self.root / f"stage{stage}_{self.mode}"
+        return self.root / STAGE_BY_KEY[stage].folder_name(self.mode)
 
     def stage_dirs(self) -> dict[str, Path]:
-        return {key: self.stage_dir(key) for key in STAGE_CONFIGS}
+        return {key: self.stage_dir(key) for key in STAGE_BY_KEY}
+
+    @property
+    def metrics_file(self) -> Path:
+        """Stage 6's scores of this mode, at the run root (the report reads every mode's)."""
+        return self.root / f"metrics_{self.mode}.json"
 
     @property
     def config_dir(self) -> Path:
@@ -58,16 +62,16 @@ class RunPaths:
         return self.root / "logs"
 
 
-def rerun_hint(cfg: Any) -> str:
+def rerun_hint(cfg: SharedConfig) -> str:
     """Format string (``{stage}``) telling the user how to rerun a stage of this run."""
     r = cfg.run
     return f"rerun stage {{stage}}: bash train_neurons.sh <GPU> {r.exp} {{stage}} {r.mode} {r.subj} {r.profile}"
 
 
-def save_resolved_config(cfg: Any, stage: str, paths: RunPaths) -> Path:
+def save_resolved_config(cfg: SharedConfig, stage: str, paths: RunPaths) -> Path:
     """Write ``config/stage<k>.yaml`` (``stage<k>_<mode>.yaml`` for the mode-dependent stages, so that the enhance
     and motion runs keep their own) atomically, and say so when it replaces a different config."""
-    name = f"stage{stage}.yaml" if stage in MODE_INDEPENDENT else f"stage{stage}_{paths.mode}.yaml"
+    name = f"stage{stage}_{paths.mode}.yaml" if STAGE_BY_KEY[stage].mode_dependent else f"stage{stage}.yaml"
     target = paths.config_dir / name
     text = f"# resolved config of stage {stage}, hash {config_hash(cfg)}\n" + to_yaml(cfg)
     if target.exists() and target.read_text() != text:
@@ -118,6 +122,6 @@ def stage_log_path(paths: RunPaths, stage: str) -> Path:
     return paths.logs_dir / f"stage{stage}_{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
-def config_record(cfg: Any) -> dict[str, Any]:
+def config_record(cfg: SharedConfig) -> dict[str, Any]:
     """What a manifest or checkpoint stores about the config."""
     return {"hash": config_hash(cfg), "config": to_dict(cfg)}

@@ -14,6 +14,7 @@ On one process both are a plain pass-through.
 from __future__ import annotations
 
 import json
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def write_shard(
 ) -> Path:
     """Write process ``rank``'s rows: every tensor (len(clips), ...) and every text list has one entry per clip."""
     texts = texts or {}
-    for name, rows in [*tensors.items(), *texts.items()]:
+    entries: list[tuple[str, Sized]] = [*tensors.items(), *texts.items()]
+    for name, rows in entries:
         if len(rows) != len(clips):
             raise ValueError(f"shard {rank}: {name} has {len(rows)} rows for {len(clips)} clips")
     payload = {**tensors, CLIPS_KEY: torch.tensor(clips, dtype=torch.long)}

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tasks_construction.toy_cortex.config import ToyWorldConfig
+from utils.data import DataConfig
+from utils.stages import STAGES
+from utils.toy_world import ToyWorldConfig
 
 Mode = Literal["enhance", "motion"]
 
@@ -37,22 +39,6 @@ class PathsConfig:
     data_root: str = "cc2017_dataset"
     weights_root: str = "pretrained_weights"
     exp_root: str = "EXP"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    caption_source: Literal["blip2", "qwen"] = "blip2"  # upstream trained on BLIP-2 captions since f758cf7 (§2.6)
-    val_fraction: float = 0.1  # held out from the training clips for model selection (fixes defect 16)
-    val_block_clips: int = 20  # the validation split is made of whole blocks of contiguous clips ...
-    val_guard_clips: int = 1  # ... with this many clips dropped on each side (neighbouring clips are correlated)
-    val_seed: int = 0
-    num_workers: int = 0
-    # CLIP image-token targets of stages 1 and 2: run the image tower every step ("compute"), or read the fp16
-    # cache written by `python -m tasks_construction.cache_clip_targets` ("cache"; docs/scale.md)
-    clip_targets: Literal["compute", "cache"] = "compute"
-    clip_cache_frames: tuple[int, ...] = ()  # frames the cache tool stores per clip; () = every frame (stage 2)
-    clip_cache_splits: tuple[Literal["train", "test"], ...] = ("train", "test")  # source files the tool caches
-    clip_cache_latents: bool = True  # the tool also caches the VAE latents of every frame (stage 2's latent targets)
 
 
 @dataclass(frozen=True)
@@ -147,6 +133,7 @@ class UpstreamFlags:
     caption_pad: Literal["dedicated", "clip_zero"] = "dedicated"  # defect 21
     dice_reduction: Literal["sample", "batch"] = "sample"  # defect 23
     concept_names: Literal["class", "fine", "upstream"] = "class"  # defect 22 (models.heads.ConceptNamer modes)
+    gt_mask_resize: Literal["majority", "nearest"] = "majority"  # stage-2 Dice targets (docs/fidelity.md)
 
 
 @dataclass(frozen=True)
@@ -281,7 +268,8 @@ class WorldBuildConfig(SharedConfig):
 
 SHARED_SECTIONS = ("run", "paths", "data", "model", "world")
 
-STAGE_CONFIGS: dict[str, type] = {
+# The config-class column of the stage table (utils/stages.py), by stage key in the table's order.
+STAGE_CONFIGS: dict[str, type[SharedConfig]] = {
     "1": Stage1Config,
     "2": Stage2Config,
     "3": Stage3Config,
@@ -290,15 +278,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "6": Stage6Config,
     "e": DiagnosticsConfig,
 }
-STAGE_SECTIONS = {key: f"stage{key}" for key in STAGE_CONFIGS}
+STAGE_SECTIONS = {stage.key: stage.section for stage in STAGES}
+STAGE_KEY_OF: dict[type[SharedConfig], str] = {cls: key for key, cls in STAGE_CONFIGS.items()}
 # Configs of the tools around the stages; they read only the shared sections of a profile.
-TOOL_CONFIGS: dict[str, type] = {"world": WorldBuildConfig}
-STAGE_NAMES = {
-    "1": "brain model",
-    "2": "decoupler",
-    "3": "decoupled reconstruction",
-    "4": "BLIP-2 captions",
-    "5": "video reconstruction",
-    "6": "metrics",
-    "e": "diagnostics",
-}
+TOOL_CONFIGS: dict[str, type[SharedConfig]] = {"world": WorldBuildConfig}

@@ -14,16 +14,21 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from utils.config import to_dict
 from utils.errors import ConfigError
 from utils.io import atomic_path
+from utils.stage_configs import OptimConfig, SharedConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ def deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_accelerator(cfg: Any):
+def build_accelerator(cfg: SharedConfig) -> Accelerator:
     """An ``accelerate.Accelerator`` for ``cfg.run.device`` / ``cfg.run.mixed_precision``.
 
     fp16 autocast does not exist on the CPU; there it falls back to full precision (bf16 stays bf16).
@@ -107,7 +112,7 @@ def uses_deepspeed(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def autocast(accelerator: Any, cfg: Any):
+def autocast(accelerator: Any, cfg: SharedConfig) -> contextlib.AbstractContextManager[Any]:
     """The mixed-precision context of a step: accelerate's, or under DeepSpeed ``torch.autocast`` in the
     ``run.mixed_precision`` dtype (the DeepSpeed accelerator itself is built in full precision)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
@@ -119,7 +124,7 @@ def autocast(accelerator: Any, cfg: Any):
 
 
 def prepare_deepspeed(accelerator: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                      global_batch: int, train_cfg: Any) -> tuple[Any, Any, Any]:  # fmt: skip
+                      global_batch: int, train_cfg: OptimConfig) -> tuple[Any, Any, Any]:  # fmt: skip
     """(engine, optimizer, scheduler) of ``model`` under the launch's DeepSpeed ZeRO config: the micro batch is this
     process's share of ``global_batch`` (no gradient accumulation), clipping is ``train.grad_clip``. The engine then
     averages (ZeRO-2: reduce-scatters) the gradients and steps inside ``accelerator.backward``; the returned optimizer
@@ -197,7 +202,7 @@ class _GatherCat(torch.autograd.Function):
     """All-gather along dim 0 with a gradient: every process's copy of the loss sends its share back (summed)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
@@ -206,7 +211,7 @@ class _GatherCat(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         grad = grad.contiguous()
@@ -225,7 +230,7 @@ def gather_cat(accelerator: Any, x: torch.Tensor) -> torch.Tensor:
     return _GatherCat.apply(x)
 
 
-def average_gradients(accelerator: Any, parameters) -> None:
+def average_gradients(accelerator: Any, parameters: Iterable[torch.nn.Parameter]) -> None:
     """Mean all-reduce of the gradients (the models are not DDP-wrapped: stages call several of their methods)."""
     if accelerator.num_processes == 1:
         return
@@ -243,30 +248,30 @@ def average_gradients(accelerator: Any, parameters) -> None:
         offset += g.numel()
 
 
-def start_wandb(cfg: Any, stage: str, out_dir: Path) -> Any:
+def start_wandb(cfg: SharedConfig, stage: str, out_dir: Path) -> Any:
     """A wandb run when ``run.use_wandb`` is set (offline unless WANDB_MODE says otherwise), else None."""
     if not cfg.run.use_wandb:
         return None
-    import wandb
-
-    from utils.config import to_dict
+    import wandb  # optional: only runs with run.use_wandb need it
 
     os.environ.setdefault("WANDB_MODE", "offline")  # sync later with `wandb sync`; nothing needs a network here
     name = f"stage{stage}--exp_{cfg.run.exp}--subj{cfg.run.subj}"
     return wandb.init(project="neurons", name=name, dir=str(out_dir), config=to_dict(cfg), reinit=True)
 
 
-ADAMW_FLAGS = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+ADAMW_FLAGS: dict[str, dict[str, Any]] = {
+    "auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}
+}
 
 
-def build_optimizer(params: list[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], train_cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over ``params`` in the implementation ``train.adamw_impl`` names (all give the same update).
 
     ``foreach`` batches the update over tensors but allocates parameter-sized temporaries; ``fused`` runs one kernel
     per parameter group without them; ``8bit`` is bitsandbytes' block-wise quantised AdamW8bit (2 bytes of optimizer
     state per parameter instead of 8), an optional package.
     """
-    kwargs = {"lr": train_cfg.max_lr, "weight_decay": train_cfg.weight_decay}
+    kwargs: dict[str, Any] = {"lr": train_cfg.max_lr, "weight_decay": train_cfg.weight_decay}
     if train_cfg.adamw_impl == "8bit":
         try:
             import bitsandbytes
@@ -279,7 +284,9 @@ def build_optimizer(params: list[torch.nn.Parameter], train_cfg: Any) -> torch.o
     return torch.optim.AdamW(params, **kwargs, **ADAMW_FLAGS[train_cfg.adamw_impl])
 
 
-def one_cycle(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int):
+def one_cycle(
+    optimizer: torch.optim.Optimizer, train_cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The upstream schedule: OneCycleLR with warm-up ``pct_start`` (default 2/epochs), cosine annealing."""
     if train_cfg.lr_scheduler == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -2,12 +2,13 @@
 
 How a stage gets a role::
 
-    from models.foundation import build_role, require_roles
-    require_roles(cfg.profile_kind, cfg.weights_root, ["clip", "vae"])      # preflight, before any work
-    clip = build_role("clip", cfg.profile_kind, cfg.weights_root, device)   # -> ClipRole
-    tokens = clip.image_tokens(frames01)                                    # (B, F, 256, 1664)
+    from models.foundation import build_role, foundation_impl, require_roles
+    impl = foundation_impl(cfg.model.size)                                      # "paper" or "toy"
+    require_roles(impl, cfg.paths.weights_root, ["clip", "vae"])                # preflight, before any work
+    clip = build_role("clip", impl, cfg.paths.weights_root, device)             # -> ClipRole
+    tokens = clip.image_tokens(frames01)                                        # (B, F, 256, 1664)
 
-| role | class (module) | paper weights | main methods |
+| role | class | paper weights | main methods |
 |---|---|---|---|
 | clip | ``ClipRole`` | OpenCLIP ViT-bigG/14 laion2b_s39b_b160k | ``image_tokens``, ``text_pooled``, ``tokenize`` |
 | vae | ``VaeRole`` | SD-1.5 VAE | ``encode``, ``decode`` |
@@ -19,17 +20,18 @@ How a stage gets a role::
 | video_classifier | ``VideoClassifierRole`` | ``MCG-NJU/videomae-base-finetuned-kinetics`` | ``probs`` |
 | clip_pcc | ``ClipPccRole`` | ``openai/clip-vit-large-patch14`` | ``image_features`` |
 
-Each role lives in ``models/foundation/<role>.py``.
+A role's class and its paper loader ``build_paper`` live in ``models/foundation/<role>.py``, its toy models (recipe,
+pretraining and ``build_toy``) in ``models/foundation/toy/<role>.py``, and its paper files in
+``catalog.CATALOG``; ``registry.BUILDERS`` names both builders of every role.
 
 Rules for every paper loader: local files only (no hub calls; ``from_pretrained``/``from_single_file`` only with
 ``local_files_only=True`` on folders under ``weights_root``); explicit key maps; strict loads; dropped keys logged;
-missing or corrupt files raise :class:`utils.errors.WeightsError` with a one-line cause and fix. The file list is
-``catalog.CATALOG``.
+missing or corrupt files raise :class:`utils.errors.WeightsError` with a one-line cause and fix.
 
-Toy builders (later step): register ``@register(role, "toy")`` (and ``"smoke"``) in the role's module; the builder
-takes ``(weights_root, device, dtype, **options)`` and returns the SAME role class wrapping tiny instances of the same
-library classes (each role module's docstring names them). All sizes a stage needs are read from the role object
-(``token_dim``, ``num_tokens``, ``text_dim``, ``latent_channels``...), never copied as literals.
+A toy builder takes the paper builder's arguments ``(weights_root, device, dtype, **options)`` and returns the same
+role class wrapping tiny instances of the same library classes. Sizes a stage needs are read from the role object
+(``ClipRole.num_tokens`` / ``token_dim`` / ``text_dim``, ``VaeRole.latent_channels`` / ``downsample``,
+``Gpt2Role.hidden_size`` ...), never copied as literals.
 """
 
 from models.foundation.catalog import (
@@ -37,24 +39,35 @@ from models.foundation.catalog import (
     ROLES,
     WeightFile,
     catalog_rows,
+    catalog_table,
     describe_missing,
     missing_weights,
-    print_catalog,
     require_weights,
 )
-from models.foundation.registry import available, build_role, register, require_roles
+from models.foundation.registry import (
+    BUILDERS,
+    IMPLS,
+    Impl,
+    build_role,
+    foundation_impl,
+    require_roles,
+    role_fingerprint,
+)
 
 __all__ = [
+    "BUILDERS",
     "CATALOG",
+    "IMPLS",
     "ROLES",
+    "Impl",
     "WeightFile",
-    "available",
     "build_role",
     "catalog_rows",
+    "catalog_table",
     "describe_missing",
+    "foundation_impl",
     "missing_weights",
-    "print_catalog",
-    "register",
-    "require_roles",
     "require_weights",
+    "require_roles",
+    "role_fingerprint",
 ]

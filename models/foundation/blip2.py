@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
-from models.foundation.registry import register
 
 if TYPE_CHECKING:
     from transformers import Blip2ForConditionalGeneration
@@ -40,7 +39,6 @@ class Blip2Role:
         return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 
-@register("blip2", "paper")
 def build_paper(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> Blip2Role:

@@ -1,7 +1,7 @@
 """The weights catalog: every file the ``paper`` profile reads from ``weights_root``, where to get it, how big it is.
 
 Nothing here downloads. ``missing_weights`` / ``describe_missing`` / ``require_weights`` let a stage stop before any
-work with one line naming every missing file; ``catalog_rows`` / ``print_catalog`` feed
+work with one line naming every missing file; ``catalog_rows`` / ``catalog_table`` feed
 ``download_dataset.py --weights``.
 
 Layout under ``weights_root``: single upstream files keep their upstream names (``unclip6_epoch0_step110000.ckpt``,
@@ -230,27 +230,29 @@ def _human(n: int) -> str:
     return f"{n / GB:.1f} GB" if n >= GB else f"{n / MB:.0f} MB" if n >= MB else f"{max(n // KB, 1)} KB"
 
 
+def _missing_cause_and_fix(missing: list[WeightFile], weights_root: str | Path) -> tuple[str, str]:
+    """What is missing (every file, its source and size) and how to get it, for a one-line error."""
+    total = sum(e.approx_bytes for e in missing)
+    files = ", ".join(f"{e.relpath} [{e.role}, {e.source}, ~{_human(e.approx_bytes)}]" for e in missing)
+    cause = f"missing {len(missing)} weight file(s) under {weights_root} (~{_human(total)}): {files}"
+    fix = (f"run `python download_dataset.py --weights` (or `hf download <repo> <file> --local-dir "
+           f"{weights_root}/<dir>` per file)")  # fmt: skip
+    return cause, fix
+
+
 def describe_missing(weights_root: str | Path, roles: list[str] | tuple[str, ...] | None = None) -> str:
     """One line naming every missing file (with its source) and the fix; empty string when nothing is missing."""
     missing = missing_weights(weights_root, roles)
     if not missing:
         return ""
-    total = sum(e.approx_bytes for e in missing)
-    files = ", ".join(f"{e.relpath} [{e.role}, {e.source}, ~{_human(e.approx_bytes)}]" for e in missing)
-    return (
-        f"missing {len(missing)} weight file(s) under {weights_root} (~{_human(total)}): {files}; "
-        f"fix: run `python download_dataset.py --weights` (or `hf download <repo> <file> --local-dir "
-        f"{weights_root}/<dir>` per file)"
-    )
+    return WeightsError(*_missing_cause_and_fix(missing, weights_root)).one_line()
 
 
 def require_weights(weights_root: str | Path, roles: list[str] | tuple[str, ...] | None = None) -> None:
     """Raise :class:`WeightsError` (one line, every missing file) unless all files of ``roles`` are present."""
     missing = missing_weights(weights_root, roles)
     if missing:
-        text = describe_missing(weights_root, roles)
-        cause, _, fix = text.partition("; fix: ")
-        raise WeightsError(cause, fix)
+        raise WeightsError(*_missing_cause_and_fix(missing, weights_root))
 
 
 def catalog_rows(weights_root: str | Path, roles: list[str] | tuple[str, ...] | None = None) -> list[dict[str, str]]:
@@ -272,8 +274,8 @@ def catalog_rows(weights_root: str | Path, roles: list[str] | tuple[str, ...] | 
     return rows
 
 
-def print_catalog(weights_root: str | Path, roles: list[str] | tuple[str, ...] | None = None) -> str:
-    """The catalog as aligned text rows (header first); the caller prints or logs it."""
+def catalog_table(weights_root: str | Path, roles: list[str] | tuple[str, ...] | None = None) -> str:
+    """The catalog as aligned text rows (header first): role, file, source, size, present, local path."""
     cols = ("role", "file", "source", "size", "present", "local_path")
     rows = [dict(zip(cols, cols))] + catalog_rows(weights_root, roles)
     widths = {c: max(len(r[c]) for r in rows) for c in cols}

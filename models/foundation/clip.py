@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from models.foundation.catalog import entries, resolve
 from models.foundation.common import build_empty, finish, load_strict, read_checkpoint, unwrap_state_dict
-from models.foundation.registry import register
 
 if TYPE_CHECKING:
     import open_clip
@@ -117,7 +116,6 @@ def _strip_module_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return sd
 
 
-@register("clip", "paper")
 def build_paper(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> ClipRole:

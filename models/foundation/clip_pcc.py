@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
-from models.foundation.registry import register
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
@@ -42,7 +41,6 @@ class ClipPccRole:
         return feats.float()
 
 
-@register("clip_pcc", "paper")
 def build_paper(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> ClipPccRole:

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
-from models.foundation.registry import register
 
 
 class FrameClassifierRole:
@@ -40,7 +39,6 @@ class FrameClassifierRole:
         return logits.float().softmax(dim=-1)
 
 
-@register("frame_classifier", "paper")
 def build_paper(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> FrameClassifierRole:

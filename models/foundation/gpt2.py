@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from models.foundation.common import finish, hf_dir, hf_from_pretrained
-from models.foundation.registry import register
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -35,7 +34,6 @@ class Gpt2Role:
         return self.model.get_input_embeddings()(ids)
 
 
-@register("gpt2", "paper")
 def build_paper(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> Gpt2Role:

@@ -1,93 +1,111 @@
-"""How a stage gets a foundation role: ``build_role(role, profile_kind, weights_root, device)``.
+"""How a stage gets a foundation role: ``build_role(role, impl, weights_root, device)``.
 
-Each role module registers one builder per profile kind with :func:`register`. The ``paper`` builders load the real
-upstream weights from ``weights_root`` (local files only). ``toy`` (and ``smoke``) builders are a later step: they
-must return an instance of the SAME role class, wrapping tiny models of the same library classes, so that stages never
-branch on the profile.
+Every role has two implementations behind the same role class, so that stages never branch on the profile:
+
+- ``paper``: the upstream weights, loaded from ``weights_root`` (local files only) by the role module's
+  ``build_paper``;
+- ``toy``: tiny models of the same library classes, pretrained on the toy world and loaded from
+  ``weights_root/<role>/`` by ``models.foundation.toy.<role>.build_toy`` (the ``toy`` and ``smoke`` profiles differ
+  only in the size of those weights).
+
+:data:`BUILDERS` names both builders of every role.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from models.foundation.catalog import ROLES, require_weights
+from models.foundation import (
+    blip2,
+    clip,
+    clip_pcc,
+    frame_classifier,
+    gpt2,
+    unclip,
+    vae,
+    video,
+    video_classifier,
+)
+from models.foundation.catalog import entries, require_weights, resolve
+from models.foundation.toy import blip2 as toy_blip2
+from models.foundation.toy import clip as toy_clip
+from models.foundation.toy import clip_pcc as toy_clip_pcc
+from models.foundation.toy import frame_classifier as toy_frame_classifier
+from models.foundation.toy import gpt2 as toy_gpt2
+from models.foundation.toy import unclip as toy_unclip
+from models.foundation.toy import vae as toy_vae
+from models.foundation.toy import video as toy_video
+from models.foundation.toy import video_classifier as toy_video_classifier
 from utils.errors import WeightsError
+from utils.io import file_fingerprint
 
 log = logging.getLogger(__name__)
 
-# builder(weights_root, device, dtype, **options) -> role object
+Impl = Literal["paper", "toy"]
+IMPLS: tuple[Impl, ...] = ("paper", "toy")
+
+# builder(weights_root, device, dtype, **options) -> the role object
 Builder = Callable[..., Any]
 
-_BUILDERS: dict[tuple[str, str], Builder] = {}
-
-# role -> module that holds its interface and builders
-ROLE_MODULES: dict[str, str] = {role: f"models.foundation.{role}" for role in ROLES}
-
-PROFILE_KINDS = ("paper", "toy", "smoke")
-
-
-def register(role: str, kind: str) -> Callable[[Builder], Builder]:
-    """Decorator: register ``fn`` as the ``kind`` builder of ``role``."""
-    if role not in ROLE_MODULES or kind not in PROFILE_KINDS:
-        raise ValueError(f"unknown role/kind {role!r}/{kind!r}")
-
-    def deco(fn: Builder) -> Builder:
-        _BUILDERS[(role, kind)] = fn
-        return fn
-
-    return deco
+BUILDERS: dict[str, dict[Impl, Builder]] = {
+    "clip": {"paper": clip.build_paper, "toy": toy_clip.build_toy},
+    "vae": {"paper": vae.build_paper, "toy": toy_vae.build_toy},
+    "unclip": {"paper": unclip.build_paper, "toy": toy_unclip.build_toy},
+    "video": {"paper": video.build_paper, "toy": toy_video.build_toy},
+    "gpt2": {"paper": gpt2.build_paper, "toy": toy_gpt2.build_toy},
+    "blip2": {"paper": blip2.build_paper, "toy": toy_blip2.build_toy},
+    "frame_classifier": {"paper": frame_classifier.build_paper, "toy": toy_frame_classifier.build_toy},
+    "video_classifier": {"paper": video_classifier.build_paper, "toy": toy_video_classifier.build_toy},
+    "clip_pcc": {"paper": clip_pcc.build_paper, "toy": toy_clip_pcc.build_toy},
+}
 
 
-def _load_role_module(role: str) -> None:
-    if role not in ROLE_MODULES:
-        raise WeightsError(f"unknown foundation role {role!r}", f"use one of {sorted(ROLE_MODULES)}")
-    importlib.import_module(ROLE_MODULES[role])
-    toy_module = f"models.foundation.toy.{role}"  # the in-house toy builders, where the role has them
-    if importlib.util.find_spec(toy_module) is not None:
-        importlib.import_module(toy_module)
-
-
-def available(role: str) -> list[str]:
-    """Profile kinds that have a builder for ``role``."""
-    _load_role_module(role)
-    return [k for k in PROFILE_KINDS if (role, k) in _BUILDERS]
+def foundation_impl(model_size: str) -> Impl:
+    """The foundation implementation a profile uses: ``paper`` weights with the paper-size brain model, the ``toy``
+    models with the ``toy`` and ``smoke`` sizes (their dimensions follow from those models)."""
+    return "paper" if model_size == "paper" else "toy"
 
 
 def build_role(
     role: str,
-    profile_kind: str,
+    impl: Impl,
     weights_root: str | Path,
     device: torch.device | str,
     dtype: torch.dtype | None = None,
     **options: Any,
 ) -> Any:
-    """Build the ``role`` object for ``profile_kind`` ("paper" | "toy" | "smoke") on ``device``.
+    """Build the ``role`` object of implementation ``impl`` ("paper" | "toy") on ``device``.
 
     For ``paper`` every file of the role must be under ``weights_root`` first; otherwise a one-line
     :class:`WeightsError` names them all before anything is loaded. ``options`` go to the role's builder
     (e.g. ``per_frame_norm=False`` for video, ``allow_unsafe_pickle=True`` for unclip).
     """
-    _load_role_module(role)
-    if profile_kind == "paper":
+    if role not in BUILDERS or impl not in IMPLS:
+        raise WeightsError(f"unknown foundation role/implementation {role!r}/{impl!r}",
+                           f"use a role of {list(BUILDERS)} and one of {list(IMPLS)}")  # fmt: skip
+    if impl == "paper":
         require_weights(weights_root, [role])
-    builder = _BUILDERS.get((role, profile_kind))
-    if builder is None:
-        raise WeightsError(
-            f"no {profile_kind!r} builder for foundation role {role!r} (have {available(role)})",
-            "toy/smoke builders are added with the toy weights (see models/foundation/__init__.py)",
-        )
-    log.info("building foundation role %s (%s) from %s on %s", role, profile_kind, weights_root, device)
-    return builder(Path(weights_root), device, dtype, **options)
+    log.info("building foundation role %s (%s) from %s on %s", role, impl, weights_root, device)
+    return BUILDERS[role][impl](Path(weights_root), device, dtype, **options)
 
 
-def require_roles(profile_kind: str, weights_root: str | Path, roles: list[str] | tuple[str, ...]) -> None:
-    """Stage preflight: raise before any work if a ``paper`` role lacks a file (no-op for other kinds)."""
-    if profile_kind == "paper":
+def require_roles(impl: Impl, weights_root: str | Path, roles: list[str] | tuple[str, ...]) -> None:
+    """Stage preflight: raise before any work if a ``paper`` role lacks a file (no-op for the toy models)."""
+    if impl == "paper":
         require_weights(weights_root, list(roles))
+
+
+def role_fingerprint(role: str, impl: Impl, weights_root: str | Path) -> dict[str, dict[str, Any]]:
+    """Size and mtime of every file foundation ``role`` of ``impl`` is built from (paths relative to
+    ``weights_root``): the paper catalog's files, or every file of the toy role's folder."""
+    root = Path(weights_root)
+    if impl == "paper":
+        files = [p for p in (resolve(e, root) for e in entries([role])) if p is not None]
+    else:
+        files = sorted(p for p in (root / role).rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): file_fingerprint(p) for p in files}

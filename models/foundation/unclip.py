@@ -39,7 +39,6 @@ from models.foundation.common import (
     read_json_config,
     unwrap_state_dict,
 )
-from models.foundation.registry import register
 from utils.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -364,7 +363,6 @@ def check_sigmas(dropped: Mapping[str, torch.Tensor], scheduler: EulerDiscreteSc
     (log.info if rel < 1e-4 else log.warning)("unclip denoiser.sigmas vs scheduler: max rel diff %.2e", rel)
 
 
-@register("unclip", "paper")
 def build_paper(
     weights_root: Path,
     device: torch.device | str,

@@ -17,7 +17,6 @@ import torch
 
 from models.foundation.catalog import entries, resolve
 from models.foundation.common import build_empty, finish, load_strict, read_checkpoint, read_json_config
-from models.foundation.registry import register
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -67,7 +66,6 @@ def sd15_vae_config() -> dict:
     return read_json_config("sd15_single_file", "vae", "config.json")
 
 
-@register("vae", "paper")
 def build_paper(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> VaeRole:

@@ -43,7 +43,6 @@ from models.foundation.common import (
     read_json_config,
     unwrap_state_dict,
 )
-from models.foundation.registry import register
 from utils.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -486,7 +485,6 @@ def load_base_pipeline(path: Path, tokenizer: Any) -> Any:
         ) from err
 
 
-@register("video", "paper")
 def build_paper(
     weights_root: Path,
     device: torch.device | str,

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
-from models.foundation.registry import register
 
 PAPER_NUM_FRAMES = 6
 
@@ -46,7 +45,6 @@ class VideoClassifierRole:
         return logits.float().softmax(dim=-1)
 
 
-@register("video_classifier", "paper")
 def build_paper(
     weights_root: Path,
     device: torch.device | str,

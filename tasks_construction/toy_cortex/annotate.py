@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tasks_construction.toy_cortex.config import ToyWorldConfig
 from tasks_construction.toy_cortex.render import RenderedSplit, Shot, object_track
-from tasks_construction.toy_cortex.vocabulary import BACKGROUNDS, CATEGORIES, PRIORITY_NAMES
+from utils.data_catalog import mask_frame_key, mask_png_dir
+from utils.toy_world import BACKGROUNDS, CATEGORIES, PRIORITY_NAMES, ToyWorldConfig
 
 
 def _a(word: str) -> str:
@@ -71,16 +71,16 @@ def png_bytes(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_masks(rendered: RenderedSplit, split: str, masks_dir: Path, progress: bool = False) -> dict[str, Any]:
-    """Write ``mask_cls_<split>_qwen_video/`` PNGs and return the ``mask_cls_dict`` (visible pixels only).
+def write_masks(rendered: RenderedSplit, split: str, data_root: Path, progress: bool = False) -> dict[str, Any]:
+    """Write ``masks/mask_cls_<split>_qwen_video/`` PNGs and return the ``mask_cls_dict`` (visible pixels only).
 
     The PNG folder is filled under a temporary name and renamed into place, so it appears complete or not at all.
     """
     from tqdm import tqdm
 
-    final = masks_dir / f"mask_cls_{split}_qwen_video"
-    masks_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=masks_dir))
+    final = data_root / mask_png_dir(split)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     mask_dict: dict[str, dict[str, str]] = {}
     try:
         for shot in tqdm(rendered.shots, desc=f"masks {split}", unit="shot", disable=not progress, leave=False):
@@ -89,9 +89,9 @@ def write_masks(rendered: RenderedSplit, split: str, masks_dir: Path, progress: 
                 for f, label_map in enumerate(rendered.labels[clip]):
                     entry = {}
                     for label in np.unique(label_map).tolist():
-                        (tmp / f"mask_{clip}_f{f}_{label}.png").write_bytes(png_bytes(label_map == label))
+                        (tmp / f"{mask_frame_key(clip, f)}_{label}.png").write_bytes(png_bytes(label_map == label))
                         entry[str(label)] = names[label]
-                    mask_dict[f"mask_{clip}_f{f}"] = entry
+                    mask_dict[mask_frame_key(clip, f)] = entry
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

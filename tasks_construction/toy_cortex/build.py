@@ -20,22 +20,39 @@ import numpy as np
 import torch
 
 from tasks_construction.toy_cortex import annotate, ceiling, encoding
-from tasks_construction.toy_cortex.config import (
+from tasks_construction.toy_cortex.render import SPLIT_CODES, render_split
+from utils.data import save_tensor_file
+from utils.data_catalog import (
+    CEILING_FILE,
+    CONCEPT_CLASSES_FILE,
+    ENCODING_MODEL_DIR,
+    KEY_OBJECT_CATEGORIES_FILE,
+    WORLD_FILE,
+    annotation_file,
+    caption_file,
+    caption_tags_file,
+    encoding_model_file,
+    fmri_file,
+    frames_file,
+    mask_labels_file,
+    subject_name,
+    toy_scenes_file,
+)
+from utils.errors import DataError
+from utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, sha256_file
+from utils.toy_world import (
+    BACKGROUNDS,
+    CATEGORIES,
     GENERATOR_VERSION,
     ToyWorldConfig,
+    concept_classes,
     config_dict,
     config_hash,
     validate_config,
 )
-from tasks_construction.toy_cortex.render import SPLIT_CODES, render_split
-from tasks_construction.toy_cortex.vocabulary import BACKGROUNDS, CATEGORIES, concept_classes
-from utils.data import save_tensor_file
-from utils.errors import DataError
-from utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-WORLD_FILE = "world.json"
 MARKER_FILE = ".toy_world_building.json"
 
 
@@ -79,7 +96,7 @@ def build_world(cfg: ToyWorldConfig, out_dir: Path, progress: bool = True) -> di
         ceilings = {}
         for subject in range(1, cfg.n_subjects + 1):
             bar.set_postfix_str(f"fMRI subject {subject}")
-            ceilings[f"subj0{subject}"] = _write_subject(cfg, subject, features, out_dir)
+            ceilings[subject_name(subject)] = _write_subject(cfg, subject, features, out_dir)
             bar.update()
         bar.set_postfix_str("manifest")
         summary = _write_manifest(cfg, out_dir, digest, features, ceiling.summarise(ceilings))
@@ -128,16 +145,16 @@ def _matches(path: Path, fp: dict[str, Any]) -> bool:
 def _write_split(cfg: ToyWorldConfig, split: str, out_dir: Path) -> SplitFeatures:
     rendered = render_split(cfg, split)
     n, f = rendered.frames.shape[:2]
-    save_tensor_file(out_dir / f"GT_{split}_3fps.pt", torch.from_numpy(rendered.frames))
+    save_tensor_file(out_dir / frames_file(split), torch.from_numpy(rendered.frames))
     concepts = concept_classes(cfg.n_categories, cfg.n_backgrounds)
     items = annotate.split_annotations(rendered, cfg, concepts)
-    save_tensor_file(out_dir / f"GT_{split}_caption.pt", np.asarray([i["caption"] for i in items], dtype=str))
-    atomic_write_json(out_dir / "qwen_annotation" / f"qwen_{split}_caption_tag_category_id.json", items)
+    save_tensor_file(out_dir / caption_file(split), np.asarray([i["caption"] for i in items], dtype=str))
+    atomic_write_json(out_dir / annotation_file(split), items)
     caption_tags = [{k: i[k] for k in ("idx", "caption", "tags")} for i in items]
-    atomic_write_json(out_dir / f"qwen_{split}_caption_tag.json", caption_tags)
-    atomic_write_json(out_dir / f"toy_scenes_{split}.json", [s.to_json() for s in rendered.shots])
-    mask_dict = annotate.write_masks(rendered, split, out_dir / "masks")
-    atomic_write_json(out_dir / "masks" / f"mask_cls_dict_{split}_qwen_video.json", mask_dict)
+    atomic_write_json(out_dir / caption_tags_file(split), caption_tags)
+    atomic_write_json(out_dir / toy_scenes_file(split), [s.to_json() for s in rendered.shots])
+    mask_dict = annotate.write_masks(rendered, split, out_dir)
+    atomic_write_json(out_dir / mask_labels_file(split), mask_dict)
     colour, motion = encoding.frame_features(
         rendered.frames.reshape(n * f, *rendered.frames.shape[2:]),
         np.arange(0, n, cfg.segment_clips) * f,
@@ -168,9 +185,9 @@ def _write_subject(cfg: ToyWorldConfig, subject: int, features: dict[str, SplitF
         repeats = cfg.n_train_repeats if split == "train" else cfg.n_test_repeats
         rng = np.random.default_rng([cfg.seed, 200, subject, SPLIT_CODES[split]])
         measured[split] = encoding.measure(signal, model.gain, repeats, feats.segments, rng)
-        save_tensor_file(out_dir / f"subj0{subject}_{split}_fmri.pt", torch.from_numpy(measured[split]))
+        save_tensor_file(out_dir / fmri_file(subject, split), torch.from_numpy(measured[split]))
         tensors[f"noise_free_{split}"] = torch.from_numpy(encoding.expected_response(signal, model.gain))
-    atomic_save_safetensors(out_dir / "encoding_model" / f"subj0{subject}.safetensors", tensors)
+    atomic_save_safetensors(out_dir / encoding_model_file(subject), tensors)
     return ceiling.oracle_ceiling(
         measured["test"], tensors["noise_free_test"].numpy(), cfg.ceiling_ways, cfg.ceiling_trials, cfg.seed
     )
@@ -192,25 +209,23 @@ def _model_description(cfg: ToyWorldConfig) -> dict[str, Any]:
         "hrf": {"model": cfg.hrf_model, "source": "nilearn.glm.first_level", "sampled_at_fps": cfg.fps},
         "lag_removed_s": cfg.hrf_lag_trs * cfg.tr,
         "pairing": f"clip i <-> volume i + {cfg.hrf_lag_trs}, sampled at the centre of the volume's TR",
-        "voxel_types_per_subject": {f"subj0{s}": t for s, t in types.items()},
+        "voxel_types_per_subject": {subject_name(s): t for s, t in types.items()},
     }
 
 
 def _write_manifest(
     cfg: ToyWorldConfig, out_dir: Path, digest: str, features: dict[str, SplitFeatures], ceil: dict[str, Any]
 ) -> dict[str, Any]:
-    atomic_write_json(out_dir / "ceiling.json", ceil)
-    atomic_write_json(out_dir / "encoding_model" / "model.json", _model_description(cfg))
-    atomic_write_json(
-        out_dir / "qwen_annotation" / "concept_classes.json", concept_classes(cfg.n_categories, cfg.n_backgrounds)
-    )
-    atomic_write_json(out_dir / "masks" / "key_object_categories.json", annotate.key_object_categories(cfg))
+    atomic_write_json(out_dir / CEILING_FILE, ceil)
+    atomic_write_json(out_dir / ENCODING_MODEL_DIR / "model.json", _model_description(cfg))
+    atomic_write_json(out_dir / CONCEPT_CLASSES_FILE, concept_classes(cfg.n_categories, cfg.n_backgrounds))
+    atomic_write_json(out_dir / KEY_OBJECT_CATEGORIES_FILE, annotate.key_object_categories(cfg))
     summary = {
         "n_clips": {s: len(f.items) // cfg.n_frames for s, f in features.items()},
         "n_segments": {s: len(f.segments) for s, f in features.items()},
         "resolution": cfg.resolution,
         "n_frames": cfg.n_frames,
-        "voxels": {f"subj0{s + 1}": v for s, v in enumerate(cfg.voxels)},
+        "voxels": {subject_name(s + 1): v for s, v in enumerate(cfg.voxels)},
         "n_concept_classes": len(concept_classes(cfg.n_categories, cfg.n_backgrounds)),
         "categories": [c.name for c in CATEGORIES[: cfg.n_categories]],
         "lag_removed_s": cfg.hrf_lag_trs * cfg.tr,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy.signal import fftconvolve
 
-from tasks_construction.toy_cortex.config import ToyWorldConfig
+from utils.toy_world import ToyWorldConfig
 
 VOXEL_TYPES = {"noise": 0, "retinotopic": 1, "motion": 2, "category": 3}
 COLOUR_CHANNELS = ("luminance", "red_green", "blue_yellow", "edge_energy")

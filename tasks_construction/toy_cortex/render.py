@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks_construction.toy_cortex.config import ToyWorldConfig
-from tasks_construction.toy_cortex.vocabulary import BACKGROUNDS, CATEGORIES, SHAPES, texture_gain
+from tasks_construction.toy_cortex.shapes import SHAPES, texture_gain
+from utils.toy_world import BACKGROUNDS, CATEGORIES, ToyWorldConfig
 
 SPLIT_CODES = {"train": 1, "test": 2}
 BOX_MARGIN = 0.15  # object centres stay inside [margin, 1 - margin] of the frame (they bounce off this box)

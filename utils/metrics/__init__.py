@@ -12,11 +12,21 @@ from utils.metrics._common import PROTOCOLS, Protocol
 from utils.metrics.pixel import blurry_video_ssim, psnr, ssim
 from utils.metrics.semantic import chance_level, chance_levels, n_way_accuracy, retrieval_accuracy
 from utils.metrics.summary import evaluate_videos, summarise
-from utils.metrics.tasks import caption_bleu, caption_bleu_per_sample, concept_f1, dice_per_sample, normalise_caption
+from utils.metrics.tasks import (
+    ConceptF1,
+    F1Average,
+    caption_bleu,
+    caption_bleu_per_sample,
+    concept_f1,
+    dice_per_sample,
+    normalise_caption,
+)
 from utils.metrics.temporal import clip_pcc
 
 __all__ = [
     "PROTOCOLS",
+    "ConceptF1",
+    "F1Average",
     "Protocol",
     "blurry_video_ssim",
     "caption_bleu",

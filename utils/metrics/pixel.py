@@ -20,6 +20,8 @@ Identical frames give PSNR = inf in both protocols (as skimage / torchmetrics do
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from utils.metrics._common import (
@@ -36,6 +38,7 @@ GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
 K1, K2 = 0.01, 0.03
 GAUSS_SIGMA, GAUSS_TRUNCATE = 1.5, 3.5  # skimage gaussian_weights=True
 UNIFORM_WIN = 7  # skimage default window without gaussian_weights
+FrameScore = Callable[[torch.Tensor, torch.Tensor, Protocol], torch.Tensor]  # (M, 3, H, W) twice → (M,)
 
 
 def gaussian_window_1d(sigma: float = GAUSS_SIGMA, truncate: float = GAUSS_TRUNCATE) -> torch.Tensor:
@@ -101,7 +104,7 @@ def _psnr_frames(pred: torch.Tensor, gt: torch.Tensor, protocol: Protocol) -> to
     return 10 * torch.log10(data_range**2 / mse)  # mse 0 → inf
 
 
-def _per_frame(pred: torch.Tensor, gt: torch.Tensor, fn, protocol: str, what: str) -> torch.Tensor:
+def _per_frame(pred: torch.Tensor, gt: torch.Tensor, fn: FrameScore, protocol: str, what: str) -> torch.Tensor:
     protocol = check_protocol(protocol)
     check_videos(pred, gt, what)
     n, f = pred.shape[:2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal, TypedDict
 
 import torch
 
@@ -21,9 +22,21 @@ def _check_binary(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 # ---- concept recognition -------------------------------------------------------------------------------------------
+F1Average = Literal["micro", "macro"]
+
+
+class ConceptF1(TypedDict):
+    """What :func:`concept_f1` returns: the averages, and (C,) per-class scores (NaN where undefined)."""
+
+    micro: float
+    macro: float
+    per_class_f1: torch.Tensor
+    per_class_recall: torch.Tensor
+    per_class_precision: torch.Tensor
+
 def concept_f1(
     scores: torch.Tensor, targets: torch.Tensor, *, threshold: float = 0.5, from_logits: bool = False
-) -> dict[str, torch.Tensor | float]:
+) -> ConceptF1:
     """Multi-label F1 of concept recognition (NEURONS' 51 classes; upstream predicts σ(logit) > 0.5).
 
     scores: (N, C) probabilities in [0, 1], or logits with ``from_logits``; targets: (N, C) multi-hot {0, 1}.

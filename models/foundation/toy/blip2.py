@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from models.foundation.blip2 import Blip2Role
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
 from models.foundation.toy.frame_classifier import processor_inputs
@@ -217,8 +216,6 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) ->
     return stats
 
 
-@register("blip2", "toy")
-@register("blip2", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> Blip2Role:

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from models.foundation.clip import ClipRole
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
 from utils.errors import WeightsError
@@ -203,8 +202,6 @@ def load_clip(folder: Path, device: torch.device | str = "cpu", dtype: torch.dty
     return role
 
 
-@register("clip", "toy")
-@register("clip", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> ClipRole:

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from models.foundation.clip_pcc import ClipPccRole
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.clip import contrastive_loss
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
@@ -165,8 +164,6 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) ->
     return {**stats, "embed_dim": int(model.config.projection_dim)}
 
 
-@register("clip_pcc", "toy")
-@register("clip_pcc", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> ClipPccRole:

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import torch
 
+from utils.data_catalog import WORLD_FILE, annotation_file, frames_file, toy_scenes_file
 from utils.errors import DataError
 from utils.io import sha256_file
-
-CAPTIONS = "qwen_annotation/qwen_{split}_caption_tag_category_id.json"
-FRAMES = "GT_{split}_3fps.pt"
-SCENES = "toy_scenes_{split}.json"
 
 
 @dataclass(frozen=True)
@@ -55,15 +52,15 @@ class Stimuli:
 def world_hash(world_root: Path) -> str:
     """The world's config hash from ``world.json`` (falls back to the sha256 of the training frames)."""
     try:
-        return str(json.loads((world_root / "world.json").read_text(encoding="utf-8"))["config_hash"])
+        return str(json.loads((world_root / WORLD_FILE).read_text(encoding="utf-8"))["config_hash"])
     except (OSError, ValueError, KeyError):
-        return sha256_file(world_root / FRAMES.format(split="train"))[:16]
+        return sha256_file(world_root / frames_file("train"))[:16]
 
 
 def load_stimuli(world_root: str | Path, split: str = "train") -> Stimuli:
     """Read ``GT_<split>_3fps.pt`` and the captions of ``split``; :class:`DataError` when missing or inconsistent."""
     root = Path(world_root)
-    frames_path, captions_path = root / FRAMES.format(split=split), root / CAPTIONS.format(split=split)
+    frames_path, captions_path = root / frames_file(split), root / annotation_file(split)
     for path in (frames_path, captions_path):
         if not path.is_file():
             raise DataError(f"missing {path}", "build the toy world first with `python download_dataset.py --toy`")
@@ -79,7 +76,7 @@ def load_stimuli(world_root: str | Path, split: str = "train") -> Stimuli:
 
 def scene_ids(root: Path, split: str, captions: list[str]) -> torch.Tensor:
     """``(N,)`` shot index per clip from ``toy_scenes_<split>.json``; without it, one id per distinct caption."""
-    path = root / SCENES.format(split=split)
+    path = root / toy_scenes_file(split)
     scene = torch.full((len(captions),), -1, dtype=torch.long)
     if path.is_file():
         for shot in json.loads(path.read_text(encoding="utf-8")):

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from models.foundation.common import finish
 from models.foundation.frame_classifier import FrameClassifierRole
-from models.foundation.registry import register
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
-from models.foundation.toy.data import CAPTIONS, Stimuli
+from models.foundation.toy.data import Stimuli
+from utils.data_catalog import WORLD_FILE, annotation_file
 from utils.errors import DataError
+from utils.toy_world import BACKGROUNDS, CATEGORIES
 
 if TYPE_CHECKING:
     from transformers import ViTForImageClassification
@@ -62,10 +63,8 @@ class SceneFactors:
 
 def world_vocabulary(world_root: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """-> (category names, their colour names, background nouns) of the categories/backgrounds the world uses."""
-    from tasks_construction.toy_cortex.vocabulary import BACKGROUNDS, CATEGORIES
-
     try:
-        cfg = json.loads((world_root / "world.json").read_text(encoding="utf-8"))["config"]
+        cfg = json.loads((world_root / WORLD_FILE).read_text(encoding="utf-8"))["config"]
         n_cat, n_bg = int(cfg["n_categories"]), int(cfg["n_backgrounds"])
     except (OSError, ValueError, KeyError):
         n_cat, n_bg = len(CATEGORIES), len(BACKGROUNDS)
@@ -81,7 +80,7 @@ def _direction(caption: str) -> int:
 def load_factors(world_root: str | Path, split: str = "train") -> SceneFactors:
     """Read the scene factors of every clip of ``split`` from its annotations (:class:`DataError` if unreadable)."""
     root = Path(world_root)
-    path = root / CAPTIONS.format(split=split)
+    path = root / annotation_file(split)
     try:
         items = sorted(json.loads(path.read_text(encoding="utf-8")), key=lambda it: int(it["idx"]))
         categories, colours, backgrounds = world_vocabulary(root)
@@ -235,8 +234,6 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, wo
     return stats
 
 
-@register("frame_classifier", "toy")
-@register("frame_classifier", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> FrameClassifierRole:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from models.foundation.common import finish
 from models.foundation.gpt2 import Gpt2Role
-from models.foundation.registry import register
 from models.foundation.toy.clip import CLIP_VOCAB, make_tokenizer
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
@@ -124,8 +123,6 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) ->
     return stats
 
 
-@register("gpt2", "toy")
-@register("gpt2", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> Gpt2Role:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from models.foundation.clip import ClipRole
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
 from models.foundation.toy.vae import load_autoencoder
@@ -238,8 +237,6 @@ def load_unclip(
     )
 
 
-@register("unclip", "toy")
-@register("unclip", "smoke")
 def build_toy(
     weights_root: Path,
     device: torch.device | str,

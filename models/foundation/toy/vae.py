@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
 from models.foundation.vae import VaeRole
@@ -127,8 +126,6 @@ def load_autoencoder(folder: Path) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(folder)
 
 
-@register("vae", "toy")
-@register("vae", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> VaeRole:

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.clip_pcc import CLIP_VOCAB, EOT, SOT
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
@@ -296,8 +295,6 @@ def load_video(
     )
 
 
-@register("video", "toy")
-@register("video", "smoke")
 def build_toy(
     weights_root: Path,
     device: torch.device | str,

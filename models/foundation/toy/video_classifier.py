@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.foundation.common import finish
-from models.foundation.registry import register
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
 from models.foundation.toy.data import Stimuli
 from models.foundation.toy.frame_classifier import (
@@ -164,8 +163,6 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, wo
     return stats
 
 
-@register("video_classifier", "toy")
-@register("video_classifier", "smoke")
 def build_toy(
     weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
 ) -> VideoClassifierRole:

@@ -1,7 +1,13 @@
-"""The toy cortex world's configuration: one flat frozen dataclass, plus the ``toy`` and ``smoke`` presets.
+"""The toy cortex world's definition: its vocabulary (object categories, background scenes, concept classes) and
+its configuration (one flat frozen dataclass, plus the ``toy`` and ``smoke`` presets).
 
-Every knob has a default (the defaults are the ``toy`` preset). Sizes are relative to the resolution where they are
-geometric (``*_frac`` = fraction of the frame side), so one config renders at 32 px or 224 px alike.
+The generator (:mod:`tasks_construction.toy_cortex`) renders and simulates from this; the toy foundation models read
+the vocabulary to name what they classify. Categories differ in shape, colour, size and texture so that tiny models
+can tell them apart. A world uses the first ``n_categories`` categories and the first ``n_backgrounds`` backgrounds;
+the order puts the most distinct shapes first.
+
+Every config knob has a default (the defaults are the ``toy`` preset). Sizes are relative to the resolution where they
+are geometric (``*_frac`` = fraction of the frame side), so one config renders at 32 px or 224 px alike.
 """
 
 from __future__ import annotations
@@ -14,6 +20,69 @@ from typing import Any
 
 from utils.errors import ConfigError
 
+
+# ---- vocabulary ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Category:
+    name: str  # noun used in captions, tags and mask labels
+    shape: str  # key of tasks_construction.toy_cortex.shapes.SHAPES
+    colour_name: str
+    rgb: tuple[float, float, float]
+    size: float  # radius multiplier over the world's minimum radius
+    texture: str  # "plain" | "stripes" | "checker" | "dots"
+    verb: str
+    concepts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Background:
+    name: str  # caption phrase, e.g. "blue water"
+    noun: str  # mask category, e.g. "water"
+    top: tuple[float, float, float]  # colour at the top of the frame
+    bottom: tuple[float, float, float]  # colour at the bottom
+    pattern: str  # "waves" | "blades" | "lane" | "grain" | "stars" | "plain"
+    preposition: str
+    concepts: tuple[str, ...]
+
+
+CATEGORIES: tuple[Category, ...] = (
+    Category("ball", "disk", "red", (0.90, 0.10, 0.10), 1.00, "plain", "rolls", ("toy", "sports equipment")),
+    Category("bird", "triangle", "yellow", (1.00, 0.85, 0.10), 1.00, "plain", "flies", ("animal", "bird")),
+    Category("box", "square", "purple", (0.55, 0.20, 0.75), 1.30, "checker", "slides", ("container",)),
+    Category("flower", "star", "pink", (1.00, 0.45, 0.75), 1.20, "dots", "sways", ("plant",)),
+    Category("fish", "ellipse", "orange", (1.00, 0.50, 0.00), 1.15, "stripes", "swims", ("animal", "fish")),
+    Category("kite", "diamond", "cyan", (0.10, 0.90, 0.90), 1.15, "checker", "flies", ("toy",)),
+    Category("donut", "ring", "brown", (0.55, 0.30, 0.10), 1.15, "plain", "rolls", ("food",)),
+    Category("cactus", "cross", "lime", (0.50, 1.00, 0.20), 1.20, "stripes", "hops", ("plant",)),
+    Category("boat", "bowl", "white", (0.98, 0.98, 0.98), 1.30, "stripes", "sails", ("vehicle",)),
+    Category("car", "wide_rect", "blue", (0.10, 0.20, 0.90), 1.30, "plain", "drives", ("vehicle",)),
+    Category("moon", "crescent", "pale yellow", (0.95, 0.95, 0.60), 1.15, "plain", "drifts", ("celestial body",)),
+    Category("turtle", "hexagon", "dark green", (0.10, 0.40, 0.15), 1.15, "checker", "crawls", ("animal", "reptile")),
+)
+
+BACKGROUNDS: tuple[Background, ...] = (
+    Background("blue water", "water", (0.25, 0.45, 0.80), (0.08, 0.22, 0.55), "waves", "over", ("water body",)),
+    Background("green grass", "grass", (0.35, 0.65, 0.30), (0.15, 0.45, 0.12), "blades", "on", ("plant",)),
+    Background("grey road", "road", (0.50, 0.50, 0.50), (0.35, 0.35, 0.35), "lane", "on", ("roadway",)),
+    Background("yellow sand", "sand", (0.90, 0.82, 0.55), (0.78, 0.66, 0.40), "grain", "on", ("landscape feature",)),
+    Background("night sky", "sky", (0.02, 0.02, 0.12), (0.10, 0.10, 0.30), "stars", "in", ("sky",)),
+    Background("white snow", "snow", (0.95, 0.95, 0.98), (0.82, 0.85, 0.92), "plain", "on", ("landscape feature",)),
+)
+
+#: Categories that find_key_obj treats as people/animals (displacement doubled, preferred as key objects).
+PRIORITY_NAMES: tuple[str, ...] = ("bird", "fish", "turtle")
+
+
+def concept_classes(n_categories: int, n_backgrounds: int) -> list[str]:
+    """The concept classes of a world, in first-use order over its categories then backgrounds."""
+    names: list[str] = []
+    items: tuple[Category | Background, ...] = (*CATEGORIES[:n_categories], *BACKGROUNDS[:n_backgrounds])
+    for item in items:
+        names += [c for c in item.concepts if c not in names]
+    return names
+
+
+# ---- configuration -------------------------------------------------------------------------------------------------
 #: Generator version: bump when the output for a given config changes, so old worlds are not mistaken for current.
 GENERATOR_VERSION = 1
 
@@ -81,7 +150,7 @@ def make_config(preset: str = "toy", **overrides: Any) -> ToyWorldConfig:
     names = {f.name for f in dataclasses.fields(ToyWorldConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"unknown toy world key(s) {unknown}", "see tasks_construction/toy_cortex/config.py")
+        raise ConfigError(f"unknown toy world key(s) {unknown}", "see utils/toy_world.py")
     cfg = ToyWorldConfig(**{**PRESETS[preset], **overrides})
     validate_config(cfg)
     return cfg
@@ -89,8 +158,6 @@ def make_config(preset: str = "toy", **overrides: Any) -> ToyWorldConfig:
 
 def validate_config(cfg: ToyWorldConfig) -> None:
     """Raise :class:`ConfigError` for values the generator cannot honour."""
-    from tasks_construction.toy_cortex.vocabulary import BACKGROUNDS, CATEGORIES
-
     checks = [
         (8 <= cfg.resolution <= 224, "world.resolution must be in 8..224"),
         (cfg.n_frames >= 2, "world.n_frames must be >= 2"),
