@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
     from pipeline.stage6 import evaluate
     from utils.config import load_config
     from utils.data_catalog import frames_file

@@ -70,10 +70,10 @@ def foundation_dims(profile: str) -> FoundationDims:
     """The paper's constants, or the dims of the toy foundation recipes (tokens, width, text, latents, GPT-2)."""
     if profile == "paper":
         return PAPER_FOUNDATION_DIMS
-    from models.foundation.toy.clip import RECIPES as CLIP
-    from models.foundation.toy.gpt2 import CLIP_VOCAB
-    from models.foundation.toy.gpt2 import RECIPES as GPT2
-    from models.foundation.toy.vae import RECIPES as VAE
+    from models.foundation.clip.toy import RECIPES as CLIP
+    from models.foundation.gpt2.toy import CLIP_VOCAB
+    from models.foundation.gpt2.toy import RECIPES as GPT2
+    from models.foundation.vae.toy import RECIPES as VAE
     from utils.toy_world import ToyWorldConfig
 
     c, g, v = CLIP[profile], GPT2[profile], VAE[profile]
@@ -151,7 +151,7 @@ def stage2_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], gens: list
     """pipeline.stage2.step_loss / head_losses on one process, progressive multipliers at 1."""
     t = Stage2Train()
     with torch.no_grad():
-        cond = model.encode(x["voxels"]).float()  # (B, T, D), frozen
+        cond = model.prior_condition(x["voxels"]).float()  # (B, T, D), frozen
     targets = x["targets"]
     prior, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], gens)
     motion = model.motion(prior_tokens)  # (B, F, T, D)

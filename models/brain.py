@@ -152,6 +152,15 @@ class NeuronsBrainModel(nn.Module):
             voxels = voxels[:, None]
         return self.backbone(self.ridge(voxels, subj_idx))[1]
 
+    def prior_condition(self, voxels: torch.Tensor, subj_idx: int = 0) -> torch.Tensor:
+        """voxels (B, R, V) or (B, V) → the diffusion prior's condition (B, T, D): the ``clip_proj`` output, or with
+        ``cfg.prior_condition="backbone"`` the pre-projection ``backbone_linear`` output MindEye2 trained its prior on
+        (defect 19)."""
+        if voxels.ndim == 2:
+            voxels = voxels[:, None]
+        voxels_embed, clip_embeds = self.backbone(self.ridge(voxels, subj_idx))
+        return voxels_embed if self.cfg.prior_condition == "backbone" else clip_embeds
+
     def text_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP tokens (B, T, D) or per-frame tokens (B, F, T, D) (averaged over frames) → (B, Dt), unnormalised."""
         if tokens.ndim == 4:
@@ -205,7 +214,7 @@ class NeuronsBrainModel(nn.Module):
     ) -> BrainDecoding:
         """Brain-only decoding of B clips: voxels (B, R, V) or (B, V) → :class:`BrainDecoding`.
 
-        The prior is sampled from the brain condition with ``prior_steps`` strided DDPM steps (None: every step);
+        The prior is sampled from :meth:`prior_condition` with ``prior_steps`` strided DDPM steps (None: every step);
         pass one generator per clip for batch-size-independent results. The mask head is queried with ``key_text``
         (B, Dt) when given, else with the row of ``key_table`` (C, Dt) of each clip's top concept. Latents are
         nearest-resized to ``latent_size`` (default the VAE latent size).
@@ -213,7 +222,7 @@ class NeuronsBrainModel(nn.Module):
         if (key_text is None) == (key_table is None):
             raise ValueError("decode_voxels needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
         dtype = self.diffusion_prior.net.learned_query.dtype  # the weights' (float32): undoes autocast's bf16
-        cond = self.encode(voxels).to(dtype)  # (B, T, D)
+        cond = self.prior_condition(voxels).to(dtype)  # (B, T, D)
         prior_tokens = self.diffusion_prior.sample(cond, generators, prior_steps).to(dtype)  # (B, T, D)
         motion = self.motion(prior_tokens)  # (B, F, T, D)
         text = self.text_embed(motion).to(dtype)  # (B, Dt), unnormalised

@@ -15,11 +15,16 @@ Upstream-defect switches (spec/upstream-neurons.md §10), fixed behaviour by def
 keywords (the first two are stored in `DecoderConfig`, `caption_pad` in `BrainConfig`):
 
 * `text_attention` (defect 14): ``"own"`` each clip attends to its own text; ``"batch"`` upstream (every clip attends
-  over the texts of the whole mini-batch).
+  over the texts of the whole mini-batch). Two additions of ours are separate switches (upstream: both off):
+  `text_attention_residual` (the attention output is added to the projected vision tokens) and
+  `text_attention_null_kv` (a learned null key/value; a model built without it has no ``null_kv`` parameter).
 * `temporal_scope` (defect 15): ``"clip"`` temporal attention over the frames of one clip; ``"batch"`` upstream
   (over all frames of the batch).
 * `caption_pad` (defect 21): ``"dedicated"`` pads are masked out of attention and ignored by the loss via label -100;
   ``"clip_zero"`` upstream: pad id 0 doubles as a real CLIP token ("!"), no attention mask, every id-0 target ignored.
+* `prior_condition` (defect 19): what conditions the diffusion prior: ``"clip_proj"`` the backbone's ``clip_proj``
+  output (upstream NEURONS, and our default), ``"backbone"`` the pre-projection ``backbone_linear`` output that
+  MindEye2 trained its prior on.
 
 The concept-name granularity switch (defect 22) is `models.heads.ConceptNamer.mode`; Dice reduction (defect 23) is an
 argument of `utils.losses.dice_loss`.
@@ -36,6 +41,7 @@ from utils.errors import ConfigError
 TextAttention = Literal["own", "batch"]
 TemporalScope = Literal["clip", "batch"]
 CaptionPad = Literal["dedicated", "clip_zero"]
+PriorCondition = Literal["clip_proj", "backbone"]
 
 ALL_PARTS = (
     "ridge",
@@ -118,6 +124,8 @@ class DecoderConfig:
     attn_dropout: float = 0.1
     map_dropout: float = 0.3
     text_attention: TextAttention = "own"
+    text_attention_residual: bool = True  # defect 14 (ours): add the attention output to the projected vision tokens
+    text_attention_null_kv: bool = True  # defect 14 (ours): a learned null key/value beside the text keys
     temporal_scope: TemporalScope = "clip"
 
 
@@ -143,6 +151,7 @@ class BrainConfig:
     n_frames: int = 6
     seq_len: int = 1
     caption_pad: CaptionPad = "dedicated"
+    prior_condition: PriorCondition = "clip_proj"
     parts: tuple[str, ...] = ALL_PARTS
 
     def __post_init__(self) -> None:
@@ -253,6 +262,11 @@ def _validate(cfg: BrainConfig) -> None:
     )
     check(dec.text_attention in ("own", "batch"), f"bad text_attention {dec.text_attention!r}", "use 'own' or 'batch'")
     check(dec.temporal_scope in ("clip", "batch"), f"bad temporal_scope {dec.temporal_scope!r}", "use 'clip'/'batch'")
+    check(
+        cfg.prior_condition in ("clip_proj", "backbone"),
+        f"bad prior_condition {cfg.prior_condition!r}",
+        "use 'clip_proj' or 'backbone'",
+    )
     check(
         cfg.caption_pad in ("dedicated", "clip_zero"),
         f"bad caption_pad {cfg.caption_pad!r}",

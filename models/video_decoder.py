@@ -7,10 +7,11 @@ in plain torch whose spatial self-attention after every ResNet layer is blended 
 
 Two upstream defects are fixed by default and reproducible by flag (`DecoderConfig`):
 
-* `text_attention="own"` (defect 14): the tokens of a clip's frames attend to that clip's text only, over
-  ``[learned null | own text]`` keys, and the attention output is added to the projected vision tokens (so spatial
-  information survives when there is one text vector). ``"batch"`` is upstream: keys are the text vectors of every clip
-  in the mini-batch and the output replaces the vision tokens.
+* `text_attention="own"` (defect 14): the tokens of a clip's frames attend to that clip's text only; ``"batch"`` is
+  upstream: keys are the text vectors of every clip in the mini-batch. Two additions are switched separately (both on
+  by default, off upstream): `text_attention_null_kv` prepends a learned null key/value to the keys, and
+  `text_attention_residual` adds the attention output to the projected vision tokens instead of replacing them (so
+  spatial information survives when there is one text vector).
 * `temporal_scope="clip"` (defect 15): temporal attention runs over the F frames of one clip; ``"batch"`` is upstream
   (over all B·F frames of the mini-batch).
 """
@@ -155,7 +156,7 @@ class TextDrivenDecoder(nn.Module):
         self.v = nn.Linear(text_dim, text_dim, bias=False)
         self.out = nn.Linear(text_dim, text_dim, bias=False)
         # Learned "nothing relevant" key/value: lets each token gate how much of its clip's text it takes.
-        self.null_kv = nn.Parameter(torch.zeros(2, text_dim)) if cfg.text_attention == "own" else None
+        self.null_kv = nn.Parameter(torch.zeros(2, text_dim)) if cfg.text_attention_null_kv else None
         self.attn_dropout = nn.Dropout(cfg.attn_dropout)
         self.proj_dropout = nn.Dropout(cfg.attn_dropout)
         m0, m1, m2 = cfg.map_channels
@@ -179,18 +180,28 @@ class TextDrivenDecoder(nn.Module):
         b, f = vision.shape[:2]
         q = self.q(rearrange(vision, "b f t d -> (b f) t d"))  # (B·F, T, Dt)
         scale = vision.shape[-1] ** -0.5
+        k, v = self.text_keys(text, f)  # (N, K, Dt), N = B·F or 1 (shared by every frame token)
+        attn = self.attn_dropout((q @ k.transpose(1, 2) * scale).softmax(dim=-1))  # (B·F, T, K)
+        ctx = attn @ v  # (B·F, T, Dt)
+        return self.proj_dropout(self.out(q + ctx if self.cfg.text_attention_residual else ctx))
+
+    def text_keys(self, text: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the text attention: text (B, Dt) or (B, L, Dt) → two (N, K, Dt).
+
+        "own": N = B·F, the frames of clip b see clip b's L text vectors; "batch" (upstream): N = 1, every frame token
+        sees the B text vectors of the whole mini-batch. With the null key/value K gains one leading entry."""
         if self.cfg.text_attention == "batch":
             if text.ndim != 2:
                 raise ValueError("text_attention='batch' (upstream) takes one text vector per clip, (B, Dt)")
-            k, v = self.k(text), self.v(text)  # (B, Dt): every frame token sees every clip's text
-            attn = self.attn_dropout((q @ k.T * scale).softmax(dim=-1))  # (B·F, T, B)
-            return self.proj_dropout(self.out(attn @ v))
-        text = text[:, None] if text.ndim == 2 else text  # (B, L, Dt)
-        text = text.repeat_interleave(f, dim=0)  # (B·F, L, Dt): frames of clip b see clip b's text only
-        k = torch.cat((self.null_kv[0].expand(len(text), 1, -1), self.k(text)), dim=1)  # (B·F, L+1, Dt)
-        v = torch.cat((self.null_kv[1].expand(len(text), 1, -1), self.v(text)), dim=1)
-        attn = self.attn_dropout((q @ k.transpose(1, 2) * scale).softmax(dim=-1))  # (B·F, T, L+1)
-        return self.proj_dropout(self.out(q + attn @ v))
+            text = text[None]  # (1, B, Dt)
+        else:
+            text = text[:, None] if text.ndim == 2 else text  # (B, L, Dt)
+            text = text.repeat_interleave(f, dim=0)  # (B·F, L, Dt)
+        k, v = self.k(text), self.v(text)
+        if self.null_kv is not None:
+            k = torch.cat((self.null_kv[0].expand(len(text), 1, -1), k), dim=1)  # (N, K, Dt)
+            v = torch.cat((self.null_kv[1].expand(len(text), 1, -1), v), dim=1)
+        return k, v
 
     def forward(
         self, vision: torch.Tensor, text: torch.Tensor, head: Literal["seg", "recon", "both"] = "seg"

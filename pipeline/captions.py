@@ -7,7 +7,9 @@ decoded. A rerun of stage 3 rewrites the keyframes, so stage 4's manifest no lon
 captions are used until stage 4 is rerun.
 
 ``video.caption_source`` of a stage-5 config picks: ``auto`` (the rule above), ``blip2`` (stage 4 required: refuse
-when it is not current) or ``gpt2`` (always stage 3). Configs without it behave as ``auto``.
+when it is not current) or ``gpt2`` (always stage 3). Configs without it behave as ``auto``. Under ``auto`` the
+fallback to GPT-2 happens only with ``video.caption_fallback`` true (with a warning); false (the paper profiles)
+refuses, naming the fix.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def select_captions(cfg: SharedConfig) -> tuple[list[str], Source]:
     except StageOrderError as err:
         if wanted == "blip2":
             raise
+        if not getattr(video, "caption_fallback", False):
+            raise StageOrderError(
+                f"stage 4's BLIP-2 captions are not current ({err.cause}) and video.caption_fallback is false",
+                f"{err.fix or rerun_hint(cfg).format(stage=4)}; or caption with stage 3's GPT-2 captions: "
+                "--set video.caption_fallback=true",
+            ) from None
         log.warning("captions: stage 3's GPT-2 captions, since stage 4's BLIP-2 captions are not current (%s)",
                     err.cause)  # fmt: skip
         return gpt2, "gpt2"

@@ -18,7 +18,7 @@ from models.sizes import PAPER_FOUNDATION_DIMS, BrainConfig, FoundationDims, GPT
 from utils.clip_target_cache import ClipTargetCache
 from utils.data import BrainVideoData
 from utils.errors import WeightsError
-from utils.stage_configs import SharedConfig
+from utils.stage_configs import SharedConfig, UpstreamFlags
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,19 @@ def make_brain_config(
     if cfg.model.backbone_dropout is not None:
         brain = replace(brain, widths=replace(brain.widths, backbone_dropout=cfg.model.backbone_dropout))
     return brain
+
+
+# the upstream flags that shape the stage-2 model (stage 3 rebuilds it with stage 2's values)
+MODEL_FLAGS = ("text_attention", "text_attention_residual", "text_attention_null_kv", "temporal_scope",
+               "caption_pad", "prior_condition")  # fmt: skip
+
+
+def model_flags(up: UpstreamFlags) -> dict[str, Any]:
+    """The keyword arguments of :func:`make_brain_config` that :data:`MODEL_FLAGS` set (defects 14, 15, 19, 21)."""
+    decoder = {"text_attention_residual": up.text_attention_residual,
+               "text_attention_null_kv": up.text_attention_null_kv}  # fmt: skip
+    return {"text_attention": up.text_attention, "temporal_scope": up.temporal_scope, "caption_pad": up.caption_pad,
+            "prior_condition": up.prior_condition, "decoder_overrides": decoder}  # fmt: skip
 
 
 def _brain_config(

@@ -66,6 +66,7 @@ class Trainer:
     step_loss: StepFn
     evaluate: EvalFn
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    eval_split: str = "val"  # the split evaluate() scores (metrics.jsonl "split"); "test" under test_upstream
 
 
 def save(tr: Trainer, name: str, opt, sched, prog: Progress) -> None:
@@ -259,7 +260,7 @@ def fit(tr: Trainer, plan: BatchPlan, opt, sched, metrics: MetricsLog) -> Progre
             train_epoch(tr, plan, opt, sched, prog, metrics)
             scores = tr.evaluate()
             if acc.is_main_process:
-                metrics.write({"split": "val", "step": prog.step, "epoch": prog.epoch, **scores})
+                metrics.write({"split": tr.eval_split, "step": prog.step, "epoch": prog.epoch, **scores})
                 log.info("epoch %d: %s", prog.epoch, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
             if scores["metric"] > prog.best:
                 prog.best = scores["metric"]

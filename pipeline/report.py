@@ -193,6 +193,14 @@ def scored_modes(paths: RunPaths) -> dict[str, dict[str, Any]]:
     return out
 
 
+def by_protocol(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """protocol → its metrics of one metrics JSON: ``protocols`` (stage 6 scores both), or, in files written before
+    that, the one ``metrics`` block under its ``protocol``."""
+    if isinstance(m.get("protocols"), dict):
+        return {p: v.get("metrics", {}) for p, v in m["protocols"].items()}
+    return {str(m.get("protocol", "standard")): m["metrics"]}
+
+
 def chance_of(metrics: dict[str, dict[str, Any]], key: str) -> str:
     for m in metrics.values():
         if key in m.get("metrics", {}) and m["metrics"][key].get("chance") is not None:
@@ -203,18 +211,26 @@ def chance_of(metrics: dict[str, dict[str, Any]], key: str) -> str:
 def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_quality: dict[str, Any] | None) -> Table:
     """Ours per mode, then the published numbers (paper) or the ridge → decoders videos (toy), then chance."""
     subj = int(cfg.run.subj)
-    header = ["metric", *(f"ours ({mode}, subj {subj})" for mode in scored)]
+    ours = [(f"ours ({mode}, subj {subj}, {p})", pm) for p in ("standard", "neurons") for mode, m in scored.items()
+            for q, pm in by_protocol(m).items() if q == p]  # fmt: skip  # the neurons columns last, beside the papers
+    header = ["metric", *(name for name, _ in ours)]
     others: list[tuple[str, dict[str, Any]]] = []
-    notes = [f"ours: mean ± std over test clips, protocol '{m['protocol']}' ({mode}, {m['n_clips']} clips, "
-             f"{m['caption_source']} captions)" for mode, m in scored.items()]  # fmt: skip
+    notes = [
+        f"ours: mean ± std over test clips ({mode}, {m['n_clips']} clips, {m['caption_source']} captions); "
+        f"protocols {', '.join(by_protocol(m))}, headline '{m.get('protocol')}'"
+        for mode, m in scored.items()
+    ]
+    notes.append("protocol 'standard': the corrected metric definitions; 'neurons': upstream's metric code "
+                 "(run_metrics.py), on stage 5's GIF grids when it wrote them")  # fmt: skip
     if is_paper(cfg):
         for name, pub in PUBLISHED.items():
             values = pub.get(subj, pub["mean"])
             others.append((f"{name} ({'subj ' + str(subj) if subj in pub else 'mean of 3'})", values))
             notes.append(f"{name}: {pub['source']}")
-        if any(m["protocol"] != "neurons" for m in scored.values()):
-            notes.append("the published numbers use the upstream metric code: compare them with protocol 'neurons' "
-                         "(--set eval.protocol=neurons); 'standard' SSIM and CLIP-pcc are defined differently")
+        notes.append("the published numbers use the upstream metric code: they stand beside protocol 'neurons' and "
+                     "compare with it only; 'standard' SSIM and CLIP-pcc are defined differently")  # fmt: skip
+        if not any("neurons" in by_protocol(m) for m in scored.values()):
+            notes.append("no protocol 'neurons' in these metrics files: rerun stage 6, which scores both")
     elif toy_quality and toy_quality.get("ridge_decoders"):
         rd = toy_quality["ridge_decoders"]
         for mode, m in rd.items():
@@ -224,11 +240,11 @@ def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_qual
     header += [name for name, _ in others] + ["chance"]
     rows = []
     for key, label, dec in METRICS:
-        if not any(key in m["metrics"] for m in scored.values()) and not any(key in v for _, v in others):
+        if not any(key in pm for _, pm in ours) and not any(key in v for _, v in others):
             continue
         row = [label]
-        for m in scored.values():
-            e = m["metrics"].get(key)
+        for _, pm in ours:
+            e = pm.get(key)
             row.append(fmt(e["mean"], dec, e.get("std")) if e else "")
         row += [cell(v.get(key), dec) for _, v in others]
         rows.append(row + [chance_of(scored, key)])
@@ -417,6 +433,18 @@ def diagnostics_section(paths: RunPaths, mode: str, count: int) -> str:
     return "".join(out)
 
 
+def selection_warnings(paths: RunPaths) -> list[str]:
+    """One line per training stage whose ``best`` epoch was picked on the test clips
+    (``data.validation=test_upstream``, defect 16): the test numbers of such a run are not held-out numbers."""
+    out = []
+    for stage in ("1", "2"):
+        selected = (read_manifest(paths.stage_dir(stage)) or {}).get("selected_on", "val")
+        if str(selected).startswith("test"):
+            out.append(f"warning: stage {stage} selected its best epoch on the TEST clips ({selected}); test metrics "
+                       "downstream of it are not held-out numbers")  # fmt: skip
+    return out
+
+
 def stages_table(paths: RunPaths) -> Table:
     rows = []
     for stage, folder in paths.stage_dirs().items():
@@ -460,6 +488,7 @@ def write_report(cfg: SharedConfig) -> Path:
     parts = [f"<h1>NEURONS run report: {esc(r.exp)}, subject {r.subj}</h1>",
              f'<p class="note">run folder {esc(paths.root.resolve())}; profile {esc(r.profile)}; data '
              f"{esc(cfg.paths.data_root)}; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+             *(f'<p class="warn">{esc(w)}</p>' for w in selection_warnings(paths)),
              "<h2>Metrics</h2>"]  # fmt: skip
     if not scored:
         parts.append('<p class="warn">stage 6 has not scored this run yet: no metrics_&lt;mode&gt;.json</p>')
@@ -481,7 +510,7 @@ def write_report(cfg: SharedConfig) -> Path:
 def summary_markdown(cfg: SharedConfig) -> str:
     """The report's tables as markdown (what ``make demo`` prints at the end)."""
     paths = RunPaths.from_config(cfg)
-    body = "\n\n".join(t.markdown() for t in tables(cfg, paths))
+    body = "\n\n".join([*selection_warnings(paths), *(t.markdown() for t in tables(cfg, paths))])
     return body or f"no metrics in {paths.root} yet (run stage 6)"
 
 

@@ -4,7 +4,8 @@ Per step: voxels of one repeat (alternating by epoch) → ridge → backbone →
 are the CLIP image tokens of frame ``target_frame + epoch % 2``. Loss = BiMixCo NCE (τ_img) while
 ``epoch < mixup_pct · epochs`` (SoftCLIP afterwards) + ``text_weight`` · InfoNCE (τ_txt) between ``clipproj`` of the
 prediction and the caption embedding. Model selection uses the held-out validation clips (never the test set):
-brain→image + image→brain top-1 + caption top-5 retrieval.
+brain→image + image→brain top-1 + caption top-5 retrieval; ``data.validation=test_upstream`` trains on every clip
+and selects on the test clips, as upstream (defect 16; the manifest's ``selected_on`` says which).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline.loop import Trainer, fit, prepare_training
 from utils.baselines import identification_accuracy
 from utils.checkpoint import load_checkpoint
 from utils.cli import begin_stage
+from utils.data import selection_note, selection_split
 from utils.io import atomic_write_json
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
 from utils.runs import RunPaths
@@ -162,9 +164,11 @@ def train(cfg: Stage1Config) -> Path:
     plan, opt, sched, metrics = prepare_training(cfg, "1", s.model, acc, s.data.n_clips("train"), s.out_dir)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
-    trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s), {"mixco": gen})
-    log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes", plan.n_items,
-             s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes)  # fmt: skip
+    select_on = selection_split(cfg.data)
+    trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s, select_on), {"mixco": gen}, select_on)
+    log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes; selection on %s",
+             plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes,
+             selection_note(cfg.data))  # fmt: skip
     try:
         fit(trainer, plan, opt, sched, metrics)
     finally:
@@ -193,7 +197,7 @@ def identification(s: Stage1, split: str, ways=(2, 50), seed: int = 0) -> dict[s
 def report_identification(s: Stage1) -> Path:
     """Score the ``best`` checkpoint on the validation and the test clips (reported, never used for selection)."""
     load_checkpoint(s.out_dir / "checkpoints" / "best", s.accelerator.unwrap_model(s.model), s.cfg)
-    result = {split: identification(s, split) for split in ("val", "test")}
+    result = {split: identification(s, split) for split in ("val", "test") if s.data.n_clips(split)}
     for split, scores in result.items():
         log.info("best checkpoint, %s identification top-1: %s", split,
                  ", ".join(f"{k} {v:.3f}" for k, v in scores["top1"].items()))  # fmt: skip
@@ -208,4 +212,5 @@ def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
     recorder.add_output(metrics.path)
     recorder.add_output(s.out_dir / "identification.json")
     recorder.add_output(curves)
+    recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train")})
     recorder.finish()

@@ -1,7 +1,8 @@
 """Stage 2: the decoupled task heads ("neurons_decoupler", spec §3.5) on top of the frozen stage-1 brain model.
 
 Initialisation: the stage-1 BEST checkpoint gives ``ridge``, ``backbone`` and ``clipproj`` (all frozen, kept in eval
-mode); the paper profile starts the diffusion prior from MindEye2's ``last.pth`` (``train.init_from_mindeye2``);
+mode; ``train.backbone_mode=train`` leaves them in train mode, backbone dropout on, as upstream); the paper profile
+starts the diffusion prior from MindEye2's ``last.pth`` (``train.init_from_mindeye2``);
 ``motion_proj``, ``classifier`` and ``text_seg_dec`` are fresh; ``text_dec`` wraps the pretrained gpt2 role's model
 (fine-tuned, with a fresh prefix projection).
 
@@ -19,7 +20,8 @@ Per step on B clips (voxels of repeat ``voxel_repeat``; T = CLIP tokens, D = wid
   (the paper feeds CLIP ids straight into GPT-2's ``wte``; the toy GPT-2 was pretrained on the same ids);
 * latent: L1 of ``decode_latents(M, text_embed(M))`` vs the VAE latents (posterior mode) of the frames;
 
-total = Σ ``loss_weights`` × progressive multipliers (``progressive``; dice/concepts/caption/latent).
+total = Σ ``loss_weights`` × progressive multipliers (``progressive``; dice/concepts/caption/latent; windows derived
+from ``train.num_epochs`` as upstream unless ``progressive.windows=fixed``).
 
 Validation (held-out ``val`` clips, never test) decodes brain-only with the model's ``decode_voxels`` (as stage 3):
 the prior is SAMPLED from the brain condition (per-clip seeds, ``val_prior_steps`` strided DDPM steps) — not
@@ -28,6 +30,8 @@ Scores: ``fwd_top1`` / ``bwd_top1`` (frame ``target_frame`` of M vs its CLIP tok
 clips), ``prior_fwd_top1`` (P itself), ``caption_acc`` (teacher-forced token accuracy), ``concept_f1`` (micro F1 at
 0.5), ``dice`` (mean soft Dice over clips that have a key object, given its name). ``metric`` = the sum of
 ``train.selection`` (default fwd + bwd + caption accuracy, upstream's choice); ``best`` keeps the highest.
+``data.validation=test_upstream`` trains on every clip and scores the TEST clips instead (defect 16's test-set
+selection; the scores are still brain-only, not upstream's noised-ground-truth shortcut).
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ from pipeline.common import (
     foundation_dims,
     load_data,
     make_brain_config,
+    model_flags,
     require_foundation,
     uses_clip_cache,
 )
 from pipeline.loop import Trainer, fit, prepare_training
 from utils.checkpoint import MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
+from utils.data import selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
 from utils.losses import (
     concept_bce,
@@ -68,6 +74,7 @@ from utils.losses import (
     softclip_temperature,
     symmetric_infonce,
     total_loss,
+    upstream_progressive_windows,
 )
 from utils.manifest import require_stage
 from utils.resize import resize_maps_nearest, resize_masks_majority
@@ -103,8 +110,9 @@ class Stage2:
     accelerator: Any
     out_dir: Path
     stage1_ckpt: Path
-    voxels: dict[str, torch.Tensor]  # per split: (n, V) train = repeat ``voxel_repeat``, val = mean of the repeats
-    captions: dict[str, Captions]  # per split (train, val)
+    # per split (train and the selection split, val or test): (n, V) train = repeat ``voxel_repeat``, else the mean
+    voxels: dict[str, torch.Tensor]
+    captions: dict[str, Captions]  # per split (train and the selection split)
     key_text: dict[str, torch.Tensor]  # per split: (n, Dt) pooled text embedding of each clip's key-object name
     targets: ClipTargets  # CLIP image tokens and VAE latents of the frames (cached or computed)
     frozen: tuple[str, ...] = FROZEN_PARTS  # parts kept frozen and in eval mode
@@ -133,15 +141,14 @@ def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage2Config)
 
 def build_model(cfg: Stage2Config, data: Any, dims: Any, gpt2: Any, stage1: Path) -> NeuronsBrainModel:
     up = cfg.upstream
-    bcfg = make_brain_config(cfg, data, dims, ALL_PARTS, text_attention=up.text_attention,
-                             temporal_scope=up.temporal_scope, caption_pad=up.caption_pad)  # fmt: skip
+    bcfg = make_brain_config(cfg, data, dims, ALL_PARTS, **model_flags(up))
     model = NeuronsBrainModel(bcfg, gpt2=gpt2.model)
     if cfg.train.init_from_mindeye2:  # fills backbone and prior; the backbone is then replaced by stage 1's
         load_mindeye2(cfg.paths.weights_root, model)
     load_stage1_parts(model, stage1, cfg)
     for part in frozen_parts(cfg):
         model.get_submodule(part).requires_grad_(False)
-    set_train_mode(model, frozen_parts(cfg))
+    set_train_mode(model, frozen_parts(cfg), cfg.train.backbone_mode)
     return model
 
 
@@ -153,11 +160,15 @@ def frozen_parts(cfg: Stage2Config) -> tuple[str, ...]:
     return FROZEN_PARTS + tuple(cfg.train.freeze)
 
 
-def set_train_mode(model: torch.nn.Module, frozen: tuple[str, ...] = FROZEN_PARTS) -> None:
-    """Training mode for the trainable heads; the frozen parts stay in eval mode (no dropout)."""
+def set_train_mode(
+    model: torch.nn.Module, frozen: tuple[str, ...] = FROZEN_PARTS, backbone_mode: str = "eval"
+) -> None:
+    """Training mode for the trainable heads; the frozen parts stay in eval mode (no dropout), except the stage-1
+    parts under ``backbone_mode="train"`` (upstream's ``model.train()``: the frozen backbone's dropout is active)."""
     model.train()
     for part in frozen:
-        model.get_submodule(part).eval()
+        if not (backbone_mode == "train" and part in FROZEN_PARTS):
+            model.get_submodule(part).eval()
 
 
 def caption_targets(clip: Any, captions: np.ndarray, max_len: int, max_positions: int, vocab: int) -> Captions:
@@ -208,18 +219,20 @@ def setup(cfg: Stage2Config) -> Stage2:
     clip = build_role("clip", impl, root, "cpu" if uses_clip_cache(cfg) else device)
     vae, gpt2 = (build_role(r, impl, root, device) for r in ("vae", "gpt2"))
     dims = foundation_dims(cfg, clip, data, vae, gpt2)
-    targets = clip_targets(cfg, data, clip, device, {"train": list(range(data.n_frames))}, vae)
+    select_on = selection_split(cfg.data)
+    needs = {"train": list(range(data.n_frames))} | ({"test": [cfg.train.target_frame]} if select_on == "test" else {})
+    targets = clip_targets(cfg, data, clip, device, needs, vae)
     model = build_model(cfg, data, dims, gpt2, stage1)
     t, namer = cfg.train, concept_namer(cfg, data)
     captions = {
         split: caption_targets(clip, data.captions(split), t.caption_max_len, gpt2.max_positions, gpt2.vocab_size)
-        for split in ("train", "val")
+        for split in ("train", select_on)
     }
     key_text = {
         split: key_text_embeddings(clip, [namer.train_name(n) for n in data.key_object_names(split)], device)
-        for split in ("train", "val")
+        for split in ("train", select_on)
     }
-    voxels = {"train": data.voxels("train", t.voxel_repeat), "val": data.voxels("val")}
+    voxels = {"train": data.voxels("train", t.voxel_repeat), select_on: data.voxels(select_on)}
     out_dir = RunPaths.from_config(cfg).stage_dir("2")
     return Stage2(cfg, data, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text, targets,
                   frozen_parts(cfg))  # fmt: skip
@@ -314,12 +327,22 @@ def head_losses(s: Stage2, g: dict[str, torch.Tensor], epoch: int) -> tuple[dict
     return losses, float(g["token_hit"].sum() / tokens)
 
 
+def progressive_windows(cfg: Stage2Config) -> tuple[dict[str, int], int]:
+    """({task: start epoch}, window length in epochs) of the progressive weights: upstream's rule from
+    ``train.num_epochs`` (``progressive.windows=from_epochs``, spec §3.5), or ``starts`` and ``window_epochs``."""
+    p = cfg.progressive
+    if p.windows == "fixed":
+        return dict(p.starts), p.window_epochs
+    return upstream_progressive_windows(cfg.train.num_epochs, tuple(p.starts))
+
+
 def multipliers(cfg: Stage2Config, epoch: int, batch: int, steps_per_epoch: int) -> dict[str, float]:
     """Progressive multipliers of this step (all 1 when ``progressive.enabled`` is off)."""
     p = cfg.progressive
     if not p.enabled:
         return {name: 1.0 for name in p.starts}
-    return progressive_weights(epoch, batch, steps_per_epoch, p.starts, p.window_epochs, p.peak)
+    starts, window = progressive_windows(cfg)
+    return progressive_weights(epoch, batch, steps_per_epoch, starts, window, p.peak)
 
 
 def prior_generators(s: Stage2, epoch: int, idx: np.ndarray) -> list[torch.Generator]:
@@ -343,7 +366,7 @@ def step_loss(s: Stage2, plan: BatchPlan, epoch: int, batch: int) -> dict[str, t
     idx = plan.batch_at(epoch, batch)[plan.share(acc.process_index)]
     b = get_batch(s, "train", idx)
     with torch.no_grad():
-        cond = model.encode(b.voxels).float()  # (b, T, D), frozen
+        cond = model.prior_condition(b.voxels).float()  # (b, T, D), frozen (upstream.prior_condition, defect 19)
         targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
         latents = s.targets.latents("train", idx)  # (b, F, C, s, s)
     _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx))
@@ -421,7 +444,7 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
         b, out = decode_val(s, split, idx)
         for k, v in chunk_scores(b, out, t.target_frame, s.cfg.upstream).items():
             sums[k] = sums.get(k, 0.0) + v
-    set_train_mode(model, s.frozen)
+    set_train_mode(model, s.frozen, s.cfg.train.backbone_mode)
     scores = {k: sums[k] / n for k in ("fwd_top1", "bwd_top1", "prior_fwd_top1", "latent_l1")}
     scores["caption_acc"] = sums["tokens_hit"] / max(sums["tokens"], 1.0)
     scores["concept_f1"] = 2 * sums["tp"] / max(2 * sums["tp"] + sums["fp"] + sums["fn"], 1.0)
@@ -439,14 +462,17 @@ def train(cfg: Stage2Config) -> Path:
     _, recorder = begin_stage(cfg, "2", depends_on=("1",))
     t, acc = cfg.train, s.accelerator
     plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir)
+    select_on = selection_split(cfg.data)
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,
         lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch),  # the prior draws from per-clip generators
-        lambda: evaluate(s),
+        lambda: evaluate(s, select_on),
+        eval_split=select_on,
     )  # fmt: skip
     trainable = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
-    log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters", plan.n_items,
-             s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, trainable)  # fmt: skip
+    log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters; selection on %s; "
+             "progressive windows %s", plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs,
+             trainable, selection_note(cfg.data), progressive_windows(cfg))  # fmt: skip
     try:
         fit(trainer, plan, opt, sched, metrics)
     finally:
@@ -464,4 +490,8 @@ def finish_stage(s: Stage2, recorder, metrics: MetricsLog) -> None:
         recorder.add_output(s.out_dir / "checkpoints" / name / MODEL_FILE)
     recorder.add_output(metrics.path)
     recorder.add_output(curves)
+    starts, window = progressive_windows(s.cfg)
+    recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train"),
+                           "backbone_mode": s.cfg.train.backbone_mode,
+                           "progressive_windows": {"starts": starts, "window_epochs": window}})  # fmt: skip
     recorder.finish()

@@ -1,9 +1,10 @@
 """Stage 3: brain-only decoding of every test clip (spec §4): prior tokens, concepts, key-object mask, blurry video,
 GPT-2 caption and the unCLIP keyframe.
 
-The stage-2 BEST checkpoint is rebuilt from its own ``config.yaml`` (every part, the ``upstream`` model flags of that
-run, GPT-2 from the gpt2 role) and loaded strictly. Per test clip (fMRI = mean of the repeats), in batches of
-``sample.batch_size`` (T = CLIP tokens, D = width, F = frames, Dt = text width, S = decoder map, s = VAE latent):
+The stage-2 BEST checkpoint (``sample.checkpoint=last``: the last epoch's, as upstream) is rebuilt from its own
+``config.yaml`` (every part, the ``upstream`` model flags of that run, GPT-2 from the gpt2 role) and loaded strictly.
+Per test clip (fMRI = mean of the repeats), in batches of ``sample.batch_size`` (T = CLIP tokens, D = width,
+F = frames, Dt = text width, S = decoder map, s = VAE latent):
 
 1. ``c = encode(voxels)`` (B, T, D) → prior sample ``P`` (B, T, D), ``prior_steps`` DDPM steps, one generator per clip
    seeded ``clip_seed(run.seed, clip)`` → ``M = motion(P)`` (B, F, T, D); caption vector ``t = text_embed(M)``.
@@ -46,9 +47,11 @@ from models.foundation import build_role, foundation_impl
 from models.heads import EOT_ID, ConceptNamer, TextDecoder, key_object_classes
 from models.sizes import ALL_PARTS
 from pipeline.common import (
+    MODEL_FLAGS,
     foundation_dims,
     load_data,
     make_brain_config,
+    model_flags,
     require_foundation,
 )
 from utils.checkpoint import CONFIG_FILE, MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
@@ -67,7 +70,6 @@ from utils.video_io import save_gif, save_png, side_by_side
 log = logging.getLogger(__name__)
 
 FIELDS = ("voxel", "concepts", "key_obj_cls")  # train concepts + key objects: the key-object → class names
-MODEL_FLAGS = ("text_attention", "temporal_scope", "caption_pad")  # upstream flags that shape the stage-2 model
 TENSORS = ("keyframes", "blurry_videos", "masks", "concept_probs", "prior_tokens")
 CAPTIONS_FILE, CONCEPTS_FILE, PREVIEWS_DIR = "captions.json", "concepts.json", "previews"
 UNCLIP_STREAM = 1  # per-clip seed stream of the unCLIP noise (the prior uses clip_seed(seed, clip) itself)
@@ -103,10 +105,11 @@ class Stage3:
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
 def stage2_checkpoint(cfg: Stage3Config) -> Path:
-    """The stage-2 best checkpoint folder, after checking that stages 2 (and 1) finished and are up to date."""
+    """The stage-2 checkpoint folder ``sample.checkpoint`` names (best or last), after checking that stages 2 (and
+    1) finished and are up to date."""
     paths = RunPaths.from_config(cfg)
     require_stage("2", paths.stage_dir("2"), paths.stage_dirs(), rerun_hint(cfg))
-    return resolve_checkpoint(paths.stage_dir("2") / "checkpoints" / "best")
+    return resolve_checkpoint(paths.stage_dir("2") / "checkpoints" / cfg.sample.checkpoint)
 
 
 def stage2_config(folder: Path) -> Any:
@@ -147,20 +150,22 @@ def max_new_tokens(cfg: Stage3Config) -> int:
 
 
 def configure_unclip(unclip: Any, sp: Any) -> None:
-    """Sampler steps, guidance and output size of the unclip role from ``sample``."""
+    """Steps, guidance, unconditional context (defect 24) and output size of the unclip role from ``sample``."""
     down = 2 ** (len(unclip.vae.config.block_out_channels) - 1)
     if sp.unclip_size % down:
         raise ConfigError(f"sample.unclip_size={sp.unclip_size} is not a multiple of the unCLIP VAE's {down}x",
                           f"use a multiple of {down} (the role's size is {unclip.latent_size * down})")  # fmt: skip
     unclip.latent_size = sp.unclip_size // down
     unclip.num_steps, unclip.guidance = sp.unclip_steps, sp.unclip_guidance
+    unclip.uncond = sp.unclip_uncond
 
 
-def load_model(cfg: Stage3Config, cfg2: Stage2Config, data: Any, dims: Any, gpt2: Any, folder: Path, device: torch.device):
+def load_model(
+    cfg: Stage3Config, cfg2: Stage2Config, data: Any, dims: Any, gpt2: Any, folder: Path, device: torch.device
+) -> NeuronsBrainModel:
     """The full brain model as stage 2 built it, loaded strictly from ``folder`` (identity-checked)."""
     up = cfg2.upstream
-    bcfg = make_brain_config(cfg2, data, dims, ALL_PARTS, text_attention=up.text_attention,
-                             temporal_scope=up.temporal_scope, caption_pad=up.caption_pad)  # fmt: skip
+    bcfg = make_brain_config(cfg2, data, dims, ALL_PARTS, **model_flags(up))
     model = NeuronsBrainModel(bcfg, gpt2=gpt2.model)
     tensors, meta = read_weights(folder)  # the weights only: the optimizer state in state.pt is not needed
     check_identity(meta, cfg, folder)
@@ -445,6 +450,7 @@ def finish_stage(s: Stage3, out: Outputs, recorder: Any) -> None:
     recorder.add_inputs(s.data.opened_files)
     recorder.add_input(s.stage2_ckpt / MODEL_FILE)
     recorder.extra.update({"n_clips": out.n, "stage2_checkpoint": str(s.stage2_ckpt),
+                           "stage2_checkpoint_read": s.cfg.sample.checkpoint,
                            "processes": s.accelerator.num_processes})  # fmt: skip
     recorder.finish()
     log.info("stage 3 done: %s; captions e.g. %s", s.out_dir, json.dumps(out.captions[:3]))

@@ -6,13 +6,19 @@ Per test clip (N = ``video.num_frames``, R = ``video.resolution``, F = stage-3 f
 1. Keyframe (3, K, K) → resized to R → VAE posterior sample → SparseCtrl condition at frame 0 (with its mask).
 2. Blurry video (F, 3, r, r) → linear time interpolation to N frames (frame j sits at j·(F−1)/(N−1); for F = 6,
    N = 16 this is upstream's 0.67/0.33 blends) → resized to R → VAE posterior sample → init latents (1, C, N, s, s).
-3. A real img2img start (fixes defect 26): of the ``steps`` DDIM timesteps the last round(steps·strength) run, from
-   the init latents noised to exactly the first of them (``VideoRole.img2img_start``).
+3. ``video.init=img2img`` (default, fixes defect 26): a real img2img start: of the ``steps`` DDIM timesteps the last
+   round(steps·strength) run, from the init latents noised to exactly the first of them (``VideoRole.img2img_start``).
+   ``video.init=noisy_start`` (upstream's ``low_strength=0.3``): the init latents noised at the grid's largest
+   timestep (t = 961 of 25) and all ``steps`` run (``VideoRole.noisy_start``); ``strength`` is unused.
 4. Prompt = caption + ``prompt_suffix``, negative prompt from the config, CFG ``guidance``, SparseCtrl
    ``controlnet_scale``; frames decoded one by one → (N, 3, R, R) in [0, 1].
 
-Every clip has its own generator seeded ``clip_seed(run.seed, clip)`` (upstream: seed 0 for all), drawn in a fixed
-order (keyframe sample, init sample, start noise), so a clip's video does not depend on which process made it.
+``video.seed=per_clip`` (default): every clip has its own generator seeded ``clip_seed(run.seed, clip)``, drawn in a
+fixed order (keyframe sample, init sample, start noise). ``video.seed=zero``: upstream's order with seed 0
+(:func:`draw_upstream`). Either way a clip's video does not depend on which process made it. The manifest records
+``video_init``, ``start_timestep``, ``denoise_steps``, ``seed_rule`` and ``clip_seeds``.
+``video.write_gif_grid``: each process also writes upstream's GIF grid of its clips, ``gif_grid/<clip>.gif``
+(:func:`utils.gif_grid.write_upstream_gif`: GT frames beside generated frames ``eval_frames``, 8 fps).
 Under torchrun / accelerate the clips are dealt round-robin (clip = rank + i·world); each process writes
 ``shard_<rank>.safetensors`` (``videos``, ``clips``); after a barrier the main process merges them into
 ``videos.safetensors`` (N_clips, N, 3, R, R) float16, removes the shards and writes ``prompts.json`` (caption
@@ -34,9 +40,11 @@ from safetensors.torch import load_file
 
 from models.foundation import build_role, foundation_impl
 from pipeline.captions import CAPTIONS_FILE, KEYFRAMES_FILE, select_captions
-from pipeline.common import require_foundation
+from pipeline.common import load_data, require_foundation
 from utils.cli import begin_stage
+from utils.data import BrainVideoData
 from utils.errors import ConfigError, StageOrderError
+from utils.gif_grid import GIF_GRID_DIR, gif_grid_path, write_upstream_gif
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.manifest import StageRecorder, read_manifest, require_stage
 from utils.resize import resize_frames_bilinear
@@ -66,6 +74,7 @@ class Stage5:
     captions: list[str]
     caption_source: str  # "blip2" | "gpt2"
     caption_inputs: list[Path]  # the files the captions were read from
+    data: BrainVideoData | None = None  # the GT test frames of the GIF grids (video.write_gif_grid only)
 
     @property
     def n_clips(self) -> int:
@@ -90,19 +99,84 @@ def prompt_of(cfg: Stage5Config, caption: str) -> str:
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
+UPSTREAM_SEED = 0  # upstream's torch.manual_seed(0) before every clip's pipeline call (spec §6 step 4)
+
+
+def clip_seed_of(cfg: Stage5Config, clip: int) -> int:
+    """The seed of test clip ``clip``'s generator under ``video.seed``."""
+    return UPSTREAM_SEED if cfg.video.seed == "zero" else clip_seed(cfg.run.seed, clip)
+
+
+def draw_per_clip(s: Stage5, key: torch.Tensor, blurry: torch.Tensor, clip: int) -> tuple[torch.Tensor, ...]:
+    """``video.seed=per_clip``: one generator seeded ``clip_seed(run.seed, clip)``, drawn in the order keyframe
+    sample, init sample, start noise. ``key (1, 3, R, R)``, ``blurry (1, N, 3, R, R)`` → ``(key latents (1, C, s, s),
+    init (1, C, N, s, s), noise (1, C, N, s, s))``."""
+    gen = torch.Generator(device="cpu").manual_seed(clip_seed_of(s.cfg, clip))
+    key_latents = s.role.encode_frames(key, generator=gen)  # (1, C, s, s)
+    init = s.role.encode_frames(blurry, generator=gen).permute(0, 2, 1, 3, 4)  # (1, C, N, s, s)
+    noise = torch.randn(init.shape, generator=gen, dtype=torch.float32)  # (1, C, N, s, s)
+    return key_latents, init, noise
+
+
+def draw_upstream(s: Stage5, key: torch.Tensor, blurry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``video.seed=zero``, upstream's order (spec §6 steps 2-5, ``pipeline_neuroclips.py``) on one CPU generator:
+    the state the previous clip left (seed 0, then that pipeline call's two draws of a latent video: the unused
+    ``keylatents`` and the start noise), the blurry-video (init) sample, the keyframe sample; then the reseed to 0,
+    the unused ``keylatents`` draw and the start noise. Every clip gets the state upstream's second and later clips
+    of a process had; upstream's first clip per process drew its VAE samples from whatever global state model loading
+    left, and upstream drew on the GPU's generator, so values match upstream's only in law. Shapes as
+    :func:`draw_per_clip`."""
+    role, v = s.role, s.cfg.video
+    side = v.resolution // role.downsample
+    shape = (1, role.latent_channels, v.num_frames, side, side)
+    gen = torch.Generator(device="cpu").manual_seed(UPSTREAM_SEED)
+    for _ in range(2):  # the previous clip's pipeline call: keylatents, then the start noise
+        torch.randn(shape, generator=gen, dtype=torch.float32)
+    init = role.encode_frames(blurry, generator=gen).permute(0, 2, 1, 3, 4)  # (1, C, N, s, s)
+    key_latents = role.encode_frames(key, generator=gen)  # (1, C, s, s)
+    gen.manual_seed(UPSTREAM_SEED)
+    torch.randn(shape, generator=gen, dtype=torch.float32)  # the unused keylatents
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)  # (1, C, N, s, s)
+    return key_latents, init, noise
+
+
+def start_latents(s: Stage5, init: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The denoising start under ``video.init`` and the index of the first DDIM step to run (``steps``: none).
+    ``(1, C, N, s, s)`` → same."""
+    v = s.cfg.video
+    if v.init == "noisy_start":  # upstream (defect 26): noised at the largest timestep, all steps run
+        return s.role.noisy_start(init, noise, v.steps), 0
+    return s.role.img2img_start(init, noise, v.steps, v.strength)
+
+
+def steps_run(cfg: Stage5Config, role: Any) -> int:
+    """How many DDIM steps every clip runs."""
+    v = cfg.video
+    return v.steps if v.init == "noisy_start" else role.strength_steps(v.steps, v.strength)
+
+
+def start_timestep(cfg: Stage5Config, role: Any) -> int | None:
+    """The DDIM timestep the init latents are noised to (None: nothing is denoised)."""
+    v, n = cfg.video, steps_run(cfg, role)
+    if n == 0:
+        return None
+    role.scheduler.set_timesteps(v.steps)
+    return int(role.scheduler.timesteps[v.steps - n])
+
+
 @torch.no_grad()
 def generate_clip(s: Stage5, clip: int) -> torch.Tensor:
     """Steps 1–4 of the module docstring for test clip ``clip`` → ``(N, 3, R, R)`` float32 in [0, 1] (CPU)."""
     v, role = s.cfg.video, s.role
-    gen = torch.Generator(device="cpu").manual_seed(clip_seed(s.cfg.run.seed, clip))
     key = resize_frames_bilinear(s.keyframes[clip : clip + 1], v.resolution)  # (1, 3, R, R)
     frames = interpolate_frames(s.blurry[clip : clip + 1].float(), v.num_frames)  # (1, N, 3, r, r)
     blurry = resize_frames_bilinear(frames, v.resolution)  # (1, N, 3, R, R)
-    key_latents = role.encode_frames(key, generator=gen)  # (1, C, s, s)
-    init = role.encode_frames(blurry, generator=gen).permute(0, 2, 1, 3, 4)  # (1, C, N, s, s)
-    noise = torch.randn(init.shape, generator=gen, dtype=torch.float32)  # (1, C, N, s, s)
+    if v.seed == "zero":
+        key_latents, init, noise = draw_upstream(s, key, blurry)
+    else:
+        key_latents, init, noise = draw_per_clip(s, key, blurry, clip)
     cond, mask = role.keyframe_condition(key_latents, v.num_frames)  # (1, C, N, s, s), (1, 1, N, s, s)
-    start, first = role.img2img_start(init, noise, v.steps, v.strength)
+    start, first = start_latents(s, init, noise)
     if first < v.steps:
         pos = role.encode_prompt([prompt_of(s.cfg, s.captions[clip])])  # (1, L, D)
         neg = role.encode_prompt([v.negative_prompt])
@@ -110,14 +184,27 @@ def generate_clip(s: Stage5, clip: int) -> torch.Tensor:
     return role.decode_latents(start)[0].cpu()  # (N, 3, R, R)
 
 
+def write_gif_grid(s: Stage5, clip: int, video: torch.Tensor) -> Path:
+    """Upstream's GIF of test clip ``clip`` (spec §6 step 6): GT frames beside generated frames ``eval_frames`` of
+    ``video (N, 3, R, R)`` in [0, 1], at ``gif_grid/<clip>.gif`` (no caption in the name: defect 28)."""
+    assert s.data is not None, "setup loads the data when video.write_gif_grid is set"
+    gt = s.data.frames("test", [clip])[0].float()  # (F, 3, H, W)
+    path = gif_grid_path(s.out_dir, clip)
+    write_upstream_gif(path, gt, video[list(s.cfg.video.eval_frames)])
+    return path
+
+
 def generate_share(s: Stage5) -> Path:
-    """Generate this process's clips and write its shard file; returns its path."""
+    """Generate this process's clips (and their GIF grids) and write its shard file; returns its path."""
     acc, v = s.accelerator, s.cfg.video
     clips = my_clips(s.n_clips, acc.process_index, acc.num_processes)
     videos = torch.empty((len(clips), v.num_frames, 3, v.resolution, v.resolution), dtype=OUTPUT_DTYPE)
     t0 = time.time()
     for i, clip in enumerate(clips):
-        videos[i] = generate_clip(s, clip).to(OUTPUT_DTYPE)
+        video = generate_clip(s, clip)  # (N, 3, R, R) float32
+        videos[i] = video.to(OUTPUT_DTYPE)
+        if v.write_gif_grid:  # from the float32 video, as upstream wrote its sample
+            write_gif_grid(s, clip, video)
         log.info("clip %d (%d of %d on process %d): %.1f s/clip", clip, i + 1, len(clips), acc.process_index,
                  (time.time() - t0) / (i + 1))  # fmt: skip
     return write_shard(s.out_dir, acc.process_index, clips, {"videos": videos})
@@ -160,6 +247,18 @@ def load_stage3(cfg: Stage5Config) -> tuple[Path, torch.Tensor, torch.Tensor]:
     return folder, keyframes, blurry
 
 
+def load_gif_data(cfg: Stage5Config) -> BrainVideoData:
+    """The dataset whose test frames fill the GT half of the GIF grids; its clip length must match eval_frames."""
+    data = load_data(cfg, ("frames",))
+    if len(cfg.video.eval_frames) != data.n_frames:
+        raise ConfigError(
+            f"video.write_gif_grid puts {len(cfg.video.eval_frames)} generated frames (video.eval_frames) beside "
+            f"the dataset's {data.n_frames} GT frames",
+            "set video.eval_frames to as many frames as the dataset's clips hold",
+        )
+    return data
+
+
 def setup(cfg: Stage5Config) -> Stage5:
     """Validate every input (stage 3 first) and build the video role; no output is touched here."""
     stage3_dir, keyframes, blurry = load_stage3(cfg)
@@ -174,8 +273,9 @@ def setup(cfg: Stage5Config) -> Stage5:
     check_config(cfg, len(keyframes), role.downsample)
     n = v.num_clips or len(keyframes)
     out_dir = RunPaths.from_config(cfg).stage_dir("5")
+    data = load_gif_data(cfg) if v.write_gif_grid else None
     return Stage5(cfg, role, accelerator, out_dir, stage3_dir, keyframes[:n], blurry[:n], captions[:n], source,
-                  caption_files)  # fmt: skip
+                  caption_files, data)  # fmt: skip
 
 
 # ---- outputs -------------------------------------------------------------------------------------------------------
@@ -185,6 +285,7 @@ def clear_outputs(out_dir: Path) -> None:
         path.unlink(missing_ok=True)
     remove_shards(out_dir)
     shutil.rmtree(out_dir / PREVIEWS_DIR, ignore_errors=True)
+    shutil.rmtree(out_dir / GIF_GRID_DIR, ignore_errors=True)
 
 
 def save_outputs(s: Stage5, videos: torch.Tensor, recorder: StageRecorder) -> None:
@@ -201,6 +302,9 @@ def save_outputs(s: Stage5, videos: torch.Tensor, recorder: StageRecorder) -> No
     recorder.add_output(path, (s.n_clips,), "str")
     for i in range(min(s.cfg.video.num_previews, s.n_clips)):
         save_gif(s.out_dir / PREVIEWS_DIR / f"video_{i:04d}.gif", videos[i].float(), s.cfg.video.preview_fps)
+    if s.cfg.video.write_gif_grid:
+        for clip in range(s.n_clips):
+            recorder.add_output(gif_grid_path(s.out_dir, clip))
 
 
 def record_inputs(s: Stage5, recorder: StageRecorder) -> None:
@@ -208,13 +312,20 @@ def record_inputs(s: Stage5, recorder: StageRecorder) -> None:
         recorder.add_input(s.stage3_dir / name)
     for path in s.caption_inputs:
         recorder.add_input(path)
+    if s.data is not None:  # the GT frames of the GIF grids
+        recorder.add_inputs(s.data.opened_files)
     v = s.cfg.video
     recorder.extra.update(
         {
             "n_clips": s.n_clips,
             "caption_source": s.caption_source,
             "processes": s.accelerator.num_processes,
-            "denoise_steps": s.role.strength_steps(v.steps, v.strength),
+            "denoise_steps": steps_run(s.cfg, s.role),
+            "video_init": v.init,  # defect 26: img2img | noisy_start (upstream)
+            "start_timestep": start_timestep(s.cfg, s.role),
+            "seed_rule": v.seed,  # per_clip: clip_seed(run.seed, clip) | zero: upstream's manual_seed(0)
+            "clip_seeds": [clip_seed_of(s.cfg, clip) for clip in range(s.n_clips)],
+            "caption_fallback": v.caption_fallback,
         }
     )
 
@@ -228,10 +339,10 @@ def generate(cfg: Stage5Config) -> Path:
     if acc.is_main_process:
         _, recorder = begin_stage(cfg, "5", depends_on=("4", "3") if s.caption_source == "blip2" else ("3",))
         clear_outputs(s.out_dir)
-        log.info("stage 5 (%s): %d clips on %d processes, %d frames at %d px, %d of %d steps (strength %.2f), "
-                 "%s captions", cfg.run.mode, s.n_clips, acc.num_processes, cfg.video.num_frames,
-                 cfg.video.resolution, s.role.strength_steps(cfg.video.steps, cfg.video.strength), cfg.video.steps,
-                 cfg.video.strength, s.caption_source)  # fmt: skip
+        log.info("stage 5 (%s): %d clips on %d processes, %d frames at %d px, %d of %d steps (init %s, strength "
+                 "%.2f, seed %s), %s captions", cfg.run.mode, s.n_clips, acc.num_processes, cfg.video.num_frames,
+                 cfg.video.resolution, steps_run(cfg, s.role), cfg.video.steps, cfg.video.init, cfg.video.strength,
+                 cfg.video.seed, s.caption_source)  # fmt: skip
     acc.wait_for_everyone()  # the folder is ready before any shard is written
     generate_share(s)
     acc.wait_for_everyone()

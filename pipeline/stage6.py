@@ -9,9 +9,15 @@ clips (``num_clips``), so the clips scored are ``0..N-1`` (checked against the `
 * Prediction = the ``video.eval_frames`` of stage 5's resolved config (its manifest) → (N, F, 3, R, R), F must be the
   dataset's clip length. Ground truth = the dataset's test frames of those clips, resized to R × R (bilinear,
   antialiased when shrinking, clamped to [0, 1]; identity when the sizes already match).
-* Video metrics under ``eval.protocol`` (``standard`` | ``neurons``): video-level (``video_classifier``) and
-  frame-level (``frame_classifier``) N-way top-k accuracy for each of ``eval.ways`` (capped at the classifier's
-  ``classes − gt_top_k + 1``), CLIP-pcc of the predicted frames (``clip_pcc``), SSIM and PSNR.
+* Video metrics under both protocols, ``standard`` and ``neurons`` (:mod:`utils.metrics`): video-level
+  (``video_classifier``) and frame-level (``frame_classifier``) N-way top-k accuracy for each of ``eval.ways`` (capped
+  at the classifier's ``classes − gt_top_k + 1``), CLIP-pcc of the predicted frames (``clip_pcc``), SSIM and PSNR.
+  ``standard`` scores the aligned tensors above. ``neurons`` scores upstream's inputs when stage 5 wrote its GIF grids
+  (``video.write_gif_grid``; spec §7, defect 29): the uint8 halves of ``gif_grid/<clip>.gif`` read as
+  ``run_metrics.py`` reads them (:mod:`utils.gif_grid`: padding, 1-px offset, palette quantisation, GT from the GIF,
+  no float16 storage rounding), fed as they are to SSIM/PSNR, the classifiers and CLIP-pcc; without grids it scores
+  the tensors too.
+  ``eval.image_backend`` picks the classifiers' image-processor backend ("pil" = upstream's PIL resizes).
 * Stage-3 metrics: blurry-video SSIM (blurry videos resized like the ground truth to R × R); concept F1 (micro and
   macro, ``concept_probs > 0.5`` vs the test labels); key-object Dice per clip (stage-3 masks > 0.5 vs the GT
   key-object masks area-resized to the mask size and thresholded at 0.5, i.e. majority coverage); caption BLEU-4
@@ -22,9 +28,11 @@ Every metric is ``{"mean", "std", "n"}`` (N-way entries add ``"chance"``). Per-c
 its bootstrap standard deviation over ``eval.bootstrap`` seeded resamples of the clips (null when 0). Non-finite values
 (PSNR of identical frames = inf) are written as null, so the file is strict JSON.
 
-Outputs: ``<run>/metrics_<mode>.json`` (atomic) and ``<run>/eval_<mode>/manifest.json`` (depends on stages 5 and 3),
-then ``<run>/report.html`` (:mod:`pipeline.report`; a view of the whole run, rebuilt by stage e too, so it is named
-in the manifest's ``report`` entry rather than among its outputs).
+Outputs: ``<run>/metrics_<mode>.json`` (atomic; ``protocols.<name>.{metrics, chance_levels, inputs}`` per protocol,
+the headline ``eval.protocol``'s also at the top level as ``metrics`` / ``chance_levels``) and
+``<run>/eval_<mode>/manifest.json`` (depends on stages 5 and 3), then ``<run>/report.html`` (:mod:`pipeline.report`;
+a view of the whole run, rebuilt by stage e too, so it is named in the manifest's ``report`` entry rather than among
+its outputs).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +50,20 @@ import torch
 from safetensors.torch import load_file
 
 from models.foundation import build_role, foundation_impl
+from models.foundation.common import with_image_backend
 from pipeline.common import load_data, require_foundation
 from pipeline.report import report_path, write_report
 from utils.cli import begin_stage
 from utils.config import config_hash
 from utils.data_catalog import frames_file
 from utils.errors import ConfigError, StageOrderError
+from utils.gif_grid import gif_grid_path, read_upstream_gif
 from utils.io import atomic_write_text, finite_or_none
 from utils.manifest import StageRecorder, require_stage
 from utils.metrics import (
+    PROTOCOLS,
     F1Average,
+    blurry_video_ssim,
     caption_bleu,
     chance_level,
     clip_pcc,
@@ -75,6 +87,12 @@ DATA_FIELDS = ("frames", "caption", "concepts", "key_obj_mask")
 MASK_THRESHOLD = 0.5
 RESIZE_NOTE = "ground truth and blurry videos resized to the prediction's R x R: bilinear, antialiased, clamped"
 MASK_NOTE = "GT key-object masks area-resized to the stage-3 mask size, >= 0.5; stage-3 masks > 0.5"
+TENSOR_INPUTS = ("stage-5 videos.safetensors (float16 storage) at eval_frames vs the dataset's test frames resized to "
+                 "R x R")  # fmt: skip
+GIF_INPUTS = ("the halves of stage 5's upstream GIF grids (gif_grid/<clip>.gif, from the float32 videos): uint8, "
+              "GIF-palette-quantised, with the grid padding and the 1-px offset, GT read from the GIF; classifiers "
+              "and CLIP-pcc take these frames as they are")  # fmt: skip
+BLURRY_NOTE = "blurry_video_ssim: stage-3 blurry videos vs the resized test frames (tensors) in both protocols"
 
 
 @dataclass
@@ -94,6 +112,10 @@ class EvalInputs:
     eval_frames: tuple[int, ...]
     files: dict[str, Path] = field(default_factory=dict)  # the stage-3/5 files and the ground-truth frames
     data_files: list[Path] = field(default_factory=list)  # every data file read (BrainVideoData.opened_files)
+    # the "neurons" protocol's frames when stage 5 wrote upstream's GIF grids: uint8 (N, F, 3, S + 4, S + 3) halves
+    gif_gt: torch.Tensor | None = None
+    gif_pred: torch.Tensor | None = None
+    gif_files: list[Path] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -165,6 +187,34 @@ def load_inputs(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, dir3: 
         },
         data_files=data.opened_files,
     )
+
+
+def load_gif_grids(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, x: EvalInputs) -> None:
+    """When stage 5 wrote upstream's GIF grids (its ``video.write_gif_grid``), read every clip's grid as upstream's
+    ``run_metrics.py`` does into ``x.gif_gt`` / ``x.gif_pred`` (uint8 (N, F, 3, S + 4, S + 3)); a missing or
+    malformed grid is an error."""
+    if not manifest5.get("config", {}).get("video", {}).get("write_gif_grid", False):
+        return
+    files = [gif_grid_path(dir5, clip) for clip in range(x.n)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise StageOrderError(f"stage 5 wrote GIF grids but {len(missing)} are missing, e.g. {missing[0]}",
+                              rerun_hint(cfg).format(stage="5"))  # fmt: skip
+    halves = [read_upstream_gif(f) for f in files]  # (F, S + 4, S + 3, 3) uint8 twice per clip
+    gt, pred = (torch.from_numpy(np.stack([h[i] for h in halves])).permute(0, 1, 4, 2, 3) for i in (0, 1))
+    if gt.shape[1] != len(x.eval_frames):
+        raise StageOrderError(f"the GIF grids hold {gt.shape[1]} frames, stage 5's eval_frames {len(x.eval_frames)}",
+                              rerun_hint(cfg).format(stage="5"))  # fmt: skip
+    x.gif_gt, x.gif_pred, x.gif_files = gt.contiguous(), pred.contiguous(), files
+    log.info("neurons protocol: %d GIF grids, halves %s", x.n, tuple(gt.shape[1:]))
+
+
+def protocol_frames(x: EvalInputs, protocol: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(gt, pred, description) a protocol scores: the GIF halves for "neurons" when stage 5 wrote them, else the
+    aligned tensors (N, F, 3, R, R)."""
+    if protocol == "neurons" and x.gif_gt is not None and x.gif_pred is not None:
+        return x.gif_gt, x.gif_pred, GIF_INPUTS
+    return x.gt, x.pred, TENSOR_INPUTS
 
 
 # ---- model scores --------------------------------------------------------------------------------------------------
@@ -261,26 +311,30 @@ class ModelScores:
     clip_features: torch.Tensor  # (N, F, D) clip_pcc features of the predicted frames
 
 
-def model_scores(x: EvalInputs, roles: dict[str, Any], batch: int, accelerator: Any) -> ModelScores:
-    """Run the evaluation models on this process's round-robin share of the clips and gather every clip's outputs
-    to every process (one process: all clips)."""
-    clips = my_clips(x.n, accelerator.process_index, accelerator.num_processes)
+def model_scores(frames: tuple[torch.Tensor, torch.Tensor], roles: dict[str, Any], batch: int, accelerator: Any
+                 ) -> ModelScores:  # fmt: skip
+    """Run the evaluation models on this process's round-robin share of the clips of ``frames`` (gt, pred: (N, F, 3,
+    H, W) float in [0, 1] or uint8) and gather every clip's outputs to every process (one process: all clips)."""
+    n = int(frames[0].shape[0])
+    clips = my_clips(n, accelerator.process_index, accelerator.num_processes)
     idx = torch.as_tensor(clips, dtype=torch.long)
-    gt, pred = x.gt[idx], x.pred[idx]
+    gt, pred = frames[0][idx], frames[1][idx]
 
     def everyone(scorer: Callable[..., torch.Tensor], role: str, videos: torch.Tensor) -> torch.Tensor:
         rows = list(scorer(roles[role], videos, batch).unbind(0)) if clips else []  # a process may have no clip
-        return torch.stack(gather_values(accelerator, clips, rows, x.n))
+        return torch.stack(gather_values(accelerator, clips, rows, n))
 
     video = tuple(everyone(video_scores, "video_classifier", v) for v in (gt, pred))
     frame = tuple(everyone(frame_scores, "frame_classifier", v) for v in (gt, pred))
     return ModelScores(video, frame, everyone(clip_features, "clip_pcc", pred))  # type: ignore[arg-type]
 
 
-def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores
+def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores, protocol: str
                     ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """(metrics, chance levels) of the aligned inputs from the models' ``scores``."""
-    ev = cfg.eval
+    """(metrics, chance levels) under ``protocol`` of its frames (:func:`protocol_frames`) from the models' ``scores``
+    of those frames."""
+    ev = replace(cfg.eval, protocol=protocol)
+    gt, pred, _ = protocol_frames(x, protocol)
     metrics: dict[str, dict[str, Any]] = {}
     chance: dict[str, dict[str, float]] = {}
     for prefix, (gt_s, pred_s) in (("video", scores.video), ("frame", scores.frame)):
@@ -289,8 +343,9 @@ def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], sco
         metrics.update(n_way_entries(prefix, gt_s, pred_s, ways, ev))
         chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
     metrics["clip_pcc"] = summarise(clip_pcc(scores.clip_features, ev.protocol), None, ev.protocol)
-    metrics.update(evaluate_videos(x.pred, x.gt, protocol=ev.protocol, blurry=x.blurry))  # ssim, psnr, blurry_ssim
-    metrics["blurry_video_ssim"] = metrics.pop("blurry_ssim")
+    metrics.update(evaluate_videos(pred, gt, protocol=ev.protocol))  # ssim, psnr
+    blurry = blurry_video_ssim(x.blurry, x.gt, ev.protocol)
+    metrics["blurry_video_ssim"] = summarise(blurry, None, ev.protocol)
     metrics.update(task_metrics(x, ev))
     return metrics, chance
 
@@ -307,27 +362,36 @@ def evaluate(cfg: Stage6Config) -> Path:
     require_foundation(cfg, ROLES)
     accelerator = build_accelerator(cfg)
     roles = {r: build_role(r, impl, root, accelerator.device) for r in ROLES}
+    for role in roles.values():  # spec §7: upstream's transformers-4 processors resized with PIL
+        role.processor = with_image_backend(role.processor, ev.image_backend)
+    load_gif_grids(cfg, manifest5, dir5, x)
     paths, recorder = RunPaths.from_config(cfg), None
     if accelerator.is_main_process:
         paths, recorder = begin_stage(cfg, "6", depends_on=("5", "3"))
         paths.metrics_file.unlink(missing_ok=True)
-        log.info("stage 6 (%s): %d clips on %d processes, frames %s at %d px, protocol %s, %s captions", cfg.run.mode,
-                 x.n, accelerator.num_processes, list(x.eval_frames), x.pred.shape[-1], ev.protocol,
-                 x.caption_source)  # fmt: skip
+        log.info("stage 6 (%s): %d clips on %d processes, frames %s at %d px, both protocols (headline %s), %s "
+                 "captions", cfg.run.mode, x.n, accelerator.num_processes, list(x.eval_frames), x.pred.shape[-1],
+                 ev.protocol, x.caption_source)  # fmt: skip
     accelerator.wait_for_everyone()
-    scores = model_scores(x, roles, ev.batch_size, accelerator)
+    scores = {"standard": model_scores((x.gt, x.pred), roles, ev.batch_size, accelerator)}
+    neurons_frames = protocol_frames(x, "neurons")
+    scores["neurons"] = (scores["standard"] if neurons_frames[0] is x.gt  # the same frames: the same model outputs
+                         else model_scores(neurons_frames[:2], roles, ev.batch_size, accelerator))  # fmt: skip
     if recorder is not None:  # the main process, which began the stage
-        metrics, chance = compute_metrics(cfg, x, roles, scores)
+        results = {p: compute_metrics(cfg, x, roles, scores[p], p) for p in PROTOCOLS}
         recorder.extra["processes"] = accelerator.num_processes
-        write_metrics(cfg, x, paths, recorder, metrics, chance)
+        write_metrics(cfg, x, paths, recorder, results)
     accelerator.wait_for_everyone()
     return paths.metrics_file
 
 
-def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: StageRecorder, metrics: dict[str, Any],
-                  chance: dict[str, Any]) -> None:  # fmt: skip
-    """``metrics_<mode>.json``, the manifest and the report (main process)."""
+def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: StageRecorder,
+                  results: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:  # fmt: skip
+    """``metrics_<mode>.json``, the manifest and the report (main process). ``results``: protocol → (metrics, chance
+    levels). The file keeps the protocols apart under ``protocols``; the headline's (``eval.protocol``) are mirrored
+    at the top level (``metrics``, ``chance_levels``), where readers of one-protocol files find them."""
     ev, out_path = cfg.eval, paths.metrics_file
+    metrics, chance = results[ev.protocol]
     ident_file = paths.stage_dir("1") / "identification.json"
     identification = json.loads(ident_file.read_text()).get("test") if ident_file.is_file() else None
     report = {
@@ -349,23 +413,34 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
             "seed": ev.seed,
             "bootstrap": ev.bootstrap,
         },  # fmt: skip
-        "preprocessing": {"resize": RESIZE_NOTE, "masks": MASK_NOTE},
+        "preprocessing": {
+            "resize": RESIZE_NOTE,
+            "masks": MASK_NOTE,
+            "blurry": BLURRY_NOTE,
+            "image_backend": ev.image_backend,
+        },
         "chance_levels": chance,
         "metrics": metrics,
+        "protocols": {
+            p: {"metrics": m, "chance_levels": c, "inputs": protocol_frames(x, p)[2]} for p, (m, c) in results.items()
+        },
         # brain-side: stage 1's identification of each test clip's CLIP tokens among N-1 others (top-1, N-way)
         "brain_identification": identification,
         "inputs": {k: str(p.resolve()) for k, p in x.files.items()},
     }
+    if x.gif_files:
+        report["inputs"]["gif_grid"] = str(x.gif_files[0].parent.resolve())
     atomic_write_text(out_path, json.dumps(finite_or_none(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    recorder.add_inputs([*x.files.values(), *x.data_files])
+    recorder.add_inputs([*x.files.values(), *x.data_files, *x.gif_files])
     if identification is not None:
         recorder.add_input(ident_file)
     recorder.add_output(out_path)
     recorder.extra.update({"n_clips": x.n, "protocol": ev.protocol, "metrics_file": str(out_path.resolve()),
                            "report": str(report_path(paths).resolve())})  # fmt: skip
     recorder.finish()
-    for name, m in sorted(metrics.items()):
-        log.info("%-22s %s ± %s (n=%d)", name, _fmt(m["mean"]), _fmt(m["std"]), m["n"])
+    for protocol, (protocol_metrics, _) in results.items():
+        for name, m in sorted(protocol_metrics.items()):
+            log.info("%-8s %-22s %s ± %s (n=%d)", protocol, name, _fmt(m["mean"]), _fmt(m["std"]), m["n"])
     log.info("stage 6 done: %s; report %s", out_path, write_report(cfg))
 
 

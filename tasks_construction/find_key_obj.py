@@ -11,11 +11,13 @@ Outputs (per split): ``masks/key_objects_info_{split}.json`` ``{"<clip>": {"cate
 
 Fixes over upstream (defect 9): the test file is sized to the test set (not 4320 clips); frames are never loaded unless
 a visualisation is asked for (then memory-mapped, one frame per shown clip); a frame's mask is the union of all
-instances of the key category (upstream kept the last instance); names in both the background and the priority list
-count as background, explicitly. Category lists come from ``<data_root>/masks/key_object_categories.json`` (a toy
-world ships one) or else ``tasks_construction/key_object_categories.json``.
+instances of the key category (``--instances last``: upstream's last instance in label order overwrites); names in
+both the background and the priority list count as background, explicitly. Category lists come from
+``<data_root>/masks/key_object_categories.json`` (a toy world ships one) or else
+``tasks_construction/key_object_categories.json``.
 
-Usage: ``python -m tasks_construction.find_key_obj --data-root DIR [--splits train test] [--vis 8]``
+Usage: ``python -m tasks_construction.find_key_obj --data-root DIR [--splits train test] [--instances union|last]
+[--vis 8]``
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CATEGORIES = Path(__file__).resolve().parent / "key_object_categories.json"
 NO_KEY = "None"
+Instances = Literal["union", "last"]  # defect 9: how a frame's instances of the key category make its mask
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,16 @@ class KeyObjectRules:
     priority: frozenset[str]
     top_k: int = 1  # upstream uses 1; with k > 1 the masks are the union of the top k categories
     max_area: float = 0.5  # non-priority candidates must cover less than this fraction of the frame
+    instances: Instances = "union"  # defect 9: "last" = upstream, the last instance in label order overwrites
+
+    def __post_init__(self) -> None:
+        if self.instances not in ("union", "last"):
+            raise DataError(f"bad key-object instances rule {self.instances!r}", "use 'union' or 'last'")
 
     @classmethod
-    def from_file(cls, path: Path, top_k: int = 1, max_area: float = 0.5) -> KeyObjectRules:
+    def from_file(
+        cls, path: Path, top_k: int = 1, max_area: float = 0.5, instances: Instances = "union"
+    ) -> KeyObjectRules:
         lists = load_json(path, "give --categories a JSON file with 'background' and 'priority' lists")
         if not isinstance(lists, dict) or not all(isinstance(lists.get(k), list) for k in ("background", "priority")):
             raise DataError(f"{path} needs lists 'background' and 'priority'", "fix the category file")
@@ -74,7 +84,7 @@ class KeyObjectRules:
                 len(overlap),
                 sorted(overlap),
             )
-        return cls(background, frozenset(map(str, lists["priority"])) - background, top_k, max_area)
+        return cls(background, frozenset(map(str, lists["priority"])) - background, top_k, max_area, instances)
 
 
 def categories_file(data_root: Path, override: Path | None = None) -> Path:
@@ -114,6 +124,18 @@ def choose_key_categories(
         return priority[: rules.top_k]
     small = [c for c in ranked if area[c] < rules.max_area]
     return (small or ranked)[: rules.top_k]
+
+
+def key_frame_mask(
+    objects: dict[str, tuple[str, np.ndarray]], keys: Sequence[str], rules: KeyObjectRules
+) -> np.ndarray | None:
+    """One frame's key-object mask (H, W) float32 in {0, 1} from its label -> (category, mask) objects, None when no
+    object of a key category is in the frame: the union of those instances, or the last one ("last", upstream)."""
+    hits = [mask > 0 for category, mask in objects.values() if category in keys]
+    if not hits:
+        return None
+    out = hits[-1] if rules.instances == "last" else np.logical_or.reduce(hits)
+    return out.astype(np.float32)
 
 
 def read_clip_masks(mask_dir: Path, mask_dict: dict[str, dict[str, str]], clip: int, n_frames: int, missing: list):
@@ -164,11 +186,12 @@ def find_key_objects(data_root: Path, split: str, rules: KeyObjectRules, vis: in
         keys = choose_key_categories(clip_masks, rules)
         info[str(clip)] = {"category": keys[0] if keys else NO_KEY}
         for f, objects in clip_masks.items():
-            for category, mask in objects.values():
-                if category in keys:
-                    if mask.shape != (h, w):
-                        raise DataError(f"mask of clip {clip} frame {f} is {mask.shape}, frames are {(h, w)}", fix)
-                    masks[clip, f] = torch.maximum(masks[clip, f], torch.from_numpy((mask > 0).astype(np.float32)))
+            mask = key_frame_mask(objects, keys, rules)
+            if mask is None:
+                continue
+            if mask.shape != (h, w):
+                raise DataError(f"mask of clip {clip} frame {f} is {mask.shape}, frames are {(h, w)}", fix)
+            masks[clip, f] = torch.from_numpy(mask)
     if missing:
         log.warning("%s: %d PNGs listed in the mask dict are missing (e.g. %s)", split, len(missing), missing[0])
     atomic_write_json(data_root / key_objects_info_file(split), info)
@@ -202,10 +225,11 @@ def run(
     categories: Path | None = None,
     top_k: int = 1,
     vis: int = 0,
+    instances: Instances = "union",
 ) -> list[dict[str, Any]]:
     """Key objects for ``splits`` of a data root (the library entry point; e.g. after building a toy world)."""
     path = categories_file(Path(data_root), categories)
-    rules = KeyObjectRules.from_file(path, top_k=top_k)
+    rules = KeyObjectRules.from_file(path, top_k=top_k, instances=instances)
     log.info("category lists: %s", path)
     return [find_key_objects(Path(data_root), split, rules, vis) for split in splits]
 
@@ -217,11 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--categories", type=Path, help="JSON with 'background' and 'priority' lists")
     parser.add_argument("--top-k", type=int, default=1, help="key categories per clip (upstream: 1)")
     parser.add_argument("--vis", type=int, default=0, help="save this many overlay PNGs per split (reads frames)")
+    parser.add_argument("--instances", choices=["union", "last"], default="union",
+                        help="a frame's key mask: the union of the key category's instances, or upstream's last one "
+                        "(defect 9)")  # fmt: skip
     args = parser.parse_args(argv)
     args.data_root = data_root_of(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        for summary in run(args.data_root, args.splits, args.categories, args.top_k, args.vis):
+        for summary in run(args.data_root, args.splits, args.categories, args.top_k, args.vis, args.instances):
             log.info("%s", summary)
     except NeuronsError as err:
         return report_error(err)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from models.foundation import build_role, foundation_impl
-from models.foundation.toy.clip import load_proj
+from models.foundation.clip.toy import load_proj
 from utils.cli import OneLineParser, report_error
 from utils.config import load_config
 from utils.data import load_json, load_strings

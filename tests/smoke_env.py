@@ -88,7 +88,7 @@ def copy_stages(src: Path, dst: Path, folders: tuple[str, ...] = ("stage1", "sta
 def with_toy_roles(env: SmokeEnv, roles: tuple[str, ...], scratch: Path) -> SmokeEnv:
     """``env`` with a weights folder that also holds the smoke toy ``roles`` (built here, 1 thread, seconds each): the
     base roles are linked, not copied, so the repository's weights are never written to."""
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
 
     weights = scratch / "weights"
     weights.mkdir(parents=True, exist_ok=True)

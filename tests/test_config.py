@@ -131,3 +131,23 @@ def test_stage_prefixed_overrides_reach_only_their_stage():
     assert s3.sample.batch_size == 5 and s1.run.seed == s2.run.seed == s3.run.seed == 9
     with pytest.raises(ConfigError, match="unknown config key 'train.num_epoch'"):
         load_config(Stage1Config, "smoke", ["stage1.train.num_epoch=3"])
+
+
+def test_profile_diff_lists_the_differing_keys_of_every_stage(tmp_path, capsys):
+    """``train_neurons.py --profile smoke --diff OTHER`` prints each stage's differing resolved keys and exits 0."""
+    import train_neurons
+    from utils.cli import run_stage
+
+    other = tmp_path / "smoke_up.yaml"
+    other.write_text(
+        "extends: smoke\nstage2:\n  upstream: {text_attention_null_kv: false, prior_condition: backbone}\n"
+        "stage3:\n  sample: {unclip_uncond: random_noise}\n  upstream: {text_attention_null_kv: false}\n"
+    )
+    assert run_stage(Stage1Config, train_neurons.main, argv=["--profile", "smoke", "--diff", str(other)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert sorted(lines) == sorted([
+        "stage2 upstream.prior_condition: 'clip_proj' -> 'backbone'",
+        "stage2 upstream.text_attention_null_kv: True -> False",
+        "stage3 sample.unclip_uncond: 'null' -> 'random_noise'",
+        "stage3 upstream.text_attention_null_kv: True -> False",
+    ])

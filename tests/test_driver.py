@@ -181,8 +181,7 @@ FAST_PIPELINE = (
 def all_smoke_roles(world: Path, base: Path, scratch: Path) -> Path:
     """A weights folder with every smoke toy role: the repository's (or ``base``'s) when up to date (linked, never
     written to), the others built here."""
-    from models.foundation.toy import build_toy_weights
-    from models.foundation.toy.build import ROLES, role_hashes
+    from models.foundation.toy.build import ROLES, build_toy_weights, role_hashes
     from models.foundation.toy.common import is_complete, role_dir
     from models.foundation.toy.data import world_hash
     from tests.smoke_env import REPO_SMOKE_WEIGHTS

@@ -75,6 +75,45 @@ def test_toy_key_masks_are_the_union_of_the_key_category(smoke_world: Path):
             assert np.array_equal(masks[clip, f] > 0, want)
 
 
+def test_instances_last_keeps_upstreams_last_instance_through_the_cli(smoke_world: Path, tmp_path: Path):
+    """``--instances last`` (defect 9): each frame's mask is the key category's last instance in label order; the
+    default, the union, is what the session world holds."""
+    import shutil
+
+    from tasks_construction.find_key_obj import main
+
+    root = tmp_path / "world"
+    shutil.copytree(smoke_world, root)
+    labels_path = root / mask_labels_file("test")  # a second instance of clip c's key category in its frame 0
+    info = json.loads((root / key_objects_info_file("test")).read_text())
+    c = next(int(k) for k, v in info.items() if v["category"] != "None")
+    key, frame = info[str(c)]["category"], mask_frame_key(c, 0)
+    mask_dict = json.loads(labels_path.read_text())
+    mask_dict[frame]["99"] = key
+    labels_path.write_text(json.dumps(mask_dict))
+    Image.fromarray(_square(2, 2)).save(root / mask_png_dir("test") / f"{frame}_99.png")
+    assert main(["--data-root", str(root), "--splits", "test"]) == 0
+    union = torch.load(root / key_objects_masks_file("test"), weights_only=True).numpy()
+    assert main(["--data-root", str(root), "--splits", "test", "--instances", "last"]) == 0
+    last = torch.load(root / key_objects_masks_file("test"), weights_only=True).numpy()
+    assert np.array_equal(last[c, 0] > 0, _square(2, 2) > 0) and (union[c, 0] >= last[c, 0]).all()
+    info = json.loads((root / key_objects_info_file("test")).read_text())
+    assert info == json.loads((smoke_world / key_objects_info_file("test")).read_text())
+    mask_dict = json.loads((root / mask_labels_file("test")).read_text())
+    for clip in range(len(info)):
+        key = info[str(clip)]["category"]
+        for f in range(last.shape[1]):
+            labels = [lb for lb, name in mask_dict.get(mask_frame_key(clip, f), {}).items() if name == key]
+            want = np.zeros(last.shape[2:], bool)
+            if labels:
+                png = root / mask_png_dir("test") / f"{mask_frame_key(clip, f)}_{labels[-1]}.png"
+                want = np.asarray(Image.open(png)) > 0
+            assert np.array_equal(last[clip, f] > 0, want)
+    assert not np.array_equal(last, union)
+    base = torch.load(smoke_world / key_objects_masks_file("test"), weights_only=True).numpy()
+    assert np.array_equal(np.delete(union, c, 0), np.delete(base, c, 0)), "the default (union) is the session world's"
+
+
 def test_real_format_key_objects(real_format_root: Path):
     info = json.loads((real_format_root / key_objects_info_file("test")).read_text())
     assert info == {str(i): {"category": "dog"} for i in range(3)}

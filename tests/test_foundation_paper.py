@@ -17,18 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.foundation import (
+    blip2,
     build_role,
     catalog,
     catalog_table,
     describe_missing,
+    frame_classifier,
+    gpt2,
     missing_weights,
     require_weights,
     unclip,
     video,
 )
 from models.foundation import clip as clip_role
+from models.foundation.clip import paper as clip_paper
 from models.foundation.common import build_empty, count_params, load_strict, read_checkpoint, read_json_config
 from models.foundation.manifest import header_int, read_manifest
+from models.foundation.unclip import paper as unclip_paper
+from models.foundation.video import paper as video_paper
 from utils.errors import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,9 +55,10 @@ def test_unclip6_manifest_converts_and_loads_strictly():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     sd, header = _manifest("mindeye2_unclip6.tsv")
-    unet_sd, vae_sd, dropped = unclip.convert_checkpoint(sd)
-    unet = load_strict(build_empty(lambda: UNet2DConditionModel.from_config(unclip.unet_config_paper())), unet_sd, "u")
-    vae = load_strict(build_empty(lambda: AutoencoderKL.from_config(unclip.vae_config_paper())), vae_sd, "v")
+    unet_sd, vae_sd, dropped = unclip_paper.convert_checkpoint(sd)
+    unet_cfg = unclip_paper.unet_config_paper()
+    unet = load_strict(build_empty(lambda: UNet2DConditionModel.from_config(unet_cfg)), unet_sd, "u")
+    vae = load_strict(build_empty(lambda: AutoencoderKL.from_config(unclip_paper.vae_config_paper())), vae_sd, "v")
     assert len(unet_sd) == 1680 and len(vae_sd) == 248
     assert count_params(unet) == header_int(header, r"numel\[model\.diffusion_model\]=(\d+)") == 2_501_272_324
     assert count_params(vae) == header_int(header, r"numel\[first_stage_model\]=(\d+)") == 83_653_863
@@ -63,7 +70,7 @@ def test_unclip6_key_map_rejects_unknown_keys():
     sd, _ = _manifest("mindeye2_unclip6.tsv")
     sd["model.diffusion_model.extra_block.weight"] = torch.empty(1, device="meta")
     with pytest.raises(WeightsError, match="no mapping"):
-        unclip.convert_checkpoint(sd)
+        unclip_paper.convert_checkpoint(sd)
 
 
 def test_unclip6_bigg_tower_is_the_clip_role_architecture():
@@ -74,7 +81,7 @@ def test_unclip6_bigg_tower_is_the_clip_role_architecture():
     sd, _ = _manifest("mindeye2_unclip6.tsv")
     prefix = "conditioner.embedders.0.model."
     tower = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    model = build_empty(lambda: open_clip.CLIP(**clip_role.bigg_config()))
+    model = build_empty(lambda: open_clip.CLIP(**clip_paper.bigg_config()))
     own = model.state_dict()
     assert set(tower) <= set(own)
     assert all(own[k].shape == v.shape for k, v in tower.items())
@@ -87,8 +94,9 @@ def test_motion_module_manifest_converts_and_loads_strictly():
     from diffusers import MotionAdapter
 
     sd, header = _manifest("animatediff_v3_sd15_mm.tsv")
-    conv = video.convert_animatediff(sd, "mm")
-    adapter = load_strict(build_empty(lambda: MotionAdapter.from_config(video.motion_adapter_config())), conv, "mm")
+    conv = video_paper.convert_animatediff(sd, "mm")
+    mm_cfg = video_paper.motion_adapter_config()
+    adapter = load_strict(build_empty(lambda: MotionAdapter.from_config(mm_cfg)), conv, "mm")
     assert len(sd) == 560 and len(conv) == 540
     assert count_params(adapter) == header_int(header, r"parameters \(excluding pe\): (\d+)") == 417_137_600
     assert sum(1 for k in conv if k.endswith("pos_embed.pe")) == 20
@@ -98,8 +106,9 @@ def test_sparsectrl_manifest_converts_and_loads_strictly():
     from diffusers import SparseControlNetModel
 
     sd, header = _manifest("animatediff_v3_sd15_sparsectrl_rgb.tsv")
-    conv = video.convert_animatediff(sd, "sparsectrl")
-    net = load_strict(build_empty(lambda: SparseControlNetModel.from_config(video.sparsectrl_config())), conv, "sc")
+    conv = video_paper.convert_animatediff(sd, "sparsectrl")
+    sc_cfg = video_paper.sparsectrl_config()
+    net = load_strict(build_empty(lambda: SparseControlNetModel.from_config(sc_cfg)), conv, "sc")
     pe = sum(b.numel() for n, b in net.named_buffers() if n.endswith("pos_embed.pe"))
     assert len(conv) == len(sd) == 486
     assert count_params(net) == 496_730_880
@@ -111,22 +120,22 @@ def test_adapter_lora_manifest_resolves_every_target_of_the_sd15_unet():
     from diffusers import UNet2DConditionModel
 
     sd, header = _manifest("animatediff_v3_sd15_adapter.tsv")
-    pairs = video.lora_pairs(sd)
+    pairs = video_paper.lora_pairs(sd)
     unet = build_empty(
         lambda: UNet2DConditionModel.from_config(read_json_config("sd15_single_file", "unet", "config.json"))
     )
     assert len(pairs) == 128
     assert sum(up.numel() + down.numel() for up, down in pairs.values()) == header_int(header, r"elements: (\d+)")
     assert {up.shape[1] for up, _ in pairs.values()} == {128}
-    assert video.merge_lora(unet, pairs) == 128  # shape-checked against the UNet, then merged (on meta)
-    peft = video.lora_peft_state_dict(sd)
+    assert video_paper.merge_lora(unet, pairs) == 128  # shape-checked against the UNet, then merged (on meta)
+    peft = video_paper.lora_peft_state_dict(sd)
     assert len(peft) == 256 and all(k.startswith("unet.") for k in peft)
 
 
 def test_adapter_lora_rejects_foreign_keys():
     bad = {"down_blocks.0.attentions.0.proj_in.weight": torch.zeros(2, 2)}
     with pytest.raises(WeightsError, match="unknown keys"):
-        video.lora_pairs(bad)
+        video_paper.lora_pairs(bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,11 +348,11 @@ def test_lora_merge_adds_up_times_down():
     w = unet2d.state_dict()[target].clone()
     up, down = torch.randn(w.shape[0], 3), torch.randn(3, w.shape[1])
     prefix = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora"
-    pairs = video.lora_pairs({f"{prefix}.up.weight": up, f"{prefix}.down.weight": down})
-    assert video.merge_lora(unet2d, pairs, scale=0.5) == 1
+    pairs = video_paper.lora_pairs({f"{prefix}.up.weight": up, f"{prefix}.down.weight": down})
+    assert video_paper.merge_lora(unet2d, pairs, scale=0.5) == 1
     torch.testing.assert_close(unet2d.state_dict()[target], w + 0.5 * up @ down)
     with pytest.raises(WeightsError, match="shape"):
-        video.merge_lora(unet2d, {target: (up[:, :2], down[:2, :-1])})
+        video_paper.merge_lora(unet2d, {target: (up[:, :2], down[:2, :-1])})
 
 
 def _tiny_text_encoder():
@@ -523,11 +532,11 @@ def test_hf_paper_loaders_read_local_folders_strictly(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    gpt_dir = tmp_path / catalog.GPT2_REPO
+    gpt_dir = tmp_path / gpt2.GPT2_REPO
     GPT2LMHeadModel(
         GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=64, bos_token_id=0, eos_token_id=0)
     ).save_pretrained(gpt_dir)
-    vit_dir = tmp_path / catalog.VIT_REPO
+    vit_dir = tmp_path / frame_classifier.VIT_REPO
     ViTForImageClassification(
         ViTConfig(
             image_size=32,
@@ -575,7 +584,7 @@ def test_missing_weights_stop_before_work_with_one_line(tmp_path):
 
 
 def test_sharded_weights_count_only_when_every_shard_is_there(tmp_path):
-    folder = tmp_path / catalog.BLIP2_REPO
+    folder = tmp_path / blip2.BLIP2_REPO
     folder.mkdir(parents=True)
     index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))

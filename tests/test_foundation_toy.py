@@ -17,7 +17,7 @@ ROLES = ("clip", "vae", "gpt2", "unclip")
 
 @pytest.fixture(scope="session")
 def smoke_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
 
     root = tmp_path_factory.mktemp("toy_weights") / "toy_smoke"
     summary = build_toy_weights(smoke_world, root, "smoke", seed=0, progress=False, num_threads=1)
@@ -26,15 +26,15 @@ def smoke_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, 
 
 @pytest.fixture(scope="session")
 def quality(smoke_world: Path, smoke_weights) -> dict[str, Any]:
-    from models.foundation.toy import evaluate_toy_weights
     from models.foundation.toy.common import torch_threads
+    from models.foundation.toy.evaluate import evaluate_toy_weights
 
     with torch_threads(1):
         return evaluate_toy_weights(smoke_world, smoke_weights[0], "smoke")
 
 
 def test_build_writes_every_role_and_rerun_is_noop(smoke_world: Path, smoke_weights) -> None:
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
     from models.foundation.toy.common import MANIFEST
 
     root, summary = smoke_weights
@@ -67,7 +67,7 @@ def test_manifest_detects_tampering_and_hash_follows_seed(smoke_weights, tmp_pat
 
 
 def test_unknown_scale_is_a_config_error(smoke_world: Path, tmp_path: Path) -> None:
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
     from utils.errors import ConfigError
 
     with pytest.raises(ConfigError):
@@ -76,8 +76,8 @@ def test_unknown_scale_is_a_config_error(smoke_world: Path, tmp_path: Path) -> N
 
 def test_clip_role_through_stage_loader(smoke_world: Path, smoke_weights) -> None:
     from models.foundation.clip import ClipRole
+    from models.foundation.clip.toy import load_proj
     from models.foundation.registry import build_role
-    from models.foundation.toy.clip import load_proj
 
     role = build_role("clip", "toy", smoke_weights[0], "cpu")
     assert isinstance(role, ClipRole)
@@ -109,8 +109,8 @@ def test_vae_role_through_stage_loader(smoke_world: Path, smoke_weights) -> None
 
 def test_gpt2_role_through_stage_loader(smoke_weights) -> None:
     from models.foundation.gpt2 import Gpt2Role
+    from models.foundation.gpt2.toy import EOT
     from models.foundation.registry import build_role
-    from models.foundation.toy.gpt2 import EOT
 
     role = build_role("gpt2", "toy", smoke_weights[0], "cpu")
     assert isinstance(role, Gpt2Role) and role.vocab_size > EOT
@@ -141,7 +141,7 @@ def test_quality_clip_retrieval_beats_chance(smoke_world: Path, smoke_weights) -
     """Caption -> frame retrieval through the tokens->text projection. At smoke scale (48 training clips, seconds of
     training) the toy CLIP does not yet generalise to held-out scenes, so this checks the training scenes; held-out
     figures of the toy scale are in the report of ``evaluate_toy_weights``."""
-    from models.foundation.toy import evaluate_toy_weights
+    from models.foundation.toy.evaluate import evaluate_toy_weights
 
     out = evaluate_toy_weights(smoke_world, smoke_weights[0], "smoke", roles=("clip",), split="train")
     q = out["clip"]["via_proj"]

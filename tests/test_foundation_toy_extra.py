@@ -18,7 +18,7 @@ EXTRA = ("frame_classifier", "video_classifier", "clip_pcc", "blip2", "video")
 
 @pytest.fixture(scope="module")
 def extra_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
 
     root = tmp_path_factory.mktemp("toy_weights_extra") / "toy_smoke"
     summary = build_toy_weights(smoke_world, root, "smoke", seed=0, progress=False, num_threads=1, roles=EXTRA)
@@ -27,7 +27,7 @@ def extra_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, 
 
 @pytest.fixture(scope="module")
 def quality(smoke_world: Path, extra_weights) -> dict[str, Any]:
-    from models.foundation.toy import evaluate_toy_weights
+    from models.foundation.toy.evaluate import evaluate_toy_weights
 
     return evaluate_toy_weights(smoke_world, extra_weights[0], "smoke", roles=EXTRA)
 
@@ -38,8 +38,7 @@ def test_frames(smoke_world: Path) -> torch.Tensor:
 
 
 def test_build_subset_with_dependencies_and_rerun_is_noop(smoke_world: Path, extra_weights) -> None:
-    from models.foundation.toy import build_toy_weights
-    from models.foundation.toy.build import with_dependencies
+    from models.foundation.toy.build import build_toy_weights, with_dependencies
     from models.foundation.toy.common import MANIFEST
     from utils.errors import ConfigError
 

@@ -313,3 +313,83 @@ def test_evaluate_videos_and_input_checks():
         psnr(pred * 2, gt)
     with pytest.raises(DataError, match="start with"):
         evaluate_videos(pred, gt, clip_features=torch.randn(3, 2, 8))
+
+
+# ---- upstream's GIF grids (spec §6 step 6, §7, defect 29) -----------------------------------------------------------
+def _upstream_gif(tmp_path):
+    """One GIF grid as upstream's stage 5 writes it: GT clip frames (224 px, resized to 256) beside 6 generated
+    frames (256 px), a noisy copy of the GT."""
+    from utils.gif_grid import write_upstream_gif
+
+    gt224 = 0.2 + 0.6 * _videos(n=1, f=6, h=224, w=224, noise=0.0)[1][0]  # (6, 3, 224, 224), no black pixel
+    g = torch.Generator().manual_seed(3)
+    pred = (torch.nn.functional.interpolate(gt224, size=(256, 256), mode="bilinear") +
+            0.2 * (torch.rand(6, 3, 256, 256, generator=g) - 0.5)).clamp(0, 1)  # fmt: skip
+    path = tmp_path / "0.gif"
+    write_upstream_gif(path, gt224, pred)
+    return path
+
+
+def test_gif_grid_layout(tmp_path) -> None:
+    """Each GIF frame is 260 × 518 (make_grid of the two images of a time step, nrow=6, padding 2); the halves are
+    259 wide with the padding of upstream's split: GT 2 px left / 1 px right, prediction 1 px left / 2 px right."""
+    import imageio.v3 as iio
+
+    from utils.gif_grid import read_upstream_gif, upstream_grid_frames
+
+    path = _upstream_gif(tmp_path)
+    full = iio.imread(path)
+    assert full.shape == (6, 260, 518, 3) and full.dtype == np.uint8
+    gt, pred = read_upstream_gif(path)
+    assert gt.shape == pred.shape == (6, 260, 259, 3)
+    for half, left, right in ((gt, 2, 1), (pred, 1, 2)):
+        assert half[:, :2].max() == 0 and half[:, -2:].max() == 0, "2 px top and bottom"
+        assert half[:, :, :left].max() == 0 and half[:, :, -right:].max() == 0
+        assert half[:, 2:-2, left].max() > 0 and half[:, 2:-2, -right - 1].max() > 0, "image right after the border"
+    raw = upstream_grid_frames(torch.zeros(6, 3, 224, 224), torch.full((6, 3, 256, 256), 0.999))
+    assert raw.shape == (6, 260, 518, 3) and raw.max() == 254, "x*255 truncated to uint8, as upstream"
+
+
+def test_neurons_protocol_on_a_gif_grid_equals_skimage(tmp_path) -> None:
+    """SSIM and PSNR of the neurons protocol on the GIF halves equal skimage's upstream calls on the same GIF: halves
+    cut from the grid, per frame index, then the mean over the frame indices."""
+    import imageio.v3 as iio
+
+    from utils.gif_grid import read_upstream_gif
+
+    path = _upstream_gif(tmp_path)
+    gt, pred = (torch.from_numpy(h).permute(0, 3, 1, 2)[None] for h in read_upstream_gif(path))  # (1, 6, 3, 260, 259)
+    out = evaluate_videos(pred, gt, protocol="neurons")
+    video = iio.imread(path)
+    halves = [(video[f, :, :259], video[f, :, 259:]) for f in range(6)]
+    ref_ssim = np.mean([structural_similarity(rgb2gray(g), rgb2gray(p), channel_axis=-1, **UPSTREAM_SSIM)
+                        for g, p in halves])  # fmt: skip
+    ref_psnr = np.mean([peak_signal_noise_ratio(p, g, data_range=255) for g, p in halves])
+    assert out["ssim"]["mean"] == pytest.approx(ref_ssim, abs=1e-12)
+    assert out["psnr"]["mean"] == pytest.approx(ref_psnr, abs=1e-9)
+    assert set(np.unique(video[:, :, 258])) == {0}, "the GT half's right border is padding"
+
+
+def test_image_processor_backends_against_pil() -> None:
+    """The documented check of issue 15: transformers 5 has two backends per image processor. "pil" reproduces the PIL
+    path of upstream's transformers-4 processors exactly; "torchvision" (AutoImageProcessor's pick) is up to one
+    uint8 level off. Stage 6's eval.image_backend picks one (default torchvision, upstream pil)."""
+    from PIL import Image, ImageFilter
+    from transformers import ViTImageProcessor
+
+    from models.foundation.common import with_image_backend
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (260, 259, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    ref = (np.asarray(img.resize((224, 224), Image.BILINEAR), dtype=np.float64) / 255 - 0.5) / 0.5
+    tv = ViTImageProcessor(size={"height": 224, "width": 224}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    pil = with_image_backend(tv, "pil")
+    assert type(pil).__name__ == "ViTImageProcessorPil" and with_image_backend(pil, "torchvision").size == tv.size
+    frame = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+    def run(proc) -> np.ndarray:
+        return proc(images=[frame], return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).double().numpy()
+
+    assert np.abs(run(pil) - ref).max() < 1e-6, "pil backend = PIL resize"
+    off = np.abs(run(tv) - ref).max()
+    assert off <= 2 / 255 + 1e-6, "torchvision backend: at most one uint8 level (×2 after mean/std 0.5)"

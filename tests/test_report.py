@@ -136,7 +136,7 @@ def test_toy_comparisons(smoke_world: Path, profile: Path, run: Path) -> None:
 
     cfg = config(profile)
     metrics, ident = tables(cfg, RunPaths.from_config(cfg))
-    assert metrics.header == ["metric", "ours (enhance, subj 1)", "chance"]
+    assert metrics.header == ["metric", "ours (enhance, subj 1, standard)", "chance"], "a one-protocol file reads"
     rows = {r[0]: r for r in metrics.rows}
     assert rows["video 2-way"] == ["video 2-way", "0.810 ± 0.100", "0.750"]
     assert rows["PSNR (dB)"][1] == "n/a", "null PSNR (identical frames) is shown as n/a"
@@ -154,7 +154,7 @@ def test_paper_comparisons(profile: Path, run: Path) -> None:
 
     cfg = config(profile, "6", EXP, "model.size=paper")
     table = metrics_table(cfg, scored_modes(RunPaths.from_config(cfg)), None)
-    assert table.header[1:] == ["ours (enhance, subj 1)", "MinD-Video (mean of 3)", "NeuroClips (subj 1)",
+    assert table.header[1:] == ["ours (enhance, subj 1, standard)", "MinD-Video (mean of 3)", "NeuroClips (subj 1)",
                                 "NEURONS (subj 1)", "chance"]  # fmt: skip
     rows = {r[0]: r for r in table.rows}
     assert rows["video 2-way"][2:5] == ["0.839", "0.830", "0.862"]
@@ -162,6 +162,27 @@ def test_paper_comparisons(profile: Path, run: Path) -> None:
     notes = " ".join(table.notes)
     assert "NeuroClips (NeurIPS 2024) Table 1" in notes and "arXiv 2503.11167" in notes
     assert "protocol 'neurons'" in notes, "our standard-protocol numbers are flagged as not comparable"
+    assert "rerun stage 6" in notes, "an old one-protocol metrics file: no neurons column"
+
+
+def test_published_numbers_beside_the_neurons_protocol() -> None:
+    """A two-protocol metrics file: both columns, the published numbers right after the neurons one."""
+    from types import SimpleNamespace
+
+    from pipeline.report import metrics_table
+
+    def block(v: float) -> dict:
+        return {"metrics": {"video_2way": {"mean": v, "std": 0.1, "n": N_CLIPS, "chance": 0.75}}}
+
+    m = {"protocol": "standard", "n_clips": N_CLIPS, "caption_source": "blip2",
+         "protocols": {"standard": block(0.6), "neurons": block(0.7)}, **block(0.6)}  # fmt: skip
+    cfg = SimpleNamespace(run=SimpleNamespace(subj=1), model=SimpleNamespace(size="paper"))
+    table = metrics_table(cfg, {"enhance": m}, None)  # type: ignore[arg-type]
+    assert table.header[1:4] == ["ours (enhance, subj 1, standard)", "ours (enhance, subj 1, neurons)",
+                                 "MinD-Video (mean of 3)"]  # fmt: skip
+    row = next(r for r in table.rows if r[0] == "video 2-way")
+    assert row[1:3] == ["0.600 ± 0.100", "0.700 ± 0.100"]
+    assert "rerun stage 6" not in " ".join(table.notes)
 
 
 def test_samples_and_diagnostics(smoke_world: Path, run: Path) -> None:

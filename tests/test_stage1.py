@@ -50,6 +50,7 @@ def test_run_writes_checkpoints_and_manifest_with_finite_losses(env: SmokeEnv, r
         assert (run_a / "checkpoints" / name / "model.safetensors").is_file()
     manifest = read_manifest(run_a)
     assert manifest["stage"] == "1" and manifest["depends_on"] == []
+    assert manifest["selected_on"] == "val", "the default selects on the held-out validation clips"
     read = [*(fmri_file(1, s) for s in SOURCES), *map(frames_file, SOURCES), *map(caption_emb_file, SOURCES)]
     assert sorted(manifest["inputs"]) == sorted(str((env.world / f).resolve()) for f in (*read, TOKENS_PROJ_FILE))
     rows = records(run_a)
@@ -122,6 +123,38 @@ def test_two_processes_follow_the_one_process_run(env: SmokeEnv) -> None:
     # about lr (models.brain.inert_parameters): they may drift by up to lr per step, no more.
     bound = config(env, "bound").train.max_lr * len([r for r in one if r["split"] == "train"])  # lr x steps
     assert max((w1[k] - w2[k]).abs().max().item() for k in inert) <= bound
+
+
+def test_upstream_validation_trains_on_every_clip_and_selects_on_the_test_clips(
+    env: SmokeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.validation=test_upstream`` (defect 16, spec §3.7): no holdout, the partial batch kept
+    (``train.drop_last=false``), the best epoch picked on the test clips; the manifest and the report say so."""
+    from pipeline import report, stage1
+    from utils.config import load_config
+    from utils.data import BrainVideoData
+    from utils.manifest import read_manifest
+    from utils.runs import RunPaths
+    from utils.stage_configs import Stage6Config
+
+    cfg = config(env, "s1_up", "data.validation=test_upstream", "train.drop_last=false", "train.batch_size=7")
+    n_all = BrainVideoData(env.world, 1).n_source("train")
+    scored, real = [], stage1.evaluate
+    monkeypatch.setattr(stage1, "evaluate", lambda s, split="val", **kw: scored.append(split) or real(s, split, **kw))
+    out = stage1.train(cfg)
+    assert scored == ["test", "test"], "each epoch's selection scores the test clips"
+    manifest = read_manifest(out)
+    assert manifest["selected_on"] == "test (upstream, defect 16)" and manifest["train_clips"] == n_all
+    rows = records(out)
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 2 * math.ceil(n_all / 7), "every clip, the last partial batch included"
+    assert [r["epoch"] for r in rows if r["split"] == "test"] == [0, 1]
+    assert not [r for r in rows if r["split"] == "val"]
+    assert set(json.loads((out / "identification.json").read_text())) == {"test"}, "no val split to report"
+    cfg6 = load_config(Stage6Config, str(env.profile), [], {"exp": "s1_up"})
+    warnings = report.selection_warnings(RunPaths.from_config(cfg6))
+    assert len(warnings) == 1 and "stage 1 selected its best epoch on the TEST clips" in warnings[0]
+    assert warnings[0] in report.write_report(cfg6).read_text()
 
 
 def smoke_stage1_model():

@@ -16,7 +16,8 @@ import torch
 from tests.smoke_env import REPO, SmokeEnv, smoke_env
 from utils.data_catalog import key_objects_masks_file
 
-COMMON = ["train.batch_size=8", "train.num_epochs=2", "train.log_every=1"]  # 5 steps per epoch on the smoke world
+# 5 steps per epoch on the smoke world; written progressive windows (derived ones are all 1 under 5 epochs)
+COMMON = ["train.batch_size=8", "train.num_epochs=2", "train.log_every=1", "progressive.windows=fixed"]
 INTERRUPT_AT = 7  # the 7th optimiser step: mid-way through epoch 1
 
 
@@ -83,9 +84,11 @@ def test_run_writes_checkpoints_config_and_manifest(env: SmokeEnv, run_a: Path) 
 
 
 def test_losses_are_finite_and_progressive_weights_follow_the_schedule(env: SmokeEnv, run_a: Path) -> None:
+    from pipeline.stage2 import progressive_windows
     from utils.losses import progressive_weights
 
     cfg = config(env, "2", "a")
+    starts, window = progressive_windows(cfg)
     records = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
@@ -96,7 +99,7 @@ def test_losses_are_finite_and_progressive_weights_follow_the_schedule(env: Smok
         for name in ("loss", "prior", "video_softclip", "text_nce", "dice", "concepts", "caption", "latent"):
             assert math.isfinite(r[name]), (name, r)
         batch = r["step"] - 1 - r["epoch"] * steps_per_epoch
-        want = progressive_weights(r["epoch"], batch, steps_per_epoch, p.starts, p.window_epochs, p.peak)
+        want = progressive_weights(r["epoch"], batch, steps_per_epoch, starts, window, p.peak)
         assert {k: r[f"w_{k}"] for k in want} == pytest.approx(want)
     assert any(r["w_dice"] > 1 for r in train), "the schedule is exercised"
     for r in val:
@@ -146,6 +149,7 @@ def test_validation_decodes_through_the_models_brain_only_path(
 
     cfg = config(env, "2", "a")
     s = stage2.setup(cfg)
+    assert not any(m.training for m in s.model.backbone.modules()), "the frozen backbone is in eval mode by default"
     load_strict(s.model, read_weights(run_a / "checkpoints" / "last")[0], "last")
     calls, real = [], NeuronsBrainModel.decode_voxels
 
@@ -160,6 +164,72 @@ def test_validation_decodes_through_the_models_brain_only_path(
     logged = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in logged if r["split"] == "val"][-1]
     assert {k: scores[k] for k in stage2.SCORES} == pytest.approx({k: last_val[k] for k in stage2.SCORES})
+
+
+def dropout_modes(model: torch.nn.Module) -> list[bool]:
+    return [m.training for m in model.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+def test_upstream_selection_on_test_clips_and_backbone_in_train_mode(
+    env: SmokeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.validation=test_upstream`` (defect 16): stage 2 trains on every clip and scores the test clips each
+    epoch; ``train.backbone_mode=train`` (upstream's model.train()) keeps the frozen backbone's dropout on during every
+    step, after validation too; the derived progressive windows of 2 epochs are empty (all weights 1), as upstream."""
+    from pipeline import stage1, stage2
+    from utils.data import BrainVideoData
+    from utils.manifest import read_manifest
+
+    up = ["data.validation=test_upstream", "train.drop_last=false"]
+    stage1.train(config(env, "1", "up", *up, "train.num_epochs=1"))
+    steps, scored = [], []
+    real_step, real_eval = stage2.step_loss, stage2.evaluate
+
+    def spy_step(s, *args, **kwargs):
+        steps.append(dropout_modes(s.model))
+        return real_step(s, *args, **kwargs)
+
+    monkeypatch.setattr(stage2, "step_loss", spy_step)
+    monkeypatch.setattr(stage2, "evaluate", lambda s, split="val": scored.append(split) or real_eval(s, split))
+    out = stage2.train(config(env, "2", "up", *up, "train.backbone_mode=train", "progressive.windows=from_epochs"))
+    assert steps and all(modes and all(modes) for modes in steps), "backbone dropout is active in every step"
+    assert scored == ["test", "test"]
+    manifest = read_manifest(out)
+    n_all = BrainVideoData(env.world, 1).n_source("train")
+    assert manifest["selected_on"] == "test (upstream, defect 16)" and manifest["train_clips"] == n_all
+    assert manifest["backbone_mode"] == "train"
+    assert manifest["progressive_windows"] == {"starts": dict.fromkeys(("dice", "concepts", "caption", "latent"), 0),
+                                               "window_epochs": 0}  # fmt: skip
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == sum(r["split"] == "train" for r in rows) == 2 * math.ceil(n_all / 8)
+    assert all(r[f"w_{k}"] == 1.0 for r in rows if r["split"] == "train" for k in ("dice", "caption", "latent"))
+    assert [r["epoch"] for r in rows if r["split"] == "test"] == [0, 1]
+
+
+def test_progressive_windows_follow_the_epoch_count_as_upstream(env: SmokeEnv) -> None:
+    """Spec §3.5: window 2·(E//5) epochs, task k from k·(E//5). At 50 epochs (the paper profile) they are the former
+    literals, step for step; the toy profile's 8 epochs give its former literals; they scale with E."""
+    from pipeline.stage2 import multipliers, progressive_windows
+    from utils.config import load_config
+    from utils.stage_configs import Stage2Config
+
+    literals = {"dice": 0, "concepts": 10, "caption": 20, "latent": 30}, 20
+    paper = load_config(Stage2Config, "paper", [])
+    assert paper.train.num_epochs == 50 and progressive_windows(paper) == literals
+    fixed = load_config(Stage2Config, "paper", ["progressive.windows=fixed"])
+    assert progressive_windows(fixed) == literals
+    for epoch in range(50):
+        for batch in (0, 1, 215, 431):
+            assert multipliers(paper, epoch, batch, 432) == multipliers(fixed, epoch, batch, 432)
+
+    def derived(epochs: int) -> tuple[dict[str, int], int]:
+        cfg = config(env, "2", "w", f"train.num_epochs={epochs}", "progressive.windows=from_epochs")
+        return progressive_windows(cfg)
+
+    assert derived(8) == ({"dice": 0, "concepts": 1, "caption": 2, "latent": 3}, 2)
+    assert derived(25) == ({"dice": 0, "concepts": 5, "caption": 10, "latent": 15}, 10)
+    assert derived(100) == ({"dice": 0, "concepts": 20, "caption": 40, "latent": 60}, 40)
+    assert derived(4)[1] == 0, "under 5 epochs upstream's windows are empty"
 
 
 def test_dice_targets_are_the_area_majority_of_the_gt_masks_or_upstreams_nearest() -> None:

@@ -232,6 +232,52 @@ def test_brain_outputs_are_the_models_brain_only_decoding(env: SmokeEnv, stage2_
     assert batch["mask_names"] == [s.class_names[i] for i in dec.top_concept.tolist()]
 
 
+# ---- upstream model flags (defects 14, 19) and unCLIP's unconditional context (defect 24) ------------------------
+MODEL_FLAG_CASES = {
+    "null_kv": ("upstream.text_attention_null_kv=false",),
+    "residual": ("upstream.text_attention_residual=false",),
+    "prior_backbone": ("upstream.prior_condition=backbone",),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_FLAG_CASES))
+def test_model_flags_change_stage2_and_stage3_and_load_strictly(
+    env: SmokeEnv, stage2_run: Path, enhance: Path, case: str
+) -> None:
+    """Each defect-14/19 flag, run through stage 2 (from the same stage 1) and stage 3 with the same flag: the
+    stage-2 losses and the brain outputs differ from the default run's, and the stage-2 weights load strictly (a model
+    built without the null key/value has no such parameter)."""
+    from pipeline import stage2
+    from utils.checkpoint import read_weights
+
+    flags, exp = MODEL_FLAG_CASES[case], f"flag_{case}"
+    copy_stages(stage2_run, paths(env, exp).root, ("stage1",))
+    run = stage2.train(config(env, "2", exp, *STAGE2, *flags))
+    first_loss = lambda folder: json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # noqa: E731
+    assert first_loss(run) != first_loss(stage2_run / "stage2")
+    keys = read_weights(run / "checkpoints" / "best")[0]
+    assert ("text_seg_dec.null_kv" in keys) == (case != "null_kv")
+    out = outputs(reconstruct(env, exp, *flags, "sample.num_previews=0"))
+    want = outputs(enhance)
+    assert not torch.equal(out["prior_tokens"], want["prior_tokens"]) or case != "prior_backbone"
+    assert not torch.equal(out["masks"], want["masks"])
+
+
+def test_unclip_uncond_reaches_the_sampler_and_changes_only_the_keyframes(
+    env: SmokeEnv, stage2_run: Path, enhance: Path
+) -> None:
+    """``sample.unclip_uncond=random_noise`` (upstream, defect 24) changes the keyframes only; the default ("null",
+    all-zero tokens) is what the ``enhance`` run used."""
+    copy_stages(stage2_run, paths(env, "uncond").root)
+    noisy = outputs(reconstruct(env, "uncond", "sample.unclip_uncond=random_noise", "sample.num_previews=0"))
+    want = outputs(enhance)
+    assert not torch.equal(noisy["keyframes"], want["keyframes"])
+    for name in TENSORS:
+        if name != "keyframes":
+            assert torch.equal(noisy[name], want[name]), name
+    assert config(env, "3", RUN).sample.unclip_uncond == "null"
+
+
 # ---- pieces ---------------------------------------------------------------------------------------------------------
 def test_token_mask_follows_the_token_grid() -> None:
     from pipeline.stage3 import soft_mask, token_mask

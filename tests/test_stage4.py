@@ -116,18 +116,21 @@ def test_a_caption_depends_only_on_its_keyframe(env: SmokeEnv, stage4_out: Path)
 # ---- the caption source of stage 5 ----------------------------------------------------------------------------------
 def test_select_captions_follows_stage4_freshness(env: SmokeEnv, stage2_run: Path) -> None:
     """BLIP-2 while stage 4 is current; stage 3's GPT-2 captions once stage 3 is rerun, until stage 4 is rerun.
-    ``video.caption_source`` forces either source (``blip2`` refuses stale stage-4 captions)."""
+    ``video.caption_source`` forces either source (``blip2`` refuses stale stage-4 captions). The fallback to GPT-2
+    needs ``video.caption_fallback`` (false: an error naming the fix)."""
     from pipeline.captions import select_captions
     from utils.errors import StageOrderError
 
     exp = "s4_select"
     copy_stages(stage2_run, run_paths(env, exp).root)
-    cfg5 = stage_config(env, "5", exp)
+    cfg5 = stage_config(env, "5", exp, "video.caption_fallback=true")
     with pytest.raises(StageOrderError, match="stage 3"):
         select_captions(cfg5)  # nothing to caption with before stage 3
     stage3_dir = reconstruct(env, exp, "sample.num_clips=2")
     gpt2 = json.loads((stage3_dir / "captions.json").read_text())["captions"]
     assert select_captions(cfg5) == (gpt2, "gpt2"), "no stage 4 yet"
+    with pytest.raises(StageOrderError, match="stage 4.*--set video.caption_fallback=true"):
+        select_captions(stage_config(env, "5", exp, "video.caption_fallback=false"))
     blip2 = captions(caption(env, exp))
     assert len(blip2) == 2 and select_captions(cfg5) == (blip2, "blip2")
     assert select_captions(stage_config(env, "5", exp, "video.caption_source=gpt2")) == (gpt2, "gpt2")

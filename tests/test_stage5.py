@@ -1,6 +1,7 @@
 """Stage 5 (video generation) on the smoke toy video role, from a hand-made stage-3 folder (keyframe = GT frame 0,
 blurry video = a blurred GT clip, captions): stage order, outputs and their manifest, the real img2img strength
-(defect 26), time interpolation, and 2 torchrun processes against 1."""
+(defect 26) and upstream's noisy start, per-clip and upstream seeds, upstream's GIF grid, the caption fallback, time
+interpolation, and 2 torchrun processes against 1."""
 
 from __future__ import annotations
 
@@ -27,8 +28,7 @@ SMALL = ("video.steps=4", "video.strength=0.5")
 @pytest.fixture(scope="module")
 def weights(smoke_world: Path, tmp_path_factory) -> Path:
     """Smoke toy ``video`` (+ its ``vae``) weights: the repository's when up to date, else built here (~20 s)."""
-    from models.foundation.toy import build_toy_weights
-    from models.foundation.toy.build import role_hashes
+    from models.foundation.toy.build import build_toy_weights, role_hashes
     from models.foundation.toy.common import is_complete, role_dir
     from models.foundation.toy.data import world_hash
 
@@ -50,6 +50,7 @@ def profile(smoke_world: Path, weights: Path, tmp_path_factory) -> Path:
         "extends: smoke\n"
         f"paths:\n  data_root: {smoke_world}\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n"
         "run:\n  device: cpu\n"
+        "stage5:\n  video:\n    caption_fallback: true\n"  # no stage 4 here: stage 3's GPT-2 captions
     )
     return path
 
@@ -206,3 +207,85 @@ def test_interpolation_is_upstreams_for_6_to_16_frames() -> None:
     torch.testing.assert_close(out[:, 1], frames[:, 0] * 2 / 3 + frames[:, 1] / 3)
     torch.testing.assert_close(out[:, 14], frames[:, 4] / 3 + frames[:, 5] * 2 / 3)
     torch.testing.assert_close(interpolate_frames(frames, 6), frames)
+
+
+# ---- upstream options (issue 15) -----------------------------------------------------------------------------------
+UPSTREAM = ("video.init=noisy_start", "video.seed=zero")
+
+
+def watch_starts(role) -> list[torch.Tensor]:
+    """Record the noise every ``noisy_start`` call of ``role`` gets (instance attribute over the method)."""
+    noises: list[torch.Tensor] = []
+    inner = role.noisy_start
+
+    def spy(init: torch.Tensor, noise: torch.Tensor, num_steps: int = 25) -> torch.Tensor:
+        noises.append(noise.clone())
+        return inner(init, noise, num_steps)
+
+    role.noisy_start = spy
+    return noises
+
+
+def test_upstream_seed_zero_gives_every_clip_the_same_noise_and_all_steps(profile: Path, stage3: Path) -> None:
+    """``video.seed=zero``: seed 0, the unused ``keylatents`` draw, then the start noise, for every clip;
+    ``video.init=noisy_start`` runs all steps whatever the strength. ``per_clip`` gives clips their own noise."""
+    from pipeline.stage5 import generate_clip, setup
+
+    s = setup(config(profile, RUN, *SMALL, *UPSTREAM))
+    noises, calls = watch_starts(s.role), count_unet_calls(s.role)
+    for clip in (0, 1):
+        generate_clip(s, clip)
+    assert calls[0] == 2 * s.cfg.video.steps, "noisy_start runs every step (strength 0.5 is unused)"
+    torch.testing.assert_close(noises[0], noises[1], rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(noises[0].shape, generator=gen)  # upstream's unused keylatents
+    torch.testing.assert_close(noises[0], torch.randn(noises[0].shape, generator=gen), rtol=0, atol=0)
+
+    s.cfg = config(profile, RUN, *SMALL, "video.init=noisy_start")
+    for clip in (0, 1):
+        generate_clip(s, clip)
+    assert not torch.equal(noises[2], noises[3]), "per_clip: every clip has its own seed"
+
+
+def test_upstream_init_seed_and_gif_grid_through_the_stage(profile: Path, stage3: Path) -> None:
+    """The stage entry under the upstream options: the manifest records the noisy start at the largest timestep,
+    all steps and seed 0 for every clip; ``gif_grid/<clip>.gif`` holds upstream's grid (frames (R + 4) x (2R + 6):
+    ``make_grid(nrow=6, padding=2)`` of one GT and one generated frame); a rerun without the grid removes it."""
+    import imageio.v3 as iio
+
+    from pipeline.stage5 import generate
+    from utils.manifest import read_manifest
+
+    exp = "s5_upstream"
+    with_stage3(stage3, profile, exp)
+    cfg = config(profile, exp, *SMALL, *UPSTREAM, "video.write_gif_grid=true")
+    folder = generate(cfg)
+    v = cfg.video
+    manifest = read_manifest(folder)
+    assert manifest["video_init"] == "noisy_start" and manifest["denoise_steps"] == v.steps
+    assert manifest["start_timestep"] == 1000 // v.steps * (v.steps - 1) + 1, "the grid's largest timestep"
+    assert manifest["seed_rule"] == "zero" and manifest["clip_seeds"] == [0] * N_CLIPS
+    names = sorted(p.name for p in (folder / "gif_grid").iterdir())
+    assert names == [f"{i}.gif" for i in range(N_CLIPS)], "named by clip index, no caption (defect 28)"
+    assert all(f"gif_grid/{name}" in manifest["outputs"] for name in names)
+    frames = iio.imread(folder / "gif_grid" / "0.gif", index=None)  # (6, H, W, 3)
+    r, pad = v.resolution, 2
+    assert frames.shape[:3] == (len(v.eval_frames), r + 2 * pad, 2 * r + 3 * pad)
+
+    generate(config(profile, exp, *SMALL))
+    assert not (folder / "gif_grid").exists(), "a rerun clears the grids"
+    assert read_manifest(folder)["video_init"] == "img2img" and read_manifest(folder)["seed_rule"] == "per_clip"
+
+
+def test_missing_stage4_without_caption_fallback_is_a_one_line_error(profile: Path, stage3: Path) -> None:
+    from pipeline.stage5 import generate
+    from utils.errors import StageOrderError
+
+    exp = "s5_no_fallback"
+    with_stage3(stage3, profile, exp)
+    with pytest.raises(StageOrderError) as err:
+        generate(config(profile, exp, *SMALL, "video.caption_fallback=false"))
+    text = str(err.value)
+    assert "\n" not in text and "stage 4" in text and "rerun stage 4" in text
+    assert "--set video.caption_fallback=true" in text
+    assert not stage_dir(profile, exp, "5").exists(), "nothing is written before the check"

@@ -25,7 +25,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def profile(smoke_world: Path, tmp_path_factory) -> Path:
-    from models.foundation.toy import build_toy_weights
+    from models.foundation.toy.build import build_toy_weights
 
     scratch = tmp_path_factory.mktemp("stage6")
     weights = scratch / "weights"
@@ -81,8 +81,9 @@ def fake_stage3(smoke_world: Path, folder: Path) -> None:
     recorder.finish()
 
 
-def fake_stage5(smoke_world: Path, folder: Path, stage3: Path, perfect: bool) -> None:
-    """Videos (N, F + 2, 3, RES5, RES5) whose frames 1..F are the GT (perfect) or a noisy GT at RES5."""
+def fake_stage5(smoke_world: Path, folder: Path, stage3: Path, perfect: bool, gif_grid: bool = False) -> None:
+    """Videos (N, F + 2, 3, RES5, RES5) whose frames 1..F are the GT (perfect) or a noisy GT at RES5; with
+    ``gif_grid`` also upstream's GIF grid of every clip (as stage 5's video.write_gif_grid writes them)."""
     from utils.io import atomic_save_safetensors, atomic_write_json
     from utils.manifest import StageRecorder
     from utils.resize import resize_frames_bilinear
@@ -94,8 +95,16 @@ def fake_stage5(smoke_world: Path, folder: Path, stage3: Path, perfect: bool) ->
     pred = gt if perfect else (gt + 0.15 * torch.randn(gt.shape, generator=gen)).clamp(0, 1)
     videos = torch.rand(n, f + 2, 3, RES5, RES5, generator=gen)
     videos[:, eval_frames] = pred
-    config = {"video": {"eval_frames": eval_frames, "num_frames": f + 2, "resolution": RES5}}
+    config = {
+        "video": {"eval_frames": eval_frames, "num_frames": f + 2, "resolution": RES5, "write_gif_grid": gif_grid}
+    }
     recorder = StageRecorder("5", folder, "fake", config, depends_on=("3",)).begin()
+    if gif_grid:
+        from utils.gif_grid import gif_grid_path, write_upstream_gif
+
+        for clip in range(n):
+            write_upstream_gif(gif_grid_path(folder, clip), gt_clips(smoke_world)[clip], videos[clip, eval_frames])
+            recorder.add_output(gif_grid_path(folder, clip))
     recorder.add_output(atomic_save_safetensors(folder / "videos.safetensors", {"videos": videos}))
     captions = json.loads((stage3 / "captions.json").read_text())["captions"]
     prompts = {"caption_source": "gpt2", "captions": captions, "prompts": captions, "negative_prompt": ""}
@@ -105,10 +114,10 @@ def fake_stage5(smoke_world: Path, folder: Path, stage3: Path, perfect: bool) ->
     recorder.finish()
 
 
-def make_run(smoke_world: Path, profile: Path, exp: str, perfect: bool = False) -> None:
+def make_run(smoke_world: Path, profile: Path, exp: str, perfect: bool = False, gif_grid: bool = False) -> None:
     paths = paths_of(profile, exp)
     fake_stage3(smoke_world, paths.stage_dir("3"))
-    fake_stage5(smoke_world, paths.stage_dir("5"), paths.stage_dir("3"), perfect)
+    fake_stage5(smoke_world, paths.stage_dir("5"), paths.stage_dir("3"), perfect, gif_grid)
 
 
 def run6(profile: Path, exp: str, *overrides: str) -> dict:
@@ -165,9 +174,57 @@ def test_metrics_json_has_every_metric(profile: Path, noisy: dict[str, dict]) ->
 def test_protocols_differ_in_ssim_only_in_definition(noisy: dict[str, dict]) -> None:
     s, n = noisy["standard"]["metrics"], noisy["neurons"]["metrics"]
     assert noisy["neurons"]["protocol"] == "neurons"
+    for report in noisy.values():  # both protocols in every file; the headline's mirrored at the top level
+        assert set(report["protocols"]) == {"standard", "neurons"}
+        assert report["metrics"] == report["protocols"][report["protocol"]]["metrics"]
+        assert report["protocols"]["neurons"]["inputs"].startswith("stage-5 videos"), "no GIF grids: the tensors"
+    assert noisy["standard"]["protocols"] == noisy["neurons"]["protocols"], "eval.protocol only picks the headline"
     assert abs(s["ssim"]["mean"] - n["ssim"]["mean"]) > 1e-4, "neurons SSIM is per-column 1-D, standard is 2-D"
     assert s["concept_f1_micro"] == n["concept_f1_micro"] and s["key_object_dice"] == n["key_object_dice"]
     assert s["video_2way"]["mean"] == n["video_2way"]["mean"], "N-way means agree; only the ± differs"
+
+
+def skimage_on_gifs(folder: Path) -> tuple[float, float]:
+    """(SSIM, PSNR) as upstream's run_metrics.py computes them from the GIFs (spec §7): imageio.v3 read, halves split
+    along the width, skimage per clip and frame index, mean over clips per frame index, then over frame indices."""
+    import imageio.v3 as iio
+    import numpy as np
+    from skimage.color import rgb2gray
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    videos = [iio.imread(folder / f"{clip}.gif") for clip in range(N_CLIPS)]
+    half = videos[0].shape[2] // 2
+    ssim_f, psnr_f = [], []
+    for f in range(videos[0].shape[0]):
+        gts, preds = [v[f, :, :half] for v in videos], [v[f, :, half:] for v in videos]
+        ssim_f.append(np.mean([
+            structural_similarity(rgb2gray(g), rgb2gray(p), channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, data_range=1.0)
+            for g, p in zip(gts, preds, strict=True)
+        ]))  # fmt: skip
+        psnr_f.append(
+            np.mean([peak_signal_noise_ratio(p, g, data_range=255) for g, p in zip(gts, preds, strict=True)])
+        )
+    return float(np.mean(ssim_f)), float(np.mean(psnr_f))
+
+
+def test_neurons_protocol_scores_the_gif_grids(smoke_world: Path, profile: Path, noisy: dict[str, dict]) -> None:
+    """Stage 5's upstream GIF grids: the neurons protocol scores their halves (SSIM and PSNR equal skimage's on the
+    GIFs), the standard protocol still the tensors; eval.image_backend=pil runs the PIL processors."""
+    from utils.gif_grid import GIF_GRID_DIR
+
+    make_run(smoke_world, profile, "gif", gif_grid=True)
+    report = run6(profile, "gif", "eval.protocol=neurons", "eval.image_backend=pil")
+    neurons, standard = report["protocols"]["neurons"], report["protocols"]["standard"]
+    assert neurons["inputs"].startswith("the halves of stage 5's upstream GIF grids")
+    assert standard["inputs"].startswith("stage-5 videos")
+    assert standard["metrics"]["ssim"] == noisy["standard"]["metrics"]["ssim"], "standard: the same tensors"
+    assert report["inputs"]["gif_grid"].endswith(GIF_GRID_DIR) and report["preprocessing"]["image_backend"] == "pil"
+    ssim, psnr = skimage_on_gifs(Path(report["inputs"]["gif_grid"]))
+    assert neurons["metrics"]["ssim"]["mean"] == pytest.approx(ssim, abs=1e-12)
+    assert neurons["metrics"]["psnr"]["mean"] == pytest.approx(psnr, abs=1e-9)
+    assert neurons["metrics"]["ssim"]["mean"] != noisy["neurons"]["metrics"]["ssim"]["mean"], "the GIFs, not tensors"
+    assert set(neurons["metrics"]) == EXPECTED and report["metrics"] == neurons["metrics"]
 
 
 def test_perfect_prediction(smoke_world: Path, profile: Path) -> None:
@@ -187,7 +244,7 @@ def test_report_written_beside_the_metrics(profile: Path, noisy: dict[str, dict]
     paths = paths_of(profile, "noisy")
     report = report_path(paths)
     text = report.read_text()
-    assert text.startswith("<!DOCTYPE html>") and "ours (enhance, subj 1)" in text
+    assert text.startswith("<!DOCTYPE html>") and "ours (enhance, subj 1, neurons)" in text
     assert f"{noisy['standard']['metrics']['video_2way']['mean']:.3f}" in text
     manifest = read_manifest(paths.stage_dir("6"))
     assert manifest["report"] == str(report.resolve()) and str(report.resolve()) not in manifest["outputs"]

@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from utils.config import config_hash, load_config, to_yaml
+from utils.config import config_diff, config_hash, load_config, to_yaml
 from utils.errors import ConfigError, NeuronsError
 from utils.io import storage_error
 from utils.manifest import StageRecorder
 from utils.runs import RunPaths, config_record, run_lock, save_resolved_config, setup_logging, stage_log_path
-from utils.stage_configs import STAGE_KEY_OF, SharedConfig, Stage1Config
+from utils.stage_configs import STAGE_CONFIGS, STAGE_KEY_OF, SharedConfig, Stage1Config
 from utils.stages import STAGE_BY_KEY
 
 log = logging.getLogger("neurons")
@@ -60,6 +60,8 @@ def stage_parser(stage: str, description: str | None) -> OneLineParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--diff", metavar="PROFILE", help="print the resolved keys of every stage that differ between "
+                        "--profile and PROFILE, then exit")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not only its line")
     if stage in ("1", "2"):
         parser.add_argument("--resume", action="store_true", help="continue from checkpoints/last (train.resume)")
@@ -127,6 +129,15 @@ def check_device(cfg: SharedConfig) -> None:
         )
 
 
+def print_profile_diff(profile: str, other: str, overrides: Sequence[str], cli: dict[str, Any]) -> None:
+    """One line per resolved key that differs between two profiles, for every stage:
+    ``stage<k> <section.key>: <value under profile> -> <value under other>``."""
+    print(f"# resolved keys that differ: --profile {profile} -> {other}")
+    for key, cls in STAGE_CONFIGS.items():
+        for name, a, b in config_diff(cls, profile, other, overrides, cli):
+            print(f"stage{key} {name}: {a!r} -> {b!r}")
+
+
 def run_stage(
     config_class: type[C],
     main: Callable[[C], None],
@@ -145,6 +156,9 @@ def run_stage(
         cfg = load_config(config_class, args.profile, overrides, fixed_args(args))
         if args.print_config:
             print(to_yaml(cfg), end="")
+            return 0
+        if args.diff:
+            print_profile_diff(args.profile, args.diff, overrides, fixed_args(args))
             return 0
         check_device(cfg)
         paths = RunPaths.from_config(cfg)

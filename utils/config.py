@@ -363,6 +363,27 @@ def config_hash(cfg: DataclassInstance) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → ``{"section.key": value}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(cls: type[C], profile: str, other: str, overrides: Iterable[str] = (),
+                cli: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:  # fmt: skip
+    """The resolved keys of ``cls`` that differ between two profiles (same ``--set`` and CLI values), sorted:
+    ``[(dotted key, value under profile, value under other)]``; ``run.profile`` itself is left out."""
+    a = _flatten(to_dict(load_config(cls, profile, overrides, cli)))
+    b = _flatten(to_dict(load_config(cls, other, overrides, cli)))
+    keys = sorted((a.keys() | b.keys()) - {"run.profile"})
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
+
+
 def run_dir(cfg: SharedConfig) -> Path:
     """``<exp_root>/exp_<exp>/subj_<subj>``."""
     return Path(cfg.paths.exp_root) / f"exp_{cfg.run.exp}" / f"subj_{cfg.run.subj}"

@@ -19,6 +19,8 @@ Splits: ``train`` and ``val`` are disjoint parts of the training clips; ``test``
 is made of contiguous blocks of clips (seeded choice of blocks), not random clips: neighbouring clips share shots and
 the HRF smears responses over several TRs, so random clips would leak. ``val_guard_clips`` clips on each side of a
 validation block are dropped from ``train``. Model selection uses ``val``; ``test`` is only for final numbers.
+``validation=test_upstream`` reproduces upstream instead: ``train`` is every training clip, ``val`` is empty, and
+stages 1 and 2 select on ``test`` (:func:`selection_split`; defect 16).
 
 fMRI per item: train = one repeat chosen per epoch (``epoch % repeats``, as upstream); val = mean of the training
 repeats; test = mean of the test repeats.
@@ -202,6 +204,9 @@ class DataConfig:
     val_block_clips: int = 20  # the validation split is made of whole blocks of contiguous clips ...
     val_guard_clips: int = 1  # ... with this many clips dropped on each side (neighbouring clips are correlated)
     val_seed: int = 0
+    # model selection (defect 16): "holdout" picks the best epoch on the validation clips above; "test_upstream"
+    # trains on every training clip (no holdout, the val_* keys unused) and picks it on the TEST clips, as upstream
+    validation: Literal["holdout", "test_upstream"] = "holdout"
     num_workers: int = 0
     # CLIP image-token targets of stages 1 and 2: run the image tower every step ("compute"), or read the fp16
     # cache written by `python -m tasks_construction.cache_clip_targets` ("cache"; docs/scale.md)
@@ -209,6 +214,16 @@ class DataConfig:
     clip_cache_frames: tuple[int, ...] = ()  # frames the cache tool stores per clip; () = every frame (stage 2)
     clip_cache_splits: tuple[Literal["train", "test"], ...] = ("train", "test")  # source files the tool caches
     clip_cache_latents: bool = True  # the tool also caches the VAE latents of every frame (stage 2's latent targets)
+
+
+def selection_split(config: DataConfig) -> Literal["val", "test"]:
+    """The split stages 1 and 2 pick their ``best`` epoch on: ``val``, or ``test`` (``validation=test_upstream``)."""
+    return "test" if config.validation == "test_upstream" else "val"
+
+
+def selection_note(config: DataConfig) -> str:
+    """What a manifest records about model selection (``selected on``)."""
+    return "test (upstream, defect 16)" if config.validation == "test_upstream" else "val"
 
 
 class BrainVideoData:
@@ -234,13 +249,17 @@ class BrainVideoData:
         train_shape, test_shape = (tuple(self._frames[s].shape[1:]) for s in SOURCES)
         if train_shape != test_shape:
             raise DataError(f"train frames are {train_shape} per clip, test {test_shape}", self._get_data_hint())
-        self.train_idx, self.val_idx = contiguous_val_split(
-            self.n_source("train"),
-            self.config.val_fraction,
-            self.config.val_block_clips,
-            self.config.val_guard_clips,
-            self.config.val_seed,
-        )
+        self.train_idx, self.val_idx = self._split_train()
+
+    def _split_train(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) rows of the training files: the contiguous holdout, or every clip and no val (upstream)."""
+        c = self.config
+        if c.validation == "test_upstream":
+            log.warning("data.validation=test_upstream: training on all %d clips, model selection on the TEST clips "
+                        "(upstream, defect 16)", self.n_source("train"))  # fmt: skip
+            return np.arange(self.n_source("train")), np.arange(0)
+        return contiguous_val_split(self.n_source("train"), c.val_fraction, c.val_block_clips, c.val_guard_clips,
+                                    c.val_seed)  # fmt: skip
 
     @property
     def opened_files(self) -> list[Path]:

@@ -17,9 +17,15 @@ MAJORITY = 0.5  # the covered fraction of a pixel's area from which a resized ma
 
 
 def resize_maps_nearest(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """``(..., H, W)`` → ``(..., size, size)``, nearest neighbour, in the input's dtype."""
-    flat = maps.reshape(-1, 1, *maps.shape[-2:])  # every leading axis is a channel: nearest never mixes them
-    return F.interpolate(flat, size=(size, size), mode="nearest").reshape(*maps.shape[:-2], size, size)
+    """``(..., C, H, W)`` (at least 3 axes) → ``(..., C, size, size)``, nearest neighbour, in the input's dtype.
+
+    Axes before ``C`` are folded into the batch axis as a view, so the interpolation sees the input's own memory
+    layout (a channels-last map stays channels-last, and the convolutions that read the result take the same path)."""
+    if maps.dim() < 3:
+        raise ValueError(f"resize_maps_nearest needs (..., C, H, W), got shape {tuple(maps.shape)}")
+    flat = maps.flatten(0, -4) if maps.dim() > 4 else maps.unsqueeze(0) if maps.dim() == 3 else maps  # (N, C, H, W)
+    out = F.interpolate(flat, size=(size, size), mode="nearest")
+    return out.view(*maps.shape[:-2], size, size)
 
 
 def resize_masks_majority(masks: torch.Tensor, size: int) -> torch.Tensor:

@@ -62,7 +62,9 @@ class OptimConfig:
     # parameter-sized temporaries), "8bit" (bitsandbytes AdamW8bit, optional package: 2 bytes of state per parameter)
     adamw_impl: Literal["auto", "for_loop", "foreach", "fused", "8bit"] = "auto"
     grad_checkpointing: bool = False  # recompute backbone / prior activations in the backward pass (less memory)
-    drop_last: bool = True  # skip a last partial batch each epoch (reshuffled, so every clip is still used)
+    # skip a last partial batch each epoch (reshuffled, so every clip is still used); upstream's DataLoader kept it
+    # (drop_last=False, spec §3.6; 4,320 clips make full batches at its batch sizes 120 and 10)
+    drop_last: bool = True
     resume: bool = False  # continue from checkpoints/last (exactly where it stopped)
     log_every: int = 10  # training-loss records every N steps
 
@@ -101,6 +103,9 @@ class Stage2Train(OptimConfig):
     # trainable parts to freeze too (ridge, backbone and clipproj always are): any of diffusion_prior, motion_proj,
     # classifier, text_seg_dec, text_dec (GPT-2 and its prefix projection) or text_dec.decoder (GPT-2 only)
     freeze: tuple[str, ...] = ()
+    # the frozen stage-1 parts (ridge, backbone, clipproj) while training: "eval" (no dropout: the condition the
+    # prior sees is the one stage 3 gives it); "train" is upstream's model.train(): the backbone's dropout stays on
+    backbone_mode: Literal["eval", "train"] = "eval"
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,10 @@ class ProgressiveConfig:
 
     enabled: bool = True
     peak: float = 10.0
+    # "from_epochs": upstream's rule (spec §3.5) from train.num_epochs E: window 2·(E//5) epochs, the k-th task of
+    # `starts` from epoch k·(E//5) (50 epochs: the literals below; under 5 epochs every weight is 1, as upstream);
+    # "fixed": window_epochs and starts as written
+    windows: Literal["from_epochs", "fixed"] = "from_epochs"
     window_epochs: int = 20
     starts: dict[str, int] = field(default_factory=lambda: {"dice": 0, "concepts": 10, "caption": 20, "latent": 30})
 
@@ -128,12 +137,17 @@ class ProgressiveConfig:
 class UpstreamFlags:
     """Reproduce an upstream defect exactly (see the spec's defect list); the defaults are the corrected behaviour."""
 
-    text_attention: Literal["own", "batch"] = "own"  # defect 14
+    text_attention: Literal["own", "batch"] = "own"  # defect 14: the scope (own clip's text / the whole batch's)
+    text_attention_residual: bool = True  # defect 14 (ours): attention output added to the vision tokens; upstream off
+    text_attention_null_kv: bool = True  # defect 14 (ours): a learned null key/value; upstream off
     temporal_scope: Literal["clip", "batch"] = "clip"  # defect 15
     caption_pad: Literal["dedicated", "clip_zero"] = "dedicated"  # defect 21
     dice_reduction: Literal["sample", "batch"] = "sample"  # defect 23
     concept_names: Literal["class", "fine", "upstream"] = "class"  # defect 22 (models.heads.ConceptNamer modes)
     gt_mask_resize: Literal["majority", "nearest"] = "majority"  # stage-2 Dice targets (docs/fidelity.md)
+    # defect 19: the prior's condition; "clip_proj" (upstream NEURONS, kept as default: see docs/fidelity.md) or
+    # "backbone", the pre-projection output MindEye2 trained the prior on
+    prior_condition: Literal["clip_proj", "backbone"] = "clip_proj"
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,9 @@ class Stage3Sample:
     prior_steps: int = 100
     unclip_steps: int = 38
     unclip_guidance: float = 5.0
+    # defect 24: CFG's unconditional context: "null" (all-zero tokens, the dropped condition the unCLIP was trained
+    # with) or upstream's "random_noise" (N(0, 1) tokens shaped like the condition, MindEye2's unclip_recon)
+    unclip_uncond: Literal["null", "random_noise"] = "null"
     unclip_size: int = 768  # generated at this size, stored at keyframe_size
     keyframe_size: int = 256
     caption_decoding: Literal["greedy", "beam"] = "greedy"
@@ -178,6 +195,9 @@ class Stage3Sample:
     num_clips: int | None = None  # decode only the first N test clips (None: all of them)
     output_dtype: Literal["float16", "float32"] = "float16"  # keyframes, blurry videos, masks, prior tokens
     save_prior_tokens: bool = False  # (N, T, D) prior samples: 1 GB at the paper's size
+    # the stage-2 checkpoint decoded: "best" (selected on data.validation's split); upstream read "last"
+    # (brain_model_prior_last.pth, spec §3.7)
+    checkpoint: Literal["best", "last"] = "best"
 
 
 @dataclass(frozen=True)
@@ -203,7 +223,15 @@ class Stage5Video:
     resolution: int = 256
     steps: int = 25
     guidance: float = 8.5
-    strength: float = 0.3  # a real img2img strength (fixes defect 26)
+    strength: float = 0.3  # a real img2img strength (fixes defect 26); used by init="img2img" only
+    # defect 26: "img2img" runs the last round(steps * strength) DDIM steps from the init latents noised to the first
+    # of them; "noisy_start" is upstream's low_strength=0.3: the init noised at the grid's largest timestep (t = 961
+    # of 25 steps) and all `steps` run
+    init: Literal["img2img", "noisy_start"] = "img2img"
+    # spec §6 step 4: "per_clip" seeds a generator per clip with clip_seed(run.seed, clip); "zero" is upstream's
+    # torch.manual_seed(0) for every clip, its two VAE samplings drawn before the reseed (pipeline/stage5.py)
+    seed: Literal["per_clip", "zero"] = "per_clip"
+    write_gif_grid: bool = False  # spec §6 step 6: upstream's [GT | generated] GIF grid per clip, gif_grid/<clip>.gif
     lora_scale: float = 1.0
     controlnet_scale: float = 1.0
     prompt_suffix: str = ", 8k uhd, dslr, soft lighting, high quality, film grain, Fujifilm XT3"
@@ -216,7 +244,8 @@ class Stage5Video:
         "extra arms, extra legs, fused fingers, too many fingers, long neck"
     )
     eval_frames: tuple[int, ...] = (4, 6, 8, 10, 12, 14)
-    caption_source: Literal["auto", "blip2", "gpt2"] = "auto"  # auto: stage 4 when current, else stage 3
+    caption_source: Literal["auto", "blip2", "gpt2"] = "auto"  # auto: stage 4 when current, else stage 3 ...
+    caption_fallback: bool = False  # ... only when True; False: auto with stage 4 stale or missing is an error
     num_clips: int | None = None  # the first N test clips (None: all of stage 3's)
     num_previews: int = 8  # GIF previews of the first K generated videos
     preview_fps: float = 8.0
@@ -229,7 +258,12 @@ class Stage5Config(SharedConfig):
 
 @dataclass(frozen=True)
 class Stage6Eval:
+    # stage 6 always scores both protocols (metrics_<mode>.json "protocols"); this one is the headline: mirrored under
+    # the file's top-level "metrics" and listed first in the report (upstream reports only "neurons", spec §7)
     protocol: Literal["standard", "neurons"] = "standard"
+    # transformers-5 image-processor backend of the metric classifiers / CLIP-pcc: "torchvision" (what
+    # AutoImageProcessor picks) or "pil" (upstream's transformers-4 slow processors; ≤ 1 uint8 level apart)
+    image_backend: Literal["torchvision", "pil"] = "torchvision"
     n_trials: int = 100
     ways: tuple[int, ...] = (2, 50)
     top_k: int = 1

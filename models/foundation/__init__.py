@@ -20,9 +20,10 @@ How a stage gets a role::
 | video_classifier | ``VideoClassifierRole`` | ``MCG-NJU/videomae-base-finetuned-kinetics`` | ``probs`` |
 | clip_pcc | ``ClipPccRole`` | ``openai/clip-vit-large-patch14`` | ``image_features`` |
 
-A role's class and its paper loader ``build_paper`` live in ``models/foundation/<role>.py``, its toy models (recipe,
-pretraining and ``build_toy``) in ``models/foundation/toy/<role>.py``, and its paper files in
-``catalog.CATALOG``; ``registry.BUILDERS`` names both builders of every role.
+Each role is one package, ``models/foundation/<role>/``: ``__init__.py`` holds its class and ``WEIGHTS`` (its paper
+files), ``paper.py`` its paper loader ``build_paper`` with the key maps, ``toy.py`` its toy models (recipes,
+pretraining and ``build_toy``). ``catalog.CATALOG`` gathers every role's ``WEIGHTS`` and ``registry.BUILDERS`` names
+both builders of every role; ``common.py`` and ``toy/`` hold what the roles share.
 
 Rules for every paper loader: local files only (no hub calls; ``from_pretrained``/``from_single_file`` only with
 ``local_files_only=True`` on folders under ``weights_root``); explicit key maps; strict loads; dropped keys logged;

@@ -167,14 +167,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def hf_dir(weights_root: Path, role: str) -> Path:
-    """Local directory of a Hugging Face repo role (the folder of its catalog entries)."""
-    from models.foundation.catalog import entries
-
-    first = entries([role])[0]
-    return Path(weights_root) / first.relpath[: len(first.relpath) - len(first.filename)].rstrip("/")
-
-
 def hf_from_pretrained(cls: Any, local_dir: Path, what: str, dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
     """``cls.from_pretrained(local_dir, local_files_only=True)`` that fails on missing or mismatched keys (strict)
     and logs unexpected ones; loader errors become :class:`WeightsError`."""
@@ -215,3 +207,25 @@ def to_uint8_images(frames01: torch.Tensor) -> list[torch.Tensor]:
     if frames01.dtype != torch.uint8:
         frames01 = (frames01.detach().float().clamp(0, 1) * 255).to(torch.uint8)
     return list(frames01.cpu())
+
+
+IMAGE_BACKENDS = ("torchvision", "pil")
+
+
+def with_image_backend(processor: Any, backend: str) -> Any:
+    """``processor`` (a transformers-5 image processor) on ``backend``: "torchvision" (what ``AutoImageProcessor``
+    picks, resizing tensors with torchvision) or "pil" (the ``<Name>Pil`` class: PIL resizes, i.e. the slow processors
+    of transformers 4 that upstream ran; they differ by up to one uint8 level per pixel, ``tests/test_metrics.py``).
+    Same settings (``to_dict``); returned unchanged when already on ``backend``."""
+    import transformers
+    from transformers.image_processing_backends import PilBackend
+
+    if backend not in IMAGE_BACKENDS:
+        raise WeightsError(f"unknown image-processor backend {backend!r}; use one of {', '.join(IMAGE_BACKENDS)}")
+    if isinstance(processor, PilBackend) == (backend == "pil"):
+        return processor
+    base = type(processor).__name__.removesuffix("Pil")
+    cls = getattr(transformers, base + "Pil" if backend == "pil" else base, None)
+    if cls is None:
+        raise WeightsError(f"transformers has no {backend} backend for {type(processor).__name__}")
+    return cls.from_dict(processor.to_dict())

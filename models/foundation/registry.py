@@ -2,10 +2,10 @@
 
 Every role has two implementations behind the same role class, so that stages never branch on the profile:
 
-- ``paper``: the upstream weights, loaded from ``weights_root`` (local files only) by the role module's
-  ``build_paper``;
+- ``paper``: the upstream weights, loaded from ``weights_root`` (local files only) by
+  ``models.foundation.<role>.paper.build_paper``;
 - ``toy``: tiny models of the same library classes, pretrained on the toy world and loaded from
-  ``weights_root/<role>/`` by ``models.foundation.toy.<role>.build_toy`` (the ``toy`` and ``smoke`` profiles differ
+  ``weights_root/<role>/`` by ``models.foundation.<role>.toy.build_toy`` (the ``toy`` and ``smoke`` profiles differ
   only in the size of those weights).
 
 :data:`BUILDERS` names both builders of every role.
@@ -20,27 +20,25 @@ from typing import Any, Literal
 
 import torch
 
-from models.foundation import (
-    blip2,
-    clip,
-    clip_pcc,
-    frame_classifier,
-    gpt2,
-    unclip,
-    vae,
-    video,
-    video_classifier,
-)
+from models.foundation.blip2 import paper as blip2_paper
+from models.foundation.blip2 import toy as blip2_toy
 from models.foundation.catalog import entries, require_weights, resolve
-from models.foundation.toy import blip2 as toy_blip2
-from models.foundation.toy import clip as toy_clip
-from models.foundation.toy import clip_pcc as toy_clip_pcc
-from models.foundation.toy import frame_classifier as toy_frame_classifier
-from models.foundation.toy import gpt2 as toy_gpt2
-from models.foundation.toy import unclip as toy_unclip
-from models.foundation.toy import vae as toy_vae
-from models.foundation.toy import video as toy_video
-from models.foundation.toy import video_classifier as toy_video_classifier
+from models.foundation.clip import paper as clip_paper
+from models.foundation.clip import toy as clip_toy
+from models.foundation.clip_pcc import paper as clip_pcc_paper
+from models.foundation.clip_pcc import toy as clip_pcc_toy
+from models.foundation.frame_classifier import paper as frame_classifier_paper
+from models.foundation.frame_classifier import toy as frame_classifier_toy
+from models.foundation.gpt2 import paper as gpt2_paper
+from models.foundation.gpt2 import toy as gpt2_toy
+from models.foundation.unclip import paper as unclip_paper
+from models.foundation.unclip import toy as unclip_toy
+from models.foundation.vae import paper as vae_paper
+from models.foundation.vae import toy as vae_toy
+from models.foundation.video import paper as video_paper
+from models.foundation.video import toy as video_toy
+from models.foundation.video_classifier import paper as video_classifier_paper
+from models.foundation.video_classifier import toy as video_classifier_toy
 from utils.errors import WeightsError
 from utils.io import file_fingerprint
 
@@ -53,15 +51,15 @@ IMPLS: tuple[Impl, ...] = ("paper", "toy")
 Builder = Callable[..., Any]
 
 BUILDERS: dict[str, dict[Impl, Builder]] = {
-    "clip": {"paper": clip.build_paper, "toy": toy_clip.build_toy},
-    "vae": {"paper": vae.build_paper, "toy": toy_vae.build_toy},
-    "unclip": {"paper": unclip.build_paper, "toy": toy_unclip.build_toy},
-    "video": {"paper": video.build_paper, "toy": toy_video.build_toy},
-    "gpt2": {"paper": gpt2.build_paper, "toy": toy_gpt2.build_toy},
-    "blip2": {"paper": blip2.build_paper, "toy": toy_blip2.build_toy},
-    "frame_classifier": {"paper": frame_classifier.build_paper, "toy": toy_frame_classifier.build_toy},
-    "video_classifier": {"paper": video_classifier.build_paper, "toy": toy_video_classifier.build_toy},
-    "clip_pcc": {"paper": clip_pcc.build_paper, "toy": toy_clip_pcc.build_toy},
+    "clip": {"paper": clip_paper.build_paper, "toy": clip_toy.build_toy},
+    "vae": {"paper": vae_paper.build_paper, "toy": vae_toy.build_toy},
+    "unclip": {"paper": unclip_paper.build_paper, "toy": unclip_toy.build_toy},
+    "video": {"paper": video_paper.build_paper, "toy": video_toy.build_toy},
+    "gpt2": {"paper": gpt2_paper.build_paper, "toy": gpt2_toy.build_toy},
+    "blip2": {"paper": blip2_paper.build_paper, "toy": blip2_toy.build_toy},
+    "frame_classifier": {"paper": frame_classifier_paper.build_paper, "toy": frame_classifier_toy.build_toy},
+    "video_classifier": {"paper": video_classifier_paper.build_paper, "toy": video_classifier_toy.build_toy},
+    "clip_pcc": {"paper": clip_pcc_paper.build_paper, "toy": clip_pcc_toy.build_toy},
 }
 
 

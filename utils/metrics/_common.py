@@ -33,7 +33,7 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 def check_videos(pred: torch.Tensor, gt: torch.Tensor, what: str = "videos") -> None:
-    """Both ``(N, F, 3, H, W)`` floating point in [0, 1] with the same shape."""
+    """Both ``(N, F, 3, H, W)`` with the same shape: floating point in [0, 1], or uint8 (0..255)."""
     check_same_shape(pred, gt, what)
     if pred.ndim != 5 or pred.shape[2] != 3:
         raise DataError(
@@ -41,8 +41,10 @@ def check_videos(pred: torch.Tensor, gt: torch.Tensor, what: str = "videos") -> 
             "stack frames as (videos, frames, channels, height, width); add a frame axis of 1 for still images",
         )
     for name, x in (("prediction", pred), ("ground truth", gt)):
+        if x.dtype == torch.uint8:  # frames as stored (e.g. read from upstream's GIF grids): always in range
+            continue
         if not x.is_floating_point():
-            raise DataError(f"{what}: {name} has dtype {x.dtype}", "pass float frames in [0, 1] (uint8: x / 255)")
+            raise DataError(f"{what}: {name} has dtype {x.dtype}", "pass float frames in [0, 1] or uint8 frames")
         check_finite(x, f"{what} {name}")
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise DataError(
@@ -58,8 +60,13 @@ def check_min_size(n: int, need: int, what: str, fix: str) -> None:
 
 def to_uint8_truncate(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] float -> uint8 as upstream writes its GIFs (AnimateDiff ``save_videos_grid``: float32 ``x*255`` cast to
-    uint8, i.e. truncation, not rounding)."""
-    return (x.float() * 255).to(torch.uint8)
+    uint8, i.e. truncation, not rounding); uint8 frames pass through unchanged."""
+    return x if x.dtype == torch.uint8 else (x.float() * 255).to(torch.uint8)
+
+
+def to_unit_float64(x: torch.Tensor) -> torch.Tensor:
+    """Frames as float64 in [0, 1]: uint8 divided by 255, floats cast."""
+    return x.double() / 255 if x.dtype == torch.uint8 else x.double()
 
 
 def flat_frames(videos: torch.Tensor) -> torch.Tensor:

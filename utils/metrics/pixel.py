@@ -15,7 +15,9 @@ protocol="standard" (MinD-Video / Mind-Animator ``ssim(img1, img2, data_range=25
   2-D SSIM on each RGB channel with skimage's defaults — 7×7 uniform window, sample covariance (49/48), K1 0.01,
   K2 0.03 — averaged over the 3 channels; computed on the float frames with data_range 1.0 (no uint8 quantisation,
   otherwise identical to their data_range=255 on uint8). PSNR on the float frames with data_range 1.0.
-Identical frames give PSNR = inf in both protocols (as skimage / torchmetrics do).
+Identical frames give PSNR = inf in both protocols (as skimage / torchmetrics do). uint8 frames (e.g. the halves of
+upstream's GIF grids, :mod:`utils.gif_grid`) are scored as stored: no truncation under "neurons", x / 255 under
+"standard".
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from utils.metrics._common import (
     check_videos,
     flat_frames,
     to_uint8_truncate,
+    to_unit_float64,
 )
 
 GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
@@ -82,7 +85,7 @@ def rgb2gray_uint8(frames_u8: torch.Tensor) -> torch.Tensor:
 
 
 def _ssim_frames(pred: torch.Tensor, gt: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """(B, 3, H, W) float in [0, 1] → (B,) float64."""
+    """(B, 3, H, W) float in [0, 1] or uint8 → (B,) float64."""
     if protocol == "neurons":
         wh, ww = gaussian_window_1d(), torch.ones(1, dtype=torch.float64)  # (11,) down each column only
         check_min_size(pred.shape[-2], wh.numel(), "SSIM (neurons) frame height", "use frames ≥ 11 px high")
@@ -91,7 +94,8 @@ def _ssim_frames(pred: torch.Tensor, gt: torch.Tensor, protocol: Protocol) -> to
     check_min_size(min(pred.shape[-2:]), UNIFORM_WIN, "SSIM (standard) frame side", "use frames ≥ 7×7 px")
     box = torch.full((UNIFORM_WIN,), 1.0 / UNIFORM_WIN, dtype=torch.float64)
     np_ = UNIFORM_WIN**2
-    return _ssim_valid(pred.double(), gt.double(), box, box, cov_norm=np_ / (np_ - 1), data_range=1.0)
+    x, y = to_unit_float64(pred), to_unit_float64(gt)
+    return _ssim_valid(x, y, box, box, cov_norm=np_ / (np_ - 1), data_range=1.0)
 
 
 def _psnr_frames(pred: torch.Tensor, gt: torch.Tensor, protocol: Protocol) -> torch.Tensor:
@@ -99,7 +103,7 @@ def _psnr_frames(pred: torch.Tensor, gt: torch.Tensor, protocol: Protocol) -> to
     if protocol == "neurons":
         x, y, data_range = to_uint8_truncate(pred).double(), to_uint8_truncate(gt).double(), 255.0
     else:
-        x, y, data_range = pred.double(), gt.double(), 1.0
+        x, y, data_range = to_unit_float64(pred), to_unit_float64(gt), 1.0
     mse = (x - y).pow(2).flatten(1).mean(dim=1)
     return 10 * torch.log10(data_range**2 / mse)  # mse 0 → inf
 

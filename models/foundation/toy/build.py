@@ -18,15 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.foundation.toy import blip2 as toy_blip2
-from models.foundation.toy import clip as toy_clip
-from models.foundation.toy import clip_pcc as toy_clip_pcc
-from models.foundation.toy import frame_classifier as toy_frame_classifier
-from models.foundation.toy import gpt2 as toy_gpt2
-from models.foundation.toy import unclip as toy_unclip
-from models.foundation.toy import vae as toy_vae
-from models.foundation.toy import video as toy_video
-from models.foundation.toy import video_classifier as toy_video_classifier
+from models.foundation.blip2 import toy as toy_blip2
+from models.foundation.clip import toy as toy_clip
+from models.foundation.clip_pcc import toy as toy_clip_pcc
+from models.foundation.frame_classifier import toy as toy_frame_classifier
+from models.foundation.gpt2 import toy as toy_gpt2
 from models.foundation.toy.common import (
     is_complete,
     read_manifest,
@@ -36,6 +32,10 @@ from models.foundation.toy.common import (
     torch_threads,
 )
 from models.foundation.toy.data import Stimuli, load_stimuli
+from models.foundation.unclip import toy as toy_unclip
+from models.foundation.vae import toy as toy_vae
+from models.foundation.video import toy as toy_video
+from models.foundation.video_classifier import toy as toy_video_classifier
 from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

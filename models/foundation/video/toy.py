@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.foundation.clip_pcc.toy import CLIP_VOCAB, EOT, SOT
 from models.foundation.common import finish
-from models.foundation.toy.clip_pcc import CLIP_VOCAB, EOT, SOT
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
-from models.foundation.toy.vae import load_autoencoder
 from models.foundation.vae import VaeRole
+from models.foundation.vae.toy import load_autoencoder
 from models.foundation.video import VideoRole, sd15_tokenizer
 from utils.errors import WeightsError
 from utils.io import atomic_write_json

@@ -9,15 +9,24 @@ A toy builder returns ``VideoClassifierRole(VideoMAEForVideoClassification(tiny)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
+from models.foundation.common import to_uint8_images
+from models.foundation.weight_file import KB, MB, WeightFile, hf_model, repo_files
 
 PAPER_NUM_FRAMES = 6
+
+VIDEOMAE_REPO = "MCG-NJU/videomae-base-finetuned-kinetics"
+# VideoMAE-B Kinetics-400 (video-based n-way metric)
+WEIGHTS: tuple[WeightFile, ...] = hf_model(
+    "video_classifier",
+    VIDEOMAE_REPO,
+    {"config.json": 30 * KB, "pytorch_model.bin": 346 * MB, "preprocessor_config.json": 1 * KB},
+    alternatives={"pytorch_model.bin": repo_files(VIDEOMAE_REPO, "model.safetensors")},
+)
 
 
 class VideoClassifierRole:
@@ -43,17 +52,3 @@ class VideoClassifierRole:
         pixels = self.processor(videos, return_tensors="pt")["pixel_values"]
         logits = self.model(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype)).logits
         return logits.float().softmax(dim=-1)
-
-
-def build_paper(
-    weights_root: Path,
-    device: torch.device | str,
-    dtype: torch.dtype | None = None,
-    num_frames: int = PAPER_NUM_FRAMES,
-    **_: object,
-) -> VideoClassifierRole:
-    from transformers import AutoImageProcessor, VideoMAEForVideoClassification
-
-    local = hf_dir(weights_root, "video_classifier")
-    model = hf_from_pretrained(VideoMAEForVideoClassification, local, "VideoMAE", dtype, num_frames=num_frames)
-    return VideoClassifierRole(finish(model, device, dtype), hf_processor(AutoImageProcessor, local, "VideoMAE"))

@@ -9,13 +9,22 @@ A toy builder returns ``FrameClassifierRole(ViTForImageClassification(tiny ViTCo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
+from models.foundation.common import to_uint8_images
+from models.foundation.weight_file import KB, MB, WeightFile, hf_model, weights_alts
+
+VIT_REPO = "google/vit-base-patch16-224"
+# ViT-B/16 ImageNet-1k (frame-based n-way metric)
+WEIGHTS: tuple[WeightFile, ...] = hf_model(
+    "frame_classifier",
+    VIT_REPO,
+    {"config.json": 70 * KB, "model.safetensors": 346 * MB, "preprocessor_config.json": 1 * KB},
+    alternatives={"model.safetensors": weights_alts(VIT_REPO)},
+)
 
 
 class FrameClassifierRole:
@@ -37,13 +46,3 @@ class FrameClassifierRole:
         pixels = self.processor(images=to_uint8_images(frames01), return_tensors="pt")["pixel_values"]
         logits = self.model(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype)).logits
         return logits.float().softmax(dim=-1)
-
-
-def build_paper(
-    weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
-) -> FrameClassifierRole:
-    from transformers import AutoImageProcessor, ViTForImageClassification
-
-    local = hf_dir(weights_root, "frame_classifier")
-    model = hf_from_pretrained(ViTForImageClassification, local, "ViT-B/16", dtype)
-    return FrameClassifierRole(finish(model, device, dtype), hf_processor(AutoImageProcessor, local, "ViT"))

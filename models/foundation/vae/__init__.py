@@ -10,16 +10,27 @@ A toy builder returns ``VaeRole(AutoencoderKL(tiny config))``; the scale comes f
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from models.foundation.catalog import entries, resolve
-from models.foundation.common import build_empty, finish, load_strict, read_checkpoint, read_json_config
+from models.foundation.weight_file import MB, WeightFile, repo_files
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# SD-1.5 VAE (diffusers layout; the config ships in models/foundation/configs/sd15_single_file/vae)
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        "vae",
+        f"{SD15_REPO}/vae/diffusion_pytorch_model.safetensors",
+        SD15_REPO,
+        "vae/diffusion_pytorch_model.safetensors",
+        335 * MB,
+        alternatives=repo_files(SD15_REPO, "vae/diffusion_pytorch_model.bin"),
+    ),
+)
 
 
 class VaeRole:
@@ -60,20 +71,3 @@ class VaeRole:
         x = self.vae.decode(z).sample
         x = (x / 2.0 + 0.5).clamp(0.0, 1.0)
         return x.reshape(*lead, *x.shape[1:])
-
-
-def sd15_vae_config() -> dict:
-    return read_json_config("sd15_single_file", "vae", "config.json")
-
-
-def build_paper(
-    weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
-) -> VaeRole:
-    """SD-1.5 VAE in diffusers layout; the config ships in the repo, the weights are loaded strictly."""
-    from diffusers import AutoencoderKL
-
-    (entry,) = entries(["vae"])
-    path = resolve(entry, weights_root)
-    vae = build_empty(lambda: AutoencoderKL.from_config(sd15_vae_config()))
-    load_strict(vae, read_checkpoint(path), f"vae {path.name}")
-    return VaeRole(finish(vae, device, dtype))

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from models.foundation.clip.toy import CLIP_VOCAB, make_tokenizer
 from models.foundation.common import finish
 from models.foundation.gpt2 import Gpt2Role
-from models.foundation.toy.clip import CLIP_VOCAB, make_tokenizer
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
 from utils.errors import WeightsError

@@ -9,15 +9,23 @@ A toy builder returns ``Gpt2Role(GPT2LMHeadModel(GPT2Config(tiny)))``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from models.foundation.common import finish, hf_dir, hf_from_pretrained
+from models.foundation.weight_file import KB, MB, WeightFile, hf_model, weights_alts
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
+
+GPT2_REPO = "openai-community/gpt2"
+# scene-description decoder, fine-tuned in stage 2; tokens are CLIP BPE ids, so no GPT-2 tokenizer
+WEIGHTS: tuple[WeightFile, ...] = hf_model(
+    "gpt2",
+    GPT2_REPO,
+    {"config.json": 1 * KB, "model.safetensors": 548 * MB},
+    alternatives={"model.safetensors": weights_alts(GPT2_REPO)},
+)
 
 
 class Gpt2Role:
@@ -32,13 +40,3 @@ class Gpt2Role:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` int64 -> ``(B, L, hidden_size)`` input embeddings (wte)."""
         return self.model.get_input_embeddings()(ids)
-
-
-def build_paper(
-    weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
-) -> Gpt2Role:
-    """``openai-community/gpt2`` from its local folder; left trainable (stage 2 fine-tunes all of it)."""
-    from transformers import GPT2LMHeadModel
-
-    model = hf_from_pretrained(GPT2LMHeadModel, hf_dir(weights_root, "gpt2"), "GPT-2", dtype)
-    return Gpt2Role(finish(model, device, dtype, frozen=False))

@@ -3,7 +3,7 @@ classes, trained on whole clips (all ``F`` frames) of the TRAINING split.
 
 Classes (:func:`video_class_names`): main object category x its motion direction (left/right/up/down, from the
 caption) x background, e.g. 6 x 4 x 6 = 144 for the ``toy``/``smoke`` worlds; labels from the world's annotations
-(:func:`~models.foundation.toy.frame_classifier.load_factors`). Training uses the input mapping of the saved
+(:func:`~models.foundation.frame_classifier.toy.load_factors`). Training uses the input mapping of the saved
 ``VideoMAEImageProcessor`` (uint8, shortest edge and centre crop at the world's resolution, mean/std 0.5), the same
 factorised cross-entropy as the frame classifier, and random time reversals and left/right flips with the direction
 label remapped (without them the model memorises each training shot's direction instead of reading the motion).
@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.foundation.common import finish
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
-from models.foundation.toy.data import Stimuli
-from models.foundation.toy.frame_classifier import (
+from models.foundation.frame_classifier.toy import (
     DIRECTIONS,
     SceneFactors,
     factorised_ce,
@@ -31,6 +29,8 @@ from models.foundation.toy.frame_classifier import (
     load_factors,
     processor_inputs,
 )
+from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
+from models.foundation.toy.data import Stimuli
 from models.foundation.video_classifier import VideoClassifierRole
 
 if TYPE_CHECKING:

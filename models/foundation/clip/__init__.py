@@ -14,23 +14,30 @@ A toy builder returns ``ClipRole(open_clip.CLIP(**tiny_cfg), tokenizer)``; every
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from models.foundation.catalog import entries, resolve
-from models.foundation.common import build_empty, finish, load_strict, read_checkpoint, unwrap_state_dict
+from models.foundation.weight_file import MB, WeightFile, repo_files
 
 if TYPE_CHECKING:
     import open_clip
 
-log = logging.getLogger(__name__)
+BIGG_REPO = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+# OpenCLIP ViT-bigG/14 laion2b_s39b_b160k (image tokens + pooled text)
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        "clip",
+        f"{BIGG_REPO}/open_clip_model.safetensors",
+        BIGG_REPO,
+        "open_clip_model.safetensors",
+        10_200 * MB,
+        alternatives=repo_files(BIGG_REPO, "open_clip_pytorch_model.bin"),
+    ),
+)
 
-ARCH = "ViT-bigG-14"
 # CLIP normalisation used by sgm's FrozenOpenCLIPImageEmbedder (OpenAI constants)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,31 +108,3 @@ class ClipRole:
         """``list[str]`` (N) -> ``(N, Dt)`` pooled, projected, unnormalised text embeddings."""
         tokens = self.tokenize(texts).to(self.device)
         return self.model.encode_text(tokens, normalize=False)
-
-
-def bigg_config() -> dict:
-    import open_clip
-
-    return open_clip.get_model_config(ARCH)
-
-
-def _strip_module_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if sd and all(k.startswith("module.") for k in sd):
-        log.info("stripping 'module.' prefix from %d keys", len(sd))
-        return {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def build_paper(
-    weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
-) -> ClipRole:
-    """OpenCLIP ViT-bigG/14 from ``<weights_root>/laion/CLIP-ViT-bigG-14-laion2B-39B-b160k/``; strict load."""
-    import open_clip
-
-    (entry,) = entries(["clip"])
-    path = resolve(entry, weights_root)
-    model = build_empty(lambda: open_clip.CLIP(**bigg_config()))
-    sd = _strip_module_prefix(unwrap_state_dict(read_checkpoint(path), path))
-    load_strict(model, sd, f"clip {path.name}")
-    model = finish(model, device, dtype)
-    return ClipRole(model, open_clip.SimpleTokenizer(context_length=model.context_length))

@@ -9,15 +9,36 @@ A toy builder returns ``Blip2Role(Blip2ForConditionalGeneration(tiny Blip2Config
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
+from models.foundation.common import to_uint8_images
+from models.foundation.weight_file import KB, MB, WeightFile, hf_model, repo_files
 
 if TYPE_CHECKING:
     from transformers import Blip2ForConditionalGeneration
+
+BLIP2_REPO = "Salesforce/blip2-opt-2.7b"
+BLIP2_REVISION = "51572668da0eb669e01a189dc22abe6088589a24"
+# keyframe captioner, pinned revision as upstream
+WEIGHTS: tuple[WeightFile, ...] = hf_model(
+    "blip2",
+    BLIP2_REPO,
+    {
+        "config.json": 10 * KB,
+        "model.safetensors.index.json": 120 * KB,
+        "preprocessor_config.json": 1 * KB,
+        "tokenizer_config.json": 1 * KB,
+        "tokenizer.json": 2 * MB,
+        "special_tokens_map.json": 1 * KB,
+    },
+    revision=BLIP2_REVISION,
+    alternatives={
+        "model.safetensors.index.json": repo_files(BLIP2_REPO, "pytorch_model.bin.index.json"),
+        "tokenizer.json": repo_files(BLIP2_REPO, "vocab.json"),
+    },
+)
 
 
 class Blip2Role:
@@ -37,14 +58,3 @@ class Blip2Role:
         kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
         ids = self.model.generate(pixel_values=pixels, **kwargs)
         return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
-
-
-def build_paper(
-    weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
-) -> Blip2Role:
-    """``Salesforce/blip2-opt-2.7b`` (upstream revision 51572668) from its local folder."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    local = hf_dir(weights_root, "blip2")
-    model = hf_from_pretrained(Blip2ForConditionalGeneration, local, "BLIP-2", dtype)
-    return Blip2Role(finish(model, device, dtype), hf_processor(Blip2Processor, local, "BLIP-2"))

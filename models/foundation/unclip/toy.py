@@ -32,9 +32,9 @@ from models.foundation.clip import ClipRole
 from models.foundation.common import finish
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
-from models.foundation.toy.vae import load_autoencoder
 from models.foundation.unclip import Generators, UnclipRole, _randn
 from models.foundation.vae import VaeRole
+from models.foundation.vae.toy import load_autoencoder
 from utils.errors import WeightsError
 from utils.io import atomic_write_json
 
@@ -136,7 +136,7 @@ class ToyUnclipRole(UnclipRole):
 
     @torch.no_grad()
     def sample_latents(self, tokens: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        """``(B, T, D)`` tokens -> ``(B, C, L, L)`` scaled latents (CFG against the all-zero condition)."""
+        """``(B, T, D)`` tokens → ``(B, C, L, L)`` scaled latents (CFG against ``uncond_context``)."""
         tokens = tokens.to(self.device, self.dtype)
         b = tokens.shape[0]
         x = _randn(
@@ -145,7 +145,7 @@ class ToyUnclipRole(UnclipRole):
         sched = self.scheduler
         sched.set_timesteps(self.num_steps, device=self.device)
         x = x * sched.init_noise_sigma
-        context = torch.cat([torch.zeros_like(tokens), tokens])
+        context = torch.cat([self.uncond_context(tokens, generator), tokens])  # drawn after x: x never moves
         pooled = pool_tokens(context)
         for t in sched.timesteps:
             x_in = sched.scale_model_input(torch.cat([x, x]), t).to(self.dtype)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from models.foundation.blip2 import Blip2Role
 from models.foundation.common import finish
+from models.foundation.frame_classifier.toy import processor_inputs
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
-from models.foundation.toy.frame_classifier import processor_inputs
 from utils.errors import WeightsError
 
 if TYPE_CHECKING:

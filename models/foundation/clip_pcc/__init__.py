@@ -9,15 +9,24 @@ A toy builder returns ``ClipPccRole(CLIPModel(tiny CLIPConfig), CLIPImageProcess
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.foundation.common import finish, hf_dir, hf_from_pretrained, hf_processor, to_uint8_images
+from models.foundation.common import to_uint8_images
+from models.foundation.weight_file import KB, MB, WeightFile, hf_model, weights_alts
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
+
+CLIPL_REPO = "openai/clip-vit-large-patch14"
+# CLIP ViT-L/14 image features (CLIP-pcc metric)
+WEIGHTS: tuple[WeightFile, ...] = hf_model(
+    "clip_pcc",
+    CLIPL_REPO,
+    {"config.json": 5 * KB, "model.safetensors": 1_710 * MB, "preprocessor_config.json": 1 * KB},
+    alternatives={"model.safetensors": weights_alts(CLIPL_REPO)},
+)
 
 
 class ClipPccRole:
@@ -39,13 +48,3 @@ class ClipPccRole:
         out = self.model.get_image_features(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype))
         feats = out if isinstance(out, torch.Tensor) else out.pooler_output
         return feats.float()
-
-
-def build_paper(
-    weights_root: Path, device: torch.device | str, dtype: torch.dtype | None = None, **_: object
-) -> ClipPccRole:
-    from transformers import CLIPImageProcessor, CLIPModel
-
-    local = hf_dir(weights_root, "clip_pcc")
-    model = hf_from_pretrained(CLIPModel, local, "CLIP ViT-L/14", dtype)
-    return ClipPccRole(finish(model, device, dtype), hf_processor(CLIPImageProcessor, local, "CLIP ViT-L/14"))

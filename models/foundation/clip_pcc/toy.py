@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from models.foundation.clip.toy import contrastive_loss
 from models.foundation.clip_pcc import ClipPccRole
 from models.foundation.common import finish
-from models.foundation.toy.clip import contrastive_loss
+from models.foundation.frame_classifier.toy import processor_inputs
 from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
 from models.foundation.toy.data import Stimuli
-from models.foundation.toy.frame_classifier import processor_inputs
+from models.foundation.video import sd15_tokenizer
 from utils.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -123,8 +124,6 @@ def text_embed(model: CLIPModel, ids: torch.Tensor) -> torch.Tensor:
 
 def caption_ids(captions: list[str], context_length: int) -> torch.Tensor:
     """-> ``(N, context_length)`` CLIP-BPE ids padded with EOT."""
-    from models.foundation.video import sd15_tokenizer
-
     tok = sd15_tokenizer(max_length=context_length)
     return tok(
         list(captions), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
