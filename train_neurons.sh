@@ -4,7 +4,6 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VALID_MODES="enhance motion"
-VALID_PROFILES="paper toy smoke"
 
 if [[ -n "${PYTHON:-}" ]]; then
   PY="$PYTHON"
@@ -26,6 +25,8 @@ while IFS=$'\t' read -r key script multi name; do
   STAGE_NAME[$key]="$name"
   if [[ "$multi" == 1 ]]; then MULTI_DEVICE_STAGES+="$key"; fi
 done <<<"$STAGE_TABLE"
+VALID_PROFILES="$("$PY" -m utils.stages profiles)"  # the built-in profiles, configs/<name>.yaml
+PROFILE_LIST="${VALID_PROFILES// /, }"
 
 usage() {
   cat <<EOF
@@ -38,11 +39,12 @@ usage: bash train_neurons.sh GPU EXP STAGES MODE SUBJ [PROFILE]
 $(for ((i = 0; i < ${#VALID_STAGES}; i++)); do k="${VALID_STAGES:i:1}"; echo "             $k  ${STAGE_NAME[$k]} (${STAGE_SCRIPT[$k]})"; done)
   MODE     enhance or motion
   SUBJ     1, 2 or 3
-  PROFILE  paper (default), toy, smoke, or a path to a YAML profile
+  PROFILE  $PROFILE_LIST (default paper), or a path to a YAML profile
 
 examples:
   bash train_neurons.sh 0 neurons 123456 enhance 1            # the paper, one GPU
   bash train_neurons.sh cpu demo 123456 enhance 1 toy         # the toy cortex world on the CPU
+  bash train_neurons.sh 0 upstream 123456 enhance 1 paper_upstream  # the paper as the upstream code ran it
 environment: PYTHON (interpreter, default .venv/bin/python if present), NEURONS_SET (extra '--set' overrides,
   passed to every stage; prefix a key with stage<k>. to aim it at one stage). Overrides are separated by spaces
   and quoted as in a shell when one holds spaces, e.g.
@@ -85,9 +87,9 @@ if [[ ! "$SUBJ" =~ ^[123]$ ]]; then
 fi
 if [[ " $VALID_PROFILES " != *" $PROFILE "* ]]; then
   if [[ "$PROFILE" != *.yaml && "$PROFILE" != *.yml ]]; then
-    die "bad PROFILE '$PROFILE'; valid: paper, toy, smoke, or a path to a .yaml file"
+    die "bad PROFILE '$PROFILE'; valid: $PROFILE_LIST, or a path to a .yaml file"
   fi
-  [[ -f "$PROFILE" ]] || die "bad PROFILE '$PROFILE': file not found; valid: paper, toy, smoke, or an existing .yaml file"
+  [[ -f "$PROFILE" ]] || die "bad PROFILE '$PROFILE': file not found; valid: $PROFILE_LIST, or an existing .yaml file"
   PROFILE="$(cd "$(dirname "$PROFILE")" && pwd)/$(basename "$PROFILE")"
 fi
 

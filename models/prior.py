@@ -17,7 +17,7 @@ The network predicts the clean image tokens x0 directly. The sequence it sees is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -354,30 +354,27 @@ def _as_list(generator: Generators, batch: int) -> list[torch.Generator | None]:
     return gens
 
 
-def randn_per_sample(shape: tuple[int, ...], generator: Generators, device, dtype) -> torch.Tensor:
-    """Normal noise (B, ...). With a list of generators, sample i uses generator i (batch-size independent)."""
+def _per_sample(
+    draw: Callable[..., torch.Tensor], shape: tuple[int, ...], generator: Generators, device, dtype
+) -> torch.Tensor:
+    """``draw`` (``torch.randn`` / ``torch.rand``) of ``shape`` (B, ...). With a list of generators, sample i uses
+    generator i (batch-size independent)."""
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
-        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+        return draw(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
     return torch.stack(
-        [
-            torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
-            for g in _as_list(generator, shape[0])
-        ]
+        [draw(shape[1:], generator=g, device=g.device, dtype=dtype).to(device) for g in _as_list(generator, shape[0])]
     )
+
+
+def randn_per_sample(shape: tuple[int, ...], generator: Generators, device, dtype) -> torch.Tensor:
+    """Normal noise (B, ...), per-sample generators as in `_per_sample`."""
+    return _per_sample(torch.randn, shape, generator, device, dtype)
 
 
 def rand_per_sample(shape: tuple[int, ...], generator: Generators, device, dtype) -> torch.Tensor:
-    """Uniform [0, 1) values (B, ...), per-sample generators as in `randn_per_sample`."""
-    if generator is None or isinstance(generator, torch.Generator):
-        gen_device = generator.device if generator is not None else device
-        return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-    return torch.stack(
-        [
-            torch.rand(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
-            for g in _as_list(generator, shape[0])
-        ]
-    )
+    """Uniform [0, 1) values (B, ...), per-sample generators as in `_per_sample`."""
+    return _per_sample(torch.rand, shape, generator, device, dtype)
 
 
 class BrainDiffusionPrior(nn.Module):

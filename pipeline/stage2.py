@@ -7,7 +7,8 @@ starts the diffusion prior from MindEye2's ``last.pth`` (``train.init_from_minde
 (fine-tuned, with a fresh prefix projection).
 
 Per step on B clips (voxels of repeat ``voxel_repeat``; T = CLIP tokens, D = width, F = frames):
-``c = encode(voxels)`` (B, T, D) frozen → ``prior_mse, P = prior(c, CLIP tokens of frame target_frame)`` →
+``c = prior_condition(voxels)`` (B, T, D) frozen (the ``clip_proj`` output; ``upstream.prior_condition``, defect 19) →
+``prior_mse, P = prior(c, CLIP tokens of frame target_frame)`` →
 ``M = motion(P)`` (B, F, T, D), then
 
 * video_softclip: SoftCLIP over the B·F frame vectors of M vs the CLIP tokens of every frame (τ cosine ramp by epoch);
@@ -191,6 +192,9 @@ def caption_targets(clip: Any, captions: np.ndarray, max_len: int, max_positions
 def concept_namer(cfg: Stage2Config, data: Any) -> ConceptNamer:
     """Names for the segmentation head's text (defect 22): classes by default, fine key-object names by flag."""
     to_class = key_object_classes(data.concept_labels("train"), data.key_object_names("train"), data.concept_classes)
+    if selection_split(cfg.data) == "test":  # test key objects unseen in training: mapped from the test labels
+        test = key_object_classes(data.concept_labels("test"), data.key_object_names("test"), data.concept_classes)
+        to_class = {**test, **to_class}
     return ConceptNamer(tuple(data.concept_classes), to_class, mode=cfg.upstream.concept_names)
 
 

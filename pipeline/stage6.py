@@ -63,6 +63,7 @@ from utils.manifest import StageRecorder, require_stage
 from utils.metrics import (
     PROTOCOLS,
     F1Average,
+    Protocol,
     blurry_video_ssim,
     caption_bleu,
     chance_level,
@@ -329,7 +330,7 @@ def model_scores(frames: tuple[torch.Tensor, torch.Tensor], roles: dict[str, Any
     return ModelScores(video, frame, everyone(clip_features, "clip_pcc", pred))  # type: ignore[arg-type]
 
 
-def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores, protocol: str
+def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores, protocol: Protocol
                     ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """(metrics, chance levels) under ``protocol`` of its frames (:func:`protocol_frames`) from the models' ``scores``
     of those frames."""
@@ -386,7 +387,7 @@ def evaluate(cfg: Stage6Config) -> Path:
 
 
 def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: StageRecorder,
-                  results: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:  # fmt: skip
+                  results: dict[Protocol, tuple[dict[str, Any], dict[str, Any]]]) -> None:  # fmt: skip
     """``metrics_<mode>.json``, the manifest and the report (main process). ``results``: protocol → (metrics, chance
     levels). The file keeps the protocols apart under ``protocols``; the headline's (``eval.protocol``) are mirrored
     at the top level (``metrics``, ``chance_levels``), where readers of one-protocol files find them."""
@@ -394,6 +395,9 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
     metrics, chance = results[ev.protocol]
     ident_file = paths.stage_dir("1") / "identification.json"
     identification = json.loads(ident_file.read_text()).get("test") if ident_file.is_file() else None
+    inputs = {k: str(p.resolve()) for k, p in x.files.items()}
+    if x.gif_files:
+        inputs["gif_grid"] = str(x.gif_files[0].parent.resolve())
     report = {
         "stage": "6",
         "mode": cfg.run.mode,
@@ -426,10 +430,8 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
         },
         # brain-side: stage 1's identification of each test clip's CLIP tokens among N-1 others (top-1, N-way)
         "brain_identification": identification,
-        "inputs": {k: str(p.resolve()) for k, p in x.files.items()},
+        "inputs": inputs,
     }
-    if x.gif_files:
-        report["inputs"]["gif_grid"] = str(x.gif_files[0].parent.resolve())
     atomic_write_text(out_path, json.dumps(finite_or_none(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
     recorder.add_inputs([*x.files.values(), *x.data_files, *x.gif_files])
     if identification is not None:

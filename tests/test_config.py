@@ -80,7 +80,7 @@ def test_bad_overrides_give_one_line_errors(override, expected):
 
 
 def test_unknown_profile_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="unknown profile 'papr'.*paper, toy, smoke"):
+    with pytest.raises(ConfigError, match="unknown profile 'papr'.*paper, paper_upstream, toy, smoke, smoke_upstream"):
         load_config(Stage1Config, "papr")
     bad = tmp_path / "bad.yaml"
     bad.write_text("run:\n  seed: [1, 2\n")

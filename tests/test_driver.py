@@ -86,7 +86,8 @@ def test_usage():
         (["cpu", "x", "", "enhance", "1"], "bad STAGES ''"),
         (["cpu", "x", "1", "self", "1"], "bad MODE 'self'; valid: enhance, motion"),
         (["cpu", "x", "1", "enhance", "0"], "bad SUBJ '0'; valid: 1, 2, 3"),
-        (["cpu", "x", "1", "enhance", "1", "big"], "bad PROFILE 'big'; valid: paper, toy, smoke"),
+        (["cpu", "x", "1", "enhance", "1", "big"],
+         "bad PROFILE 'big'; valid: paper, paper_upstream, toy, smoke, smoke_upstream"),
         (["cpu", "x", "1", "enhance", "1", "missing.yaml"], "bad PROFILE 'missing.yaml': file not found"),
         (["cpu", "x", "1", "enhance"], "expected 5 or 6 arguments"),
     ],
@@ -246,3 +247,33 @@ def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_fact
     assert torch.equal(first, again)
     enhance = load_file(run / "stage5_enhance" / "videos.safetensors")["videos"]
     assert enhance.shape == first.shape and not torch.equal(enhance, first)
+
+
+def test_driver_runs_the_upstream_profile_at_smoke_scale(smoke_world: Path, tmp_path_factory):
+    """`smoke_upstream` (the smoke world with configs/upstream_behaviour.yaml) through stages 1-6: stage 3 reads the
+    last stage-2 checkpoint, stage 5 starts from upstream's noisy init with seed 0 for every clip and writes the GIF
+    grids, and stage 6's headline protocol scores those GIFs."""
+    import json
+
+    from tests.smoke_env import smoke_env
+
+    env = smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
+    scratch = tmp_path_factory.mktemp("driver_upstream")
+    weights = all_smoke_roles(smoke_world, env.weights, scratch / "weights")
+    profile = scratch / "upstream.yaml"
+    profile.write_text(f"extends: [{env.profile}, {REPO / 'configs' / 'upstream_behaviour.yaml'}]\n"
+                       f"paths:\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n")  # fmt: skip
+    env_vars = {"NEURONS_SET": FAST_PIPELINE, "OMP_NUM_THREADS": "1"}
+    result = drive("cpu", "up", "123456", "enhance", "1", str(profile), env=env_vars, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = scratch / "EXP" / "exp_up" / "subj_1"
+    manifest = {k: json.loads((run / f"{k}/manifest.json").read_text()) for k in ("stage1", "stage3_enhance",
+                                                                                  "stage5_enhance")}  # fmt: skip
+    assert manifest["stage1"]["selected_on"].startswith("test")
+    assert manifest["stage3_enhance"]["stage2_checkpoint_read"] == "last"
+    stage5 = manifest["stage5_enhance"]
+    assert stage5["video_init"] == "noisy_start" and set(stage5["clip_seeds"]) == {0}
+    assert sorted(p.name for p in (run / "stage5_enhance" / "gif_grid").iterdir()) == [f"{i}.gif" for i in range(4)]
+    metrics = json.loads((run / "metrics_enhance.json").read_text())
+    assert metrics["protocol"] == "neurons" and set(metrics["protocols"]) == {"standard", "neurons"}
+    assert metrics["protocols"]["neurons"]["inputs"] != metrics["protocols"]["standard"]["inputs"]

@@ -346,7 +346,7 @@ def test_unknown_profile(env: SmokeEnv, good: Path, capsys) -> None:
         capsys,
         "1",
         (),
-        ("ConfigError: unknown profile 'smokey'", "use one of paper, toy, smoke"),
+        ("ConfigError: unknown profile 'smokey'", "use one of paper, paper_upstream, toy, smoke, smoke_upstream"),
         code=2,
         profile=Path("smokey"),
     )

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,6 +231,71 @@ def test_progressive_windows_follow_the_epoch_count_as_upstream(env: SmokeEnv) -
     assert derived(25) == ({"dice": 0, "concepts": 5, "caption": 10, "latent": 15}, 10)
     assert derived(100) == ({"dice": 0, "concepts": 20, "caption": 40, "latent": 60}, 40)
     assert derived(4)[1] == 0, "under 5 epochs upstream's windows are empty"
+
+
+# ---- upstream flags through the stage: the first step's losses (docs/fidelity.md) -----------------------------------
+LOSSES = ("prior", "video_softclip", "text_nce", "dice", "concepts", "caption", "latent")
+# flag -> the losses it changes at the first step (every other loss is bit-identical to the default run's)
+FLAG_LOSSES = {
+    "upstream.dice_reduction=batch": {"dice"},  # defect 23
+    "upstream.gt_mask_resize=nearest": {"dice"},  # nearest-resized Dice targets
+    "upstream.caption_pad=clip_zero": {"caption"},  # defect 21
+    "upstream.temporal_scope=batch": {"dice", "latent"},  # defect 15: the decoder mixes the batch's frames
+    "upstream.text_attention=batch": {"dice", "latent"},  # defect 14: the decoder attends to the batch's texts
+    "upstream.concept_names=upstream": {"dice", "latent"},  # defect 22: fine key-object names query the decoder
+}
+
+
+class FirstStepDone(Exception):
+    """Stops a stage-2 run after its first optimiser step's losses."""
+
+
+def first_step_losses(env: SmokeEnv, run_a: Path, exp: str, *overrides: str) -> dict[str, float]:
+    """The losses of the first step of ``stage2.train`` (stage 1 of run ``a``), the run stopped right after them.
+    Every caption starts with a real "!" (CLIP-BPE id 0, upstream's pad id), so that defect 21 can show."""
+    from pipeline import stage2
+
+    shutil.copytree(run_a.parent / "stage1", RunPaths_root(env, exp) / "stage1")
+    got: dict[str, float] = {}
+    real_step, real_targets = stage2.step_loss, stage2.caption_targets
+
+    def once(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        got.update({k: float(out[k].detach()) for k in LOSSES})
+        raise FirstStepDone
+
+    def exclaimed(clip, captions, *args):
+        return real_targets(clip, np.array([f"! {c}" for c in captions]), *args)
+
+    stage2.step_loss, stage2.caption_targets = once, exclaimed
+    try:
+        with pytest.raises(FirstStepDone):
+            stage2.train(config(env, "2", exp, *overrides))
+    finally:
+        stage2.step_loss, stage2.caption_targets = real_step, real_targets
+    return got
+
+
+def RunPaths_root(env: SmokeEnv, exp: str) -> Path:  # noqa: N802
+    from utils.runs import RunPaths
+
+    return RunPaths.from_config(config(env, "2", exp)).root
+
+
+@pytest.fixture(scope="module")
+def default_first_step(env: SmokeEnv, run_a: Path) -> dict[str, float]:
+    return first_step_losses(env, run_a, "flag_default")
+
+
+@pytest.mark.parametrize("flag", sorted(FLAG_LOSSES))
+def test_upstream_flag_changes_its_losses_through_the_stage(
+    env: SmokeEnv, run_a: Path, default_first_step: dict[str, float], flag: str
+) -> None:
+    """Each stage-2 upstream flag, run through ``stage2.train`` from the same stage 1 and seed: the first step's losses
+    that the flag reaches differ from the default run's, every other loss is bit-identical."""
+    got = first_step_losses(env, run_a, "flag_" + flag.split(".")[1].split("=")[0], flag)
+    changed = {k for k in LOSSES if got[k] != default_first_step[k]}
+    assert changed == FLAG_LOSSES[flag], (got, default_first_step)
 
 
 def test_dice_targets_are_the_area_majority_of_the_gt_masks_or_upstreams_nearest() -> None:

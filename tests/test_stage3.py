@@ -101,6 +101,23 @@ def test_refuses_stale_stage2_and_marks_its_own_outputs_stale(env: SmokeEnv, sta
     assert read_manifest(out) is not None, "a refused run leaves the previous outputs alone"
 
 
+def test_reads_the_checkpoint_sample_checkpoint_names_and_records_it(
+    env: SmokeEnv, stage2_run: Path, enhance: Path
+) -> None:
+    """``sample.checkpoint=last`` decodes stage 2's last checkpoint, as upstream (brain_model_prior_last.pth, spec
+    §3.7); the default reads ``best``. The manifest records which."""
+    from utils.manifest import read_manifest
+
+    p = paths(env, "last")
+    copy_stages(stage2_run, p.root)
+    out = reconstruct(env, "last", "sample.checkpoint=last", "sample.num_clips=1", "sample.num_previews=0")
+    manifest = read_manifest(out)
+    assert manifest["stage2_checkpoint_read"] == "last" and Path(manifest["stage2_checkpoint"]).name == "last"
+    read = {Path(i).parent.name for i in manifest["inputs"] if Path(i).name == "model.safetensors"}
+    assert read == {"last"}
+    assert read_manifest(enhance)["stage2_checkpoint_read"] == "best"
+
+
 def test_refuses_model_flags_that_differ_from_the_stage2_run(env: SmokeEnv, stage2_run: Path) -> None:
     from pipeline.stage3 import reconstruct as run
     from utils.errors import ConfigError

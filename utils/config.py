@@ -34,12 +34,13 @@ from utils.stage_configs import (
     TOOL_CONFIGS,
     SharedConfig,
 )
+from utils.stages import PROFILES
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-BUILTIN_PROFILES = ("paper", "toy", "smoke")
+BUILTIN_PROFILES = PROFILES
 
 C = TypeVar("C", bound=SharedConfig)  # a stage's (or tool's) config class
 D = TypeVar("D", bound="DataclassInstance")  # any config dataclass, a section included
@@ -210,17 +211,17 @@ def _merge_known(
 
 
 def resolve_profile(profile: str) -> Path:
-    """Map a profile name (``paper``, ``toy``, ``smoke``) or a YAML path to its file."""
+    """Map a built-in profile name (:data:`utils.stages.PROFILES`) or a YAML path to its file."""
     if profile in BUILTIN_PROFILES:
         return CONFIG_DIR / f"{profile}.yaml"
     path = Path(profile)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(
-                f"profile file {path} does not exist", "pass an existing YAML file or one of paper, toy, smoke"
+                f"profile file {path} does not exist", f"pass an existing YAML file or one of {', '.join(PROFILES)}"
             )
         return path
-    raise ConfigError(f"unknown profile '{profile}'", "use one of paper, toy, smoke, or a path to a .yaml file")
+    raise ConfigError(f"unknown profile '{profile}'", f"use one of {', '.join(PROFILES)}, or a path to a .yaml file")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -239,18 +240,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_profile(profile: str, _seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
-    """Return the profile's layers, base first: ``[(source, mapping), ...]`` following ``extends:``."""
+    """Return the profile's layers, base first: ``[(source, mapping), ...]`` following ``extends:``, which names one
+    profile or a list of them (layered left to right, so a later one overrides an earlier one)."""
     path = resolve_profile(profile)
     if path.resolve() in _seen:
         raise ConfigError(f"profile {path} extends itself in a cycle", "remove the cyclic 'extends:' entry")
     data = read_yaml(path)
-    parent = data.pop("extends", None)
+    parents = data.pop("extends", None)
+    if parents is not None and not isinstance(parents, list):
+        parents = [parents]
     layers: list[tuple[str, dict[str, Any]]] = []
-    if parent is not None:
+    for parent in parents or []:
         parent_ref = str(parent)
         if parent_ref not in BUILTIN_PROFILES and not Path(parent_ref).is_absolute():
             parent_ref = str(path.parent / parent_ref)
-        layers = load_profile(parent_ref, (*_seen, path.resolve()))
+        layers += load_profile(parent_ref, (*_seen, path.resolve()))
     return [*layers, (f"profile {path}", data)]
 
 

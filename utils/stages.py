@@ -5,6 +5,7 @@ Light on purpose (no torch, no config classes): ``train_neurons.sh`` and the Mak
     python -m utils.stages table             # key<TAB>script<TAB>multi_process (1/0)<TAB>name, one stage a line
     python -m utils.stages present            # the keys whose script exists in this checkout, e.g. 123456e
     python -m utils.stages overrides TEXT     # NEURONS_SET split into its --set overrides, one a line
+    python -m utils.stages profiles           # the built-in profiles (configs/<name>.yaml), space-separated
 
 Each stage's config class is ``utils.stage_configs.STAGE_CONFIGS[key]``, and its profile section is ``stage<key>``.
 """
@@ -51,6 +52,9 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_BY_KEY: dict[str, Stage] = {stage.key: stage for stage in STAGES}
 STAGE_KEYS = "".join(STAGE_BY_KEY)  # the fixed order the driver runs them in
+# The built-in profiles, configs/<name>.yaml: the paper and the toy worlds, each *_upstream one as the upstream code
+# behaved (docs/fidelity.md).
+PROFILES = ("paper", "paper_upstream", "toy", "smoke", "smoke_upstream")
 
 
 def split_overrides(text: str) -> list[str]:
@@ -69,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("table", help="key, script, multi-process (1/0) and name of every stage, tab-separated")
     sub.add_parser("present", help="the keys of the stages whose script exists in this checkout")
     sub.add_parser("overrides", help="NEURONS_SET split into its overrides, one a line").add_argument("text")
+    sub.add_parser("profiles", help="the built-in profiles, space-separated")
     args = parser.parse_args(argv)
     if args.query == "table":
         print("\n".join(f"{s.key}\t{s.script}\t{int(s.multi_process)}\t{s.name}" for s in STAGES))
     elif args.query == "present":
         print("".join(s.key for s in STAGES if (REPO / s.script).is_file()))
+    elif args.query == "profiles":
+        print(" ".join(PROFILES))
     else:
         try:
             words = split_overrides(args.text)

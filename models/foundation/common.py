@@ -26,6 +26,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 M = TypeVar("M", bound=nn.Module)
 
+#: The noise range Stable Diffusion was trained with (unclip6 and AnimateDiff keep it; their beta curves differ).
+SD_BETAS: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+
 
 def config_path(*parts: str) -> Path:
     """Path of a config file shipped in ``models/foundation/configs``."""
@@ -163,6 +166,20 @@ def finish(module: M, device: torch.device | str, dtype: torch.dtype | None = No
     return module
 
 
+class ModuleRole:
+    """Base of the role classes: ``device`` and ``dtype`` are those of the module in the attribute ``MAIN``."""
+
+    MAIN = "model"
+
+    @property
+    def device(self) -> torch.device:
+        return next(getattr(self, self.MAIN).parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(getattr(self, self.MAIN).parameters()).dtype
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -189,6 +206,21 @@ def hf_from_pretrained(cls: Any, local_dir: Path, what: str, dtype: torch.dtype 
         )
     log_dropped(f"{what} (unexpected checkpoint keys)", info.get("unexpected_keys") or [])
     return model
+
+
+def hf_model_and_processor(
+    local_dir: Path,
+    model_cls: Any,
+    processor_cls: Any,
+    what: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """A paper role's transformers model (strict :func:`hf_from_pretrained`, then :func:`finish`) and its processor
+    from ``local_dir``; ``kwargs`` go to the model's ``from_pretrained``."""
+    model = hf_from_pretrained(model_cls, local_dir, what, dtype, **kwargs)
+    return finish(model, device, dtype), hf_processor(processor_cls, local_dir, what)
 
 
 def hf_processor(cls: Any, local_dir: Path, what: str, **kwargs: Any) -> Any:

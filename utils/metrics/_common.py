@@ -9,14 +9,14 @@ import torch
 from utils.errors import ConfigError, DataError
 
 Protocol = Literal["neurons", "standard"]
-PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 FRAME_CHUNK = 16  # frames per vectorised SSIM/PSNR step (bounds float64 temporaries to a few hundred MB at 256²)
 
 
 def check_protocol(protocol: str) -> Protocol:
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown metric protocol {protocol!r}", f"use one of {', '.join(PROTOCOLS)}")
-    return protocol  # type: ignore[return-value]
+    return protocol
 
 
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.foundation.common import to_uint8_images
+from models.foundation.common import ModuleRole, to_uint8_images
 from models.foundation.weight_file import KB, MB, WeightFile, hf_model, repo_files
 
 if TYPE_CHECKING:
@@ -41,20 +41,16 @@ WEIGHTS: tuple[WeightFile, ...] = hf_model(
 )
 
 
-class Blip2Role:
+class Blip2Role(ModuleRole):
     def __init__(self, model: Blip2ForConditionalGeneration, processor: Any):
         self.model = model
         self.processor = processor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def caption(self, frames01: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
         """``(N, 3, H, W)`` in [0, 1] (or uint8) -> N captions."""
         inputs = self.processor(images=to_uint8_images(frames01), return_tensors="pt")
-        pixels = inputs["pixel_values"].to(self.device, next(self.model.parameters()).dtype)
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
         kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
         ids = self.model.generate(pixel_values=pixels, **kwargs)
         return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]

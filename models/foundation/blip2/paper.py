@@ -8,7 +8,7 @@ import torch
 
 from models.foundation.blip2 import Blip2Role
 from models.foundation.catalog import hf_dir
-from models.foundation.common import finish, hf_from_pretrained, hf_processor
+from models.foundation.common import hf_model_and_processor
 
 
 def build_paper(
@@ -18,5 +18,5 @@ def build_paper(
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     local = hf_dir(weights_root, "blip2")
-    model = hf_from_pretrained(Blip2ForConditionalGeneration, local, "BLIP-2", dtype)
-    return Blip2Role(finish(model, device, dtype), hf_processor(Blip2Processor, local, "BLIP-2"))
+    parts = hf_model_and_processor(local, Blip2ForConditionalGeneration, Blip2Processor, "BLIP-2", device, dtype)
+    return Blip2Role(*parts)

@@ -25,11 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from models.foundation.blip2 import Blip2Role
-from models.foundation.common import finish
 from models.foundation.frame_classifier.toy import processor_inputs
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import (
+    TrainRecipe,
+    generator,
+    load_hf_model,
+    random_frames,
+    save_hf_model,
+    train,
+)
 from models.foundation.toy.data import Stimuli
-from utils.errors import WeightsError
 
 if TYPE_CHECKING:
     from transformers import Blip2ForConditionalGeneration
@@ -194,25 +199,18 @@ def train_blip2(
     ids, mask, labels = caption_batch(tokenizer, stim.captions, recipe)
 
     def loss_fn(step: int) -> torch.Tensor:
-        clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
-        frame = torch.randint(0, stim.n_frames, (len(clips),), generator=gen)
-        return caption_loss(model, processor_inputs(stim.frames[clips, frame]), ids[clips], mask[clips], labels[clips])
+        clips, frames = random_frames(stim, recipe.train.batch_size, gen)
+        return caption_loss(model, processor_inputs(frames), ids[clips], mask[clips], labels[clips])
 
     stats = train(model, loss_fn, recipe.train, "toy blip2", progress)
-    model.requires_grad_(False)
-    return (
-        model,
-        tokenizer,
-        {**stats, "params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)},
-    )
+    return model, tokenizer, {**stats, "vocab_size": len(tokenizer)}
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:
     """Train the toy BLIP-2; save model and processor (image processor + tokenizer) into ``folder``."""
     recipe = RECIPES[scale]
     model, tokenizer, stats = train_blip2(stim, recipe, seed, progress)
-    model.save_pretrained(folder, safe_serialization=True)
-    make_processor(tokenizer, stim.resolution, recipe.num_query_tokens).save_pretrained(folder)
+    save_hf_model(model, make_processor(tokenizer, stim.resolution, recipe.num_query_tokens), folder)
     return stats
 
 
@@ -222,10 +220,5 @@ def build_toy(
     """The toy/smoke BLIP-2 from ``weights_root/blip2/``."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    folder = Path(weights_root) / "blip2"
-    if not (folder / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy BLIP-2 weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
-    model = Blip2ForConditionalGeneration.from_pretrained(folder)
-    return Blip2Role(finish(model, device, dtype), Blip2Processor.from_pretrained(folder))
+    classes = (Blip2ForConditionalGeneration, Blip2Processor)
+    return Blip2Role(*load_hf_model(weights_root, "blip2", "BLIP-2", classes, device, dtype))

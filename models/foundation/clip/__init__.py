@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from models.foundation.common import ModuleRole
 from models.foundation.weight_file import MB, WeightFile, repo_files
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipRole:
+class ClipRole(ModuleRole):
     """Frozen OpenCLIP image-token and pooled-text encoder.
 
     Attributes: ``token_dim`` (D, 1664), ``num_tokens`` (T, 256), ``text_dim`` (Dt, 1280), ``image_size`` (224),
@@ -70,14 +71,6 @@ class ClipRole:
         self.context_length = int(model.context_length)
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
         self._std = torch.tensor(std).view(1, 3, 1, 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def preprocess(self, frames01: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` in [0, 1] -> normalised ``(N, 3, S, S)``: bicubic resize to S, then ``(x + 1) / 2``

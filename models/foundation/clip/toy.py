@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 from models.foundation.clip import ClipRole
 from models.foundation.common import finish
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import TrainRecipe, chunked, generator, random_frames, require_toy_files, train
 from models.foundation.toy.data import Stimuli
-from utils.errors import WeightsError
 from utils.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PROJ_FILE = "coco_tokens_avg_proj.pth"
-CLIP_VOCAB = 49408
+CLIP_VOCAB, SOT, EOT = 49408, 49406, 49407  # OpenAI CLIP BPE: vocabulary size, start and end of text
 
 
 @dataclass(frozen=True)
@@ -116,9 +115,13 @@ def image_embed(role: ClipRole, frames01: torch.Tensor) -> torch.Tensor:
     return F.normalize(pooled, dim=-1)
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with soft targets spread over the batch items that share a caption (``same`` (B, B))."""
-    logits = scale * img @ txt.T
+def contrastive_loss(
+    img: torch.Tensor, txt: torch.Tensor, caption_id: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE of ``img (B, E)`` vs ``txt (B, E)`` at scale ``exp(logit_scale)`` (at most 100), with soft
+    targets spread over the batch items that share a caption (``caption_id (B,)``)."""
+    same = caption_id[:, None] == caption_id[None, :]  # (B, B)
+    logits = logit_scale.exp().clamp(max=100.0) * img @ txt.T
     target = same.float() / same.float().sum(dim=1, keepdim=True)
     return 0.5 * (
         torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target.T * logits.log_softmax(0), 0).mean()
@@ -133,23 +136,18 @@ def train_clip(stim: Stimuli, recipe: ToyClipRecipe, seed: int, progress: bool) 
     _, caption_id = torch.unique(tokens, dim=0, return_inverse=True)  # (N,) same id = same caption
 
     def loss_fn(step: int) -> torch.Tensor:
-        clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
-        frame = torch.randint(0, stim.n_frames, (len(clips),), generator=gen)
-        img = image_embed(role, stim.frames[clips, frame])
+        clips, frames = random_frames(stim, recipe.train.batch_size, gen)
+        img = image_embed(role, frames)
         txt = role.model.encode_text(tokens[clips], normalize=True)
-        same = caption_id[clips, None] == caption_id[None, clips]
-        return contrastive_loss(img, txt, same, role.model.logit_scale.exp().clamp(max=100.0))
+        return contrastive_loss(img, txt, caption_id[clips], role.model.logit_scale)
 
-    stats = train(role.model, loss_fn, recipe.train, "toy clip", progress)
-    role.model.requires_grad_(False)
-    return role, stats
+    return role, train(role.model, loss_fn, recipe.train, "toy clip", progress)
 
 
 @torch.no_grad()
 def fit_tokens_proj(role: ClipRole, stim: Stimuli, ridge: float, chunk: int = 512) -> torch.Tensor:
     """Least squares ``mean_T(tokens) @ proj ≈ text_pooled(caption)`` over every training frame -> ``(D, Dt)``."""
-    frames = stim.flat_frames()
-    x = torch.cat([role.image_tokens(frames[i : i + chunk]).mean(dim=1) for i in range(0, len(frames), chunk)])
+    x = chunked(lambda f: role.image_tokens(f).mean(dim=1), stim.flat_frames(), chunk)  # (N*F, D)
     y = role.text_pooled(stim.captions)[stim.frame_clip()]  # (N*F, Dt)
     gram = x.T.double() @ x.double()
     lam = ridge * gram.diagonal().mean()
@@ -169,13 +167,7 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) ->
     role, stats = train_clip(stim, recipe, seed, progress)
     proj = fit_tokens_proj(role, stim, recipe.proj_ridge)
     save_clip(role, recipe.open_clip_config(), proj, folder)
-    return {
-        **stats,
-        "params": sum(p.numel() for p in role.model.parameters()),
-        "num_tokens": role.num_tokens,
-        "token_dim": role.token_dim,
-        "text_dim": role.text_dim,
-    }
+    return {**stats, "num_tokens": role.num_tokens, "token_dim": role.token_dim, "text_dim": role.text_dim}
 
 
 def proj_path(weights_root: str | Path) -> Path:
@@ -192,10 +184,7 @@ def load_clip(folder: Path, device: torch.device | str = "cpu", dtype: torch.dty
     """Rebuild the role from ``folder`` (strict load), frozen, on ``device``."""
     from safetensors.torch import load_file
 
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise WeightsError(
-            f"missing toy clip weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
+    require_toy_files(folder, "clip", CONFIG_FILE, WEIGHTS_FILE)
     role = make_role(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
     role.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     finish(role.model, device, dtype)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.foundation.common import to_uint8_images
+from models.foundation.common import ModuleRole, to_uint8_images
 from models.foundation.weight_file import KB, MB, WeightFile, hf_model, weights_alts
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ WEIGHTS: tuple[WeightFile, ...] = hf_model(
 )
 
 
-class ClipPccRole:
+class ClipPccRole(ModuleRole):
     """Attribute: ``embed_dim`` (768)."""
 
     def __init__(self, model: CLIPModel, processor: Any):
@@ -37,14 +37,10 @@ class ClipPccRole:
         self.processor = processor
         self.embed_dim = int(model.config.projection_dim)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def image_features(self, frames01: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` -> ``(N, embed_dim)`` float32."""
         pixels = self.processor(images=to_uint8_images(frames01), return_tensors="pt")["pixel_values"]
-        out = self.model.get_image_features(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype))
+        out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
         feats = out if isinstance(out, torch.Tensor) else out.pooler_output
         return feats.float()

@@ -8,7 +8,7 @@ import torch
 
 from models.foundation.catalog import hf_dir
 from models.foundation.clip_pcc import ClipPccRole
-from models.foundation.common import finish, hf_from_pretrained, hf_processor
+from models.foundation.common import hf_model_and_processor
 
 
 def build_paper(
@@ -17,5 +17,5 @@ def build_paper(
     from transformers import CLIPImageProcessor, CLIPModel
 
     local = hf_dir(weights_root, "clip_pcc")
-    model = hf_from_pretrained(CLIPModel, local, "CLIP ViT-L/14", dtype)
-    return ClipPccRole(finish(model, device, dtype), hf_processor(CLIPImageProcessor, local, "CLIP ViT-L/14"))
+    parts = hf_model_and_processor(local, CLIPModel, CLIPImageProcessor, "CLIP ViT-L/14", device, dtype)
+    return ClipPccRole(*parts)

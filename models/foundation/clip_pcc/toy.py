@@ -25,21 +25,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from models.foundation.clip.toy import contrastive_loss
+from models.foundation.clip.toy import CLIP_VOCAB, EOT, SOT, contrastive_loss
 from models.foundation.clip_pcc import ClipPccRole
-from models.foundation.common import finish
 from models.foundation.frame_classifier.toy import processor_inputs
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import (
+    TrainRecipe,
+    generator,
+    load_hf_model,
+    random_frames,
+    save_hf_model,
+    train,
+)
 from models.foundation.toy.data import Stimuli
 from models.foundation.video import sd15_tokenizer
-from utils.errors import WeightsError
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
 
 log = logging.getLogger(__name__)
-
-CLIP_VOCAB, SOT, EOT = 49408, 49406, 49407
 
 
 @dataclass(frozen=True)
@@ -142,24 +145,17 @@ def train_clip_pcc(
     _, caption_id = torch.unique(ids, dim=0, return_inverse=True)
 
     def loss_fn(step: int) -> torch.Tensor:
-        clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
-        frame = torch.randint(0, stim.n_frames, (len(clips),), generator=gen)
-        same = caption_id[clips, None] == caption_id[None, clips]
-        scale = model.logit_scale.exp().clamp(max=100.0)
-        return contrastive_loss(
-            image_embed(model, stim.frames[clips, frame]), text_embed(model, ids[clips]), same, scale
-        )
+        clips, frames = random_frames(stim, recipe.train.batch_size, gen)
+        img, txt = image_embed(model, frames), text_embed(model, ids[clips])
+        return contrastive_loss(img, txt, caption_id[clips], model.logit_scale)
 
-    stats = train(model, loss_fn, recipe.train, "toy clip_pcc", progress)
-    model.requires_grad_(False)
-    return model, {**stats, "params": sum(p.numel() for p in model.parameters())}
+    return model, train(model, loss_fn, recipe.train, "toy clip_pcc", progress)
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:
     """Train the toy transformers CLIP; save model and image processor into ``folder``."""
     model, stats = train_clip_pcc(stim, RECIPES[scale], seed, progress)
-    model.save_pretrained(folder, safe_serialization=True)
-    make_processor(stim.resolution).save_pretrained(folder)
+    save_hf_model(model, make_processor(stim.resolution), folder)
     return {**stats, "embed_dim": int(model.config.projection_dim)}
 
 
@@ -169,10 +165,5 @@ def build_toy(
     """The toy/smoke transformers CLIP from ``weights_root/clip_pcc/``."""
     from transformers import CLIPImageProcessor, CLIPModel
 
-    folder = Path(weights_root) / "clip_pcc"
-    if not (folder / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy CLIP-pcc weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
-    model = CLIPModel.from_pretrained(folder)
-    return ClipPccRole(finish(model, device, dtype), CLIPImageProcessor.from_pretrained(folder))
+    classes = (CLIPModel, CLIPImageProcessor)
+    return ClipPccRole(*load_hf_model(weights_root, "clip_pcc", "CLIP-pcc", classes, device, dtype))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.foundation.common import to_uint8_images
+from models.foundation.common import ModuleRole, to_uint8_images
 from models.foundation.weight_file import KB, MB, WeightFile, hf_model, weights_alts
 
 VIT_REPO = "google/vit-base-patch16-224"
@@ -27,7 +27,7 @@ WEIGHTS: tuple[WeightFile, ...] = hf_model(
 )
 
 
-class FrameClassifierRole:
+class FrameClassifierRole(ModuleRole):
     """Image classifier. Attributes: ``num_classes`` (1000), ``labels`` (id -> name)."""
 
     def __init__(self, model: nn.Module, processor: Any):
@@ -36,13 +36,9 @@ class FrameClassifierRole:
         self.num_classes = int(model.config.num_labels)
         self.labels = {int(k): v for k, v in model.config.id2label.items()}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def probs(self, frames01: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` -> ``(N, num_classes)`` float32 probabilities."""
         pixels = self.processor(images=to_uint8_images(frames01), return_tensors="pt")["pixel_values"]
-        logits = self.model(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype)).logits
+        logits = self.model(pixel_values=pixels.to(self.device, self.dtype)).logits
         return logits.float().softmax(dim=-1)

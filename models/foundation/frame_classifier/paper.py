@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models.foundation.catalog import hf_dir
-from models.foundation.common import finish, hf_from_pretrained, hf_processor
+from models.foundation.common import hf_model_and_processor
 from models.foundation.frame_classifier import FrameClassifierRole
 
 
@@ -17,5 +17,5 @@ def build_paper(
     from transformers import AutoImageProcessor, ViTForImageClassification
 
     local = hf_dir(weights_root, "frame_classifier")
-    model = hf_from_pretrained(ViTForImageClassification, local, "ViT-B/16", dtype)
-    return FrameClassifierRole(finish(model, device, dtype), hf_processor(AutoImageProcessor, local, "ViT"))
+    parts = hf_model_and_processor(local, ViTForImageClassification, AutoImageProcessor, "ViT-B/16", device, dtype)
+    return FrameClassifierRole(*parts)

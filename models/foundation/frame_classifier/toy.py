@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from models.foundation.common import finish
 from models.foundation.frame_classifier import FrameClassifierRole
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, load_hf_model, save_hf_model, train
+from models.foundation.toy.common import TrainRecipe, generator, load_hf_model, random_frames, save_hf_model, train
 from models.foundation.toy.data import Stimuli
 from utils.data_catalog import WORLD_FILE, annotation_file
 from utils.errors import DataError
@@ -153,8 +152,8 @@ def processor_inputs(frames01: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ToyFrameClassifierRecipe:
-    """Architecture and training of the toy ViT (``(R / patch_size)^2`` patch tokens + CLS)."""
+class ToyClassifierRecipe:
+    """Architecture and training of a toy transformers classifier over the scene classes (frame and video)."""
 
     patch_size: int = 4
     hidden_size: int = 64
@@ -178,6 +177,11 @@ class ToyFrameClassifierRecipe:
             "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)},
         }
+
+
+@dataclass(frozen=True)
+class ToyFrameClassifierRecipe(ToyClassifierRecipe):
+    """Architecture and training of the toy ViT (``(R / patch_size)^2`` patch tokens + CLS)."""
 
 
 RECIPES: dict[str, ToyFrameClassifierRecipe] = {
@@ -214,17 +218,14 @@ def train_frame_classifier(
     parts = [factors.category, factors.background, factors.count]
 
     def loss_fn(step: int) -> torch.Tensor:
-        clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
-        frame = torch.randint(0, stim.n_frames, (len(clips),), generator=gen)
-        x = stim.frames[clips, frame]
+        clips, x = random_frames(stim, recipe.train.batch_size, gen)
         flip = torch.rand(len(clips), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         logits = model(pixel_values=processor_inputs(x)).logits
         return factorised_ce(logits, [p[clips] for p in parts], frame_sizes(factors), recipe.joint_weight)
 
     stats = train(model, loss_fn, recipe.train, "toy frame_classifier", progress)
-    model.requires_grad_(False)
-    return model, {**stats, "params": sum(p.numel() for p in model.parameters()), "num_classes": len(names)}
+    return model, {**stats, "num_classes": len(names)}
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, world_root: Path) -> dict[str, Any]:
@@ -240,5 +241,6 @@ def build_toy(
     """The toy/smoke ViT from ``weights_root/frame_classifier/``."""
     from transformers import ViTForImageClassification, ViTImageProcessor
 
-    model, processor = load_hf_model(weights_root, "frame_classifier", ViTForImageClassification, ViTImageProcessor)
-    return FrameClassifierRole(finish(model, device, dtype), processor)
+    classes = (ViTForImageClassification, ViTImageProcessor)
+    parts = load_hf_model(weights_root, "frame_classifier", "frame classifier", classes, device, dtype)
+    return FrameClassifierRole(*parts)

@@ -21,19 +21,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from models.foundation.clip.toy import CLIP_VOCAB, make_tokenizer
+from models.foundation.clip.toy import CLIP_VOCAB, EOT, SOT, make_tokenizer
 from models.foundation.common import finish
 from models.foundation.gpt2 import Gpt2Role
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import TrainRecipe, batch_indices, generator, require_toy_files, role_dir, train
 from models.foundation.toy.data import Stimuli
-from utils.errors import WeightsError
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
 
 log = logging.getLogger(__name__)
 
-SOT, EOT, PAD = 49406, 49407, 0
+PAD = 0  # open_clip's SimpleTokenizer pads with zeros
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,7 @@ def train_gpt2(
         rows = batch_indices(len(ids), recipe.train.batch_size, gen)
         return lm_loss(model, ids[rows], labels[rows])
 
-    stats = train(model, loss_fn, recipe.train, "toy gpt2", progress)
-    return model, {**stats, "params": sum(p.numel() for p in model.parameters())}
+    return model, train(model, loss_fn, recipe.train, "toy gpt2", progress)
 
 
 @torch.no_grad()
@@ -129,9 +127,5 @@ def build_toy(
     """The toy/smoke GPT-2 from ``weights_root/gpt2/``; left trainable like the paper one."""
     from transformers import GPT2LMHeadModel
 
-    folder = Path(weights_root) / "gpt2"
-    if not (folder / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy GPT-2 weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
+    folder = require_toy_files(role_dir(weights_root, "gpt2"), "GPT-2", "config.json")
     return Gpt2Role(finish(GPT2LMHeadModel.from_pretrained(folder), device, dtype, frozen=False))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+from models.foundation.common import SD_BETAS, ModuleRole
 from models.foundation.weight_file import MB, WeightFile
 from utils.errors import ConfigError
 
@@ -55,13 +56,7 @@ def euler_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int
 def make_scheduler() -> EulerDiscreteScheduler:
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-    )
+    return EulerDiscreteScheduler(**SD_BETAS, beta_schedule="scaled_linear", prediction_type="epsilon")
 
 
 def size_vector(dim: int, original_size: tuple[int, int] = (768, 768), crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -85,10 +80,11 @@ def _randn(shape: tuple[int, ...], generator: Generators, device: torch.device, 
     return torch.randn(shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
 
 
-class UnclipRole:
+class UnclipRole(ModuleRole):
     """Keyframe decoder from bigG tokens. Attributes: ``token_dim`` (1664), ``vector_dim`` (1024), ``latent_size``
     (96), ``latent_channels`` (4), ``num_steps`` (38), ``guidance`` (5.0), ``vae_scale`` (0.13025)."""
 
+    MAIN = "unet"
     REMAP = (0.8, 0.2)
 
     def __init__(
@@ -116,14 +112,6 @@ class UnclipRole:
         self.vae_scale = float(vae.config.scaling_factor)
         self.scheduler = make_scheduler()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
     def timesteps(self) -> list[int]:
         return euler_timesteps(self.num_steps, self.scheduler.config.num_train_timesteps)
 
@@ -144,13 +132,17 @@ class UnclipRole:
         sched = self.scheduler
         sched.set_timesteps(timesteps=self.timesteps(), device=self.device)
         x = z + sched.sigmas[0].to(self.device) * (noise + self.offset_noise * offset)
-        context = torch.cat([uncond, tokens])
-        vector = self.vector(2 * b)
+        return self.guided_denoise(x, torch.cat([uncond, tokens]), self.vector(2 * b))
+
+    def guided_denoise(self, x: torch.Tensor, context: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance over the timesteps already set on ``self.scheduler``: latents ``x (B, C, L, L)``,
+        ``context (2B, T, D)`` and ``class_labels (2B, E)``, both [unconditional; conditional] -> ``(B, C, L, L)``."""
+        sched = self.scheduler
         for t in sched.timesteps:
             x_in = sched.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
-            eps = self.unet(x_in, t, encoder_hidden_states=context, class_labels=vector).sample.float()
-            eps_u, eps_c = eps.chunk(2)
-            x = sched.step(eps_u + self.guidance * (eps_c - eps_u), t, x).prev_sample
+            out = self.unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels).sample.float()
+            out_u, out_c = out.chunk(2)
+            x = sched.step(out_u + self.guidance * (out_c - out_u), t, x).prev_sample
         return x
 
     def uncond_context(self, tokens: torch.Tensor, generator: Generators = None) -> torch.Tensor:

@@ -109,19 +109,14 @@ def convert_unet(ldm: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, 
     """sgm/LDM UNet state dict (prefix already stripped) -> diffusers ``UNet2DConditionModel`` keys. Spatial
     transformer internals keep their names. Unmapped keys raise :class:`WeightsError`."""
     block_map = unet_block_map(config)
-    out, unmapped = {}, []
-    for key, value in ldm.items():
-        new = _map_key(key, block_map)
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
+    renamed = {key: _map_key(key, block_map) for key in ldm}
+    unmapped = [key for key, new in renamed.items() if new is None]
     if unmapped:
         raise WeightsError(
             f"unclip UNet: {len(unmapped)} keys have no mapping, e.g. {sorted(unmapped)[:3]}",
             "the checkpoint is not MindEye2's unclip6 (or the UNet config does not match it)",
         )
-    return out
+    return {new: ldm[key] for key, new in renamed.items() if new is not None}
 
 
 _VAE_ATTN_RENAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}

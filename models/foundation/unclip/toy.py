@@ -18,7 +18,6 @@ Files in ``weights_root/unclip/``: ``unet/`` and ``vae/`` (diffusers ``save_pret
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,20 +29,29 @@ import torch.nn.functional as F
 
 from models.foundation.clip import ClipRole
 from models.foundation.common import finish
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import (
+    COSINE_V_SCHEDULE,
+    TrainRecipe,
+    batch_indices,
+    chunked,
+    generator,
+    noise_scheduler,
+    read_sampling,
+    require_toy_files,
+    save_parts,
+    train,
+    v_prediction_batch,
+)
 from models.foundation.toy.data import Stimuli
 from models.foundation.unclip import Generators, UnclipRole, _randn
 from models.foundation.vae import VaeRole
 from models.foundation.vae.toy import load_autoencoder
-from utils.errors import WeightsError
-from utils.io import atomic_write_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 log = logging.getLogger(__name__)
 
-SAMPLING_FILE = "sampling.json"
 POOL_GRID = 2  # pooled condition = tokens averaged onto POOL_GRID x POOL_GRID cells
 
 
@@ -95,9 +103,7 @@ RECIPES: dict[str, ToyUnclipRecipe] = {
 def scheduler_config() -> dict[str, Any]:
     """DPM-Solver++ (2nd order multistep) on the cosine schedule, v-prediction, "leading" spacing."""
     return {
-        "num_train_timesteps": 1000,
-        "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "v_prediction",
+        **COSINE_V_SCHEDULE,
         "algorithm_type": "dpmsolver++",
         "solver_order": 2,
         "timestep_spacing": "leading",
@@ -146,13 +152,7 @@ class ToyUnclipRole(UnclipRole):
         sched.set_timesteps(self.num_steps, device=self.device)
         x = x * sched.init_noise_sigma
         context = torch.cat([self.uncond_context(tokens, generator), tokens])  # drawn after x: x never moves
-        pooled = pool_tokens(context)
-        for t in sched.timesteps:
-            x_in = sched.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
-            v = self.unet(x_in, t, encoder_hidden_states=context, class_labels=pooled).sample.float()
-            v_u, v_c = v.chunk(2)
-            x = sched.step(v_u + self.guidance * (v_c - v_u), t, x).prev_sample
-        return x
+        return self.guided_denoise(x, context, pool_tokens(context))
 
 
 @torch.no_grad()
@@ -161,39 +161,31 @@ def encode_training_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> scaled VAE latents ``(N*F, C, L, L)`` and CLIP tokens ``(N*F, T, D)`` of every training frame."""
     frames = stim.flat_frames()
-    latents = torch.cat([vae.encode(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
-    tokens = torch.cat([clip.image_tokens(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
-    return latents.float(), tokens.float()
+    return chunked(vae.encode, frames, chunk).float(), chunked(clip.image_tokens, frames, chunk).float()
 
 
 def train_unclip(
     latents: torch.Tensor, tokens: torch.Tensor, recipe: ToyUnclipRecipe, seed: int, progress: bool
 ) -> tuple[UNet2DConditionModel, dict[str, Any]]:
     """v-prediction training of the UNet on precomputed ``latents (M, C, L, L)`` and ``tokens (M, T, D)``."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     gen = generator(seed)
     unet = UNet2DConditionModel.from_config(
         recipe.diffusers_config(latents.shape[1], latents.shape[-1], tokens.shape[-1])
     )
-    noise_sched = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
-    )
+    noise_sched = noise_scheduler()
 
     def loss_fn(step: int) -> torch.Tensor:
         rows = batch_indices(len(latents), recipe.train.batch_size, gen)
         z0, cond = latents[rows], tokens[rows]
         keep = (torch.rand(len(rows), generator=gen) >= recipe.cond_drop).float()
         cond = cond * keep[:, None, None]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(rows),), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
+        zt, t, target = v_prediction_batch(noise_sched, z0, gen)
         v = unet(zt, t, encoder_hidden_states=cond, class_labels=pool_tokens(cond)).sample
-        return F.mse_loss(v, noise_sched.get_velocity(z0, noise, t))
+        return F.mse_loss(v, target)
 
-    stats = train(unet, loss_fn, recipe.train, "toy unclip", progress)
-    unet.requires_grad_(False)
-    return unet, {**stats, "params": sum(p.numel() for p in unet.parameters())}
+    return unet, train(unet, loss_fn, recipe.train, "toy unclip", progress)
 
 
 def build(
@@ -205,10 +197,9 @@ def build(
     recipe = RECIPES[scale]
     latents, tokens = encode_training_set(clip, vae, stim)
     unet, stats = train_unclip(latents, tokens, recipe, seed, progress)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    DPMSolverMultistepScheduler.from_config(scheduler_config()).save_pretrained(folder / "scheduler")
-    atomic_write_json(folder / SAMPLING_FILE, {"num_steps": recipe.num_steps, "guidance": recipe.guidance})
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config())
+    parts = {"unet": unet, "vae": vae.vae, "scheduler": scheduler}
+    save_parts(folder, parts, {"num_steps": recipe.num_steps, "guidance": recipe.guidance})
     return stats
 
 
@@ -221,13 +212,10 @@ def load_unclip(
 ) -> ToyUnclipRole:
     from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
-    if not (folder / "unet" / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy unCLIP weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
+    require_toy_files(folder, "unCLIP", "unet/config.json")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     sched = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
-    sampling = json.loads((folder / SAMPLING_FILE).read_text(encoding="utf-8"))
+    sampling = read_sampling(folder)
     return ToyUnclipRole(
         finish(unet, device, dtype),
         finish(load_autoencoder(folder / "vae"), device, torch.float32),

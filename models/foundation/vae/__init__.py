@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models.foundation.common import ModuleRole
 from models.foundation.weight_file import MB, WeightFile, repo_files
 
 if TYPE_CHECKING:
@@ -33,23 +34,17 @@ WEIGHTS: tuple[WeightFile, ...] = (
 )
 
 
-class VaeRole:
+class VaeRole(ModuleRole):
     """Frozen KL autoencoder with [0, 1] images and scaled latents. Attributes: ``scale``, ``latent_channels``,
     ``downsample`` (8)."""
+
+    MAIN = "vae"
 
     def __init__(self, vae: AutoencoderKL, scale: float | None = None):
         self.vae = vae
         self.scale = float(scale if scale is not None else vae.config.scaling_factor)
         self.latent_channels = int(vae.config.latent_channels)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
 
     @torch.no_grad()
     def encode(

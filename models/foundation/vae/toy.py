@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from models.foundation.common import finish
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.toy.common import TrainRecipe, batch_indices, chunked, generator, require_toy_files, train
 from models.foundation.toy.data import Stimuli
 from models.foundation.vae import VaeRole
-from utils.errors import WeightsError
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -81,10 +80,7 @@ def vae_loss(vae: AutoencoderKL, frames01: torch.Tensor, kl_weight: float, gen: 
 @torch.no_grad()
 def latent_std(vae: AutoencoderKL, frames01: torch.Tensor, chunk: int = 512) -> float:
     """Std of the posterior-mode latents of ``(N, 3, R, R)`` frames."""
-    z = torch.cat(
-        [vae.encode(frames01[i : i + chunk] * 2.0 - 1.0).latent_dist.mode() for i in range(0, len(frames01), chunk)]
-    )
-    return float(z.std())
+    return float(chunked(lambda f: vae.encode(f * 2.0 - 1.0).latent_dist.mode(), frames01, chunk).std())
 
 
 def train_vae(stim: Stimuli, recipe: ToyVaeRecipe, seed: int, progress: bool) -> tuple[AutoencoderKL, dict[str, Any]]:
@@ -100,13 +96,7 @@ def train_vae(stim: Stimuli, recipe: ToyVaeRecipe, seed: int, progress: bool) ->
     stats = train(vae, loss_fn, recipe.train, "toy vae", progress)
     std = latent_std(vae, frames)
     vae.register_to_config(scaling_factor=1.0 / std)
-    vae.requires_grad_(False)
-    return vae, {
-        **stats,
-        "latent_std": std,
-        "scaling_factor": 1.0 / std,
-        "params": sum(p.numel() for p in vae.parameters()),
-    }
+    return vae, {**stats, "latent_std": std, "scaling_factor": 1.0 / std}
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:
@@ -119,11 +109,7 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) ->
 def load_autoencoder(folder: Path) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
-    if not (folder / "config.json").is_file():
-        raise WeightsError(
-            f"missing toy VAE weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
-    return AutoencoderKL.from_pretrained(folder)
+    return AutoencoderKL.from_pretrained(require_toy_files(folder, "VAE", "config.json"))
 
 
 def build_toy(

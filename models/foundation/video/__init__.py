@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.foundation.common import SD_BETAS, ModuleRole
 from models.foundation.weight_file import MB, WeightFile
 
 if TYPE_CHECKING:
@@ -112,9 +113,7 @@ def make_ddim() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
+        **SD_BETAS,
         beta_schedule="linear",
         steps_offset=1,
         clip_sample=False,
@@ -128,10 +127,12 @@ def make_ddim() -> DDIMScheduler:
 # role
 
 
-class VideoRole:
+class VideoRole(ModuleRole):
     """Keyframe-conditioned text-to-video generator. Latent videos are ``(B, C, F, h, w)``; frames ``(B, F, 3, H, W)``
     in [0, 1]. Attributes: ``num_frames`` (16), ``latent_channels`` (4), ``vae_scale`` (0.18215), ``downsample`` (8),
     ``text_dim`` (768), ``per_frame_norm``."""
+
+    MAIN = "unet"
 
     def __init__(
         self,
@@ -157,14 +158,6 @@ class VideoRole:
         if per_frame_norm:
             n_unet, n_ctrl = apply_per_frame_norm(unet), apply_per_frame_norm(controlnet)
             log.info("per-frame GroupNorm parity patch: %d UNet + %d SparseCtrl motion norms", n_unet, n_ctrl)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
     def encode_prompt(self, texts: list[str]) -> torch.Tensor:

@@ -23,7 +23,6 @@ Files in ``weights_root/video/``: ``unet/``, ``controlnet/``, ``vae/``, ``text_e
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +32,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.foundation.clip_pcc.toy import CLIP_VOCAB, EOT, SOT
-from models.foundation.common import finish
-from models.foundation.toy.common import TrainRecipe, batch_indices, generator, train
+from models.foundation.clip.toy import CLIP_VOCAB, EOT, SOT
+from models.foundation.common import count_params, finish
+from models.foundation.toy.common import (
+    COSINE_V_SCHEDULE,
+    SAMPLING_FILE,
+    TrainRecipe,
+    batch_indices,
+    chunked,
+    generator,
+    noise_scheduler,
+    read_sampling,
+    require_toy_files,
+    save_parts,
+    train,
+    v_prediction_batch,
+)
 from models.foundation.toy.data import Stimuli
 from models.foundation.vae import VaeRole
 from models.foundation.vae.toy import load_autoencoder
 from models.foundation.video import VideoRole, sd15_tokenizer
-from utils.errors import WeightsError
-from utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SAMPLING_FILE = "sampling.json"
 PARTS = ("unet", "controlnet", "text_encoder")
 
 
@@ -135,9 +144,7 @@ RECIPES: dict[str, ToyVideoRecipe] = {
 def scheduler_config() -> dict[str, Any]:
     """DDIM on the cosine schedule, v-prediction, "leading" spacing with ``steps_offset=1``."""
     return {
-        "num_train_timesteps": 1000,
-        "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "v_prediction",
+        **COSINE_V_SCHEDULE,
         "timestep_spacing": "leading",
         "steps_offset": 1,
         "clip_sample": False,
@@ -174,8 +181,7 @@ def make_parts(recipe: ToyVideoRecipe, vae: VaeRole, latent_size: int, num_frame
 @torch.no_grad()
 def encode_clips(vae: VaeRole, stim: Stimuli, chunk: int = 512) -> torch.Tensor:
     """-> scaled posterior-mode latents of every training clip ``(N, C, F, h, w)``."""
-    frames = stim.flat_frames()
-    z = torch.cat([vae.encode(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
+    z = chunked(vae.encode, stim.flat_frames(), chunk)  # (N*F, C, h, w)
     return z.reshape(stim.n_clips, stim.n_frames, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous().float()
 
 
@@ -207,12 +213,8 @@ def train_video(
     role: ToyVideoRole, latents: torch.Tensor, captions: list[str], recipe: ToyVideoRecipe, seed: int, progress: bool
 ) -> dict[str, Any]:
     """v-prediction training of the role's UNet, SparseCtrl and text encoder on ``latents (N, C, F, h, w)``."""
-    from diffusers import DDPMScheduler
-
     gen = generator(seed)
-    noise_sched = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
-    )
+    noise_sched = noise_scheduler()
     tok = role.tokenizer
     ids = tok(
         list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
@@ -228,9 +230,7 @@ def train_video(
         drop = torch.rand(len(rows), generator=gen) < recipe.cond_drop
         text = torch.where(drop[:, None], null, ids[rows])
         embeds = role.text_encoder(text)[0].repeat_interleave(frames, dim=0)  # (B*F, L, D)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(rows),), generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
+        zt, t, target = v_prediction_batch(noise_sched, z0, gen)
         cond, mask = role.keyframe_condition(z0[:, :, 0], frames)
         down, mid = role.controlnet(
             zt, t, encoder_hidden_states=embeds, controlnet_cond=cond, conditioning_mask=mask, return_dict=False
@@ -243,11 +243,10 @@ def train_video(
             mid_block_additional_residual=mid,
             timestep_cond=role.time_condition(cond, mask),
         ).sample
-        return F.mse_loss(v, noise_sched.get_velocity(z0, noise, t))
+        return F.mse_loss(v, target)
 
     stats = train(module, loss_fn, recipe.train, "toy video", progress)
-    module.requires_grad_(False)
-    return {**stats, "params": {k: sum(p.numel() for p in m.parameters()) for k, m in module.items()}}
+    return {**stats, "params": {k: count_params(m) for k, m in module.items()}}
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, vae: VaeRole) -> dict[str, Any]:
@@ -258,12 +257,8 @@ def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, va
     parts = make_parts(recipe, vae, latents.shape[-1], stim.n_frames)
     role = make_role(parts, vae.vae, sd15_tokenizer(recipe.context_length), stim.n_frames, recipe.pool_grid)
     stats = train_video(role, latents, stim.captions, recipe, seed, progress)
-    for name in PARTS:
-        getattr(role, name).save_pretrained(folder / name, safe_serialization=True)
-    vae.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    role.tokenizer.save_pretrained(folder / "tokenizer")
-    role.scheduler.save_pretrained(folder / "scheduler")
-    atomic_write_json(folder / SAMPLING_FILE, {"num_frames": stim.n_frames, "pool_grid": recipe.pool_grid})
+    parts = {name: getattr(role, name) for name in (*PARTS, "tokenizer", "scheduler")} | {"vae": vae.vae}
+    save_parts(folder, parts, {"num_frames": stim.n_frames, "pool_grid": recipe.pool_grid})
     return stats
 
 
@@ -277,11 +272,7 @@ def load_video(
     from diffusers import DDIMScheduler, SparseControlNetModel, UNetMotionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    if not (folder / SAMPLING_FILE).is_file():
-        raise WeightsError(
-            f"missing toy video weights in {folder}", "build them with `python download_dataset.py --toy-weights`"
-        )
-    sampling = json.loads((folder / SAMPLING_FILE).read_text(encoding="utf-8"))
+    sampling = read_sampling(require_toy_files(folder, "video", SAMPLING_FILE))
     return ToyVideoRole(
         finish(UNetMotionModel.from_pretrained(folder / "unet"), device, dtype),
         finish(SparseControlNetModel.from_pretrained(folder / "controlnet"), device, dtype),

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.foundation.common import to_uint8_images
+from models.foundation.common import ModuleRole, to_uint8_images
 from models.foundation.weight_file import KB, MB, WeightFile, hf_model, repo_files
 
 PAPER_NUM_FRAMES = 6
@@ -29,7 +29,7 @@ WEIGHTS: tuple[WeightFile, ...] = hf_model(
 )
 
 
-class VideoClassifierRole:
+class VideoClassifierRole(ModuleRole):
     """Video classifier. Attributes: ``num_classes`` (400), ``num_frames`` (6), ``labels``."""
 
     def __init__(self, model: nn.Module, processor: Any):
@@ -39,10 +39,6 @@ class VideoClassifierRole:
         self.num_frames = int(model.config.num_frames)
         self.labels = {int(k): v for k, v in model.config.id2label.items()}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def probs(self, videos01: torch.Tensor) -> torch.Tensor:
         """``(N, F, 3, H, W)`` -> ``(N, num_classes)`` float32 probabilities."""
@@ -50,5 +46,5 @@ class VideoClassifierRole:
             raise ValueError(f"video classifier expects {self.num_frames} frames, got {videos01.shape[1]}")
         videos = [to_uint8_images(v) for v in videos01]
         pixels = self.processor(videos, return_tensors="pt")["pixel_values"]
-        logits = self.model(pixel_values=pixels.to(self.device, next(self.model.parameters()).dtype)).logits
+        logits = self.model(pixel_values=pixels.to(self.device, self.dtype)).logits
         return logits.float().softmax(dim=-1)

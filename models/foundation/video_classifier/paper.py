@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models.foundation.catalog import hf_dir
-from models.foundation.common import finish, hf_from_pretrained, hf_processor
+from models.foundation.common import hf_model_and_processor
 from models.foundation.video_classifier import PAPER_NUM_FRAMES, VideoClassifierRole
 
 
@@ -21,5 +21,7 @@ def build_paper(
     from transformers import AutoImageProcessor, VideoMAEForVideoClassification
 
     local = hf_dir(weights_root, "video_classifier")
-    model = hf_from_pretrained(VideoMAEForVideoClassification, local, "VideoMAE", dtype, num_frames=num_frames)
-    return VideoClassifierRole(finish(model, device, dtype), hf_processor(AutoImageProcessor, local, "VideoMAE"))
+    parts = hf_model_and_processor(
+        local, VideoMAEForVideoClassification, AutoImageProcessor, "VideoMAE", device, dtype, num_frames=num_frames
+    )
+    return VideoClassifierRole(*parts)

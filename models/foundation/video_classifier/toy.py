@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.foundation.common import finish
 from models.foundation.frame_classifier.toy import (
     DIRECTIONS,
     SceneFactors,
+    ToyClassifierRecipe,
     factorised_ce,
     joint_index,
     load_factors,
@@ -63,35 +63,20 @@ def video_labels(factors: SceneFactors) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ToyVideoClassifierRecipe:
+class ToyVideoClassifierRecipe(ToyClassifierRecipe):
     """Architecture and training of the toy VideoMAE (``(F / tubelet) * (R / patch)^2`` tokens, mean pooled)."""
 
-    patch_size: int = 4
     tubelet_size: int | None = None  # None = the clip length: tokens see their patch in every frame (3x faster than
     # a tubelet of 2 and as accurate in the trials)
-    hidden_size: int = 64
     layers: int = 2
-    heads: int = 4
-    intermediate_size: int = 128
-    joint_weight: float = 0.5
     train: TrainRecipe = field(
         default_factory=lambda: TrainRecipe(steps=400, batch_size=32, lr=2e-3, weight_decay=0.05, warmup=30)
     )
 
-    def hf_config(self, resolution: int, num_frames: int, names: list[str]) -> dict[str, Any]:
-        return {
-            "image_size": resolution,
-            "patch_size": self.patch_size,
-            "num_frames": num_frames,
-            "tubelet_size": self.tubelet_size or num_frames,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "intermediate_size": self.intermediate_size,
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)},
-        }
+    def video_config(self, resolution: int, num_frames: int, names: list[str]) -> dict[str, Any]:
+        """Keyword arguments of ``VideoMAEConfig``."""
+        tubelet = self.tubelet_size or num_frames
+        return {**self.hf_config(resolution, names), "num_frames": num_frames, "tubelet_size": tubelet}
 
 
 RECIPES: dict[str, ToyVideoClassifierRecipe] = {
@@ -142,7 +127,8 @@ def train_video_classifier(
 
     gen = generator(seed)
     names = video_class_names(factors)
-    model = VideoMAEForVideoClassification(VideoMAEConfig(**recipe.hf_config(stim.resolution, stim.n_frames, names)))
+    config = VideoMAEConfig(**recipe.video_config(stim.resolution, stim.n_frames, names))
+    model = VideoMAEForVideoClassification(config)
 
     def loss_fn(step: int) -> torch.Tensor:
         clips = batch_indices(stim.n_clips, recipe.train.batch_size, gen)
@@ -152,8 +138,7 @@ def train_video_classifier(
         return factorised_ce(logits, labels, video_sizes(factors), recipe.joint_weight)
 
     stats = train(model, loss_fn, recipe.train, "toy video_classifier", progress)
-    model.requires_grad_(False)
-    return model, {**stats, "params": sum(p.numel() for p in model.parameters()), "num_classes": len(names)}
+    return model, {**stats, "num_classes": len(names)}
 
 
 def build(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool, world_root: Path) -> dict[str, Any]:
@@ -170,5 +155,5 @@ def build_toy(
     from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
     classes = (VideoMAEForVideoClassification, VideoMAEImageProcessor)
-    model, processor = load_hf_model(weights_root, "video_classifier", *classes)
-    return VideoClassifierRole(finish(model, device, dtype), processor)
+    parts = load_hf_model(weights_root, "video_classifier", "video classifier", classes, device, dtype)
+    return VideoClassifierRole(*parts)
