@@ -157,6 +157,66 @@ def test_upstream_validation_trains_on_every_clip_and_selects_on_the_test_clips(
     assert warnings[0] in report.write_report(cfg6).read_text()
 
 
+# ---- defect 17 through the stage: the losses of the first steps (docs/fidelity.md) ---------------------------------
+class SelfPartnerStep(Exception):
+    """Stops a stage-1 run after the first step where a sample is its own MixCo partner."""
+
+
+def steps_to_self_partner(env: SmokeEnv, exp: str, *overrides: str) -> list[dict[str, float]]:
+    """The losses of every step of ``stage1.train`` up to the first whose MixCo permutation has a fixed point (where
+    the defect-17 quirk acts); the run is stopped right after it."""
+    from pipeline import stage1
+
+    got: list[dict[str, float]] = []
+    real_step, real_mixco = stage1.step_loss, stage1.mixco
+    fixed = {"point": False}
+
+    def counted(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        got.append({k: float(out[k].detach()) for k in ("image", "text")})
+        if fixed["point"]:
+            raise SelfPartnerStep
+        return out
+
+    def mixco(*args, **kwargs):
+        mixed = real_mixco(*args, **kwargs)
+        fixed["point"] = bool((mixed.perm == torch.arange(len(mixed.perm))).any())
+        return mixed
+
+    stage1.step_loss, stage1.mixco = counted, mixco
+    try:
+        with pytest.raises(SelfPartnerStep):
+            stage1.train(config(env, exp, *overrides))
+    finally:
+        stage1.step_loss, stage1.mixco = real_step, real_mixco
+    return got
+
+
+@pytest.fixture(scope="module")
+def default_steps(env: SmokeEnv) -> list[dict[str, float]]:
+    return steps_to_self_partner(env, "s1_flag_default")
+
+
+def test_text_nce_hard_labels_change_the_text_loss_through_the_stage(
+    env: SmokeEnv, default_steps: list[dict[str, float]]
+) -> None:
+    """``train.text_nce_soft_labels=false`` (upstream, defect 17) through ``stage1.train``: the first step's text NCE
+    on the BiMixCo-mixed voxels differs from the default run's, the image loss is bit-identical."""
+    got = steps_to_self_partner(env, "s1_flag_hard", "train.text_nce_soft_labels=false")
+    assert {k for k in got[0] if got[0][k] != default_steps[0][k]} == {"text"}, (got[0], default_steps[0])
+
+
+def test_mixco_self_partner_quirk_changes_the_losses_of_a_self_partner_step_through_the_stage(
+    env: SmokeEnv, default_steps: list[dict[str, float]]
+) -> None:
+    """``train.mixco_self_partner_quirk=true`` (MindEye's overwrite, defect 17) through ``stage1.train``: every step
+    until a sample is its own MixCo partner is bit-identical to the default run; that step's losses (image, and text
+    through the same soft labels) differ."""
+    got = steps_to_self_partner(env, "s1_flag_quirk", "train.mixco_self_partner_quirk=true")
+    assert len(got) == len(default_steps) > 1 and got[:-1] == default_steps[:-1]
+    assert {k for k in got[-1] if got[-1][k] != default_steps[-1][k]} == {"image", "text"}
+
+
 def smoke_stage1_model():
     """A stage-1 model of the smoke size (the parameter names of the runs above; the dims do not matter)."""
     from models.brain import NeuronsBrainModel

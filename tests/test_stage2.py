@@ -10,7 +10,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -175,8 +174,9 @@ def test_upstream_selection_on_test_clips_and_backbone_in_train_mode(
     env: SmokeEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``data.validation=test_upstream`` (defect 16): stage 2 trains on every clip and scores the test clips each
-    epoch; ``train.backbone_mode=train`` (upstream's model.train()) keeps the frozen backbone's dropout on during every
-    step, after validation too; the derived progressive windows of 2 epochs are empty (all weights 1), as upstream."""
+    epoch, its last partial batch kept (``train.drop_last=false``); ``train.backbone_mode=train`` (upstream's
+    model.train()) keeps the frozen backbone's dropout on during every step, after validation too; the derived
+    progressive windows of 2 epochs are empty (all weights 1), as upstream."""
     from pipeline import stage1, stage2
     from utils.data import BrainVideoData
     from utils.manifest import read_manifest
@@ -192,7 +192,8 @@ def test_upstream_selection_on_test_clips_and_backbone_in_train_mode(
 
     monkeypatch.setattr(stage2, "step_loss", spy_step)
     monkeypatch.setattr(stage2, "evaluate", lambda s, split="val": scored.append(split) or real_eval(s, split))
-    out = stage2.train(config(env, "2", "up", *up, "train.backbone_mode=train", "progressive.windows=from_epochs"))
+    out = stage2.train(config(env, "2", "up", *up, "train.backbone_mode=train", "progressive.windows=from_epochs",
+                              "train.batch_size=7"))  # fmt: skip
     assert steps and all(modes and all(modes) for modes in steps), "backbone dropout is active in every step"
     assert scored == ["test", "test"]
     manifest = read_manifest(out)
@@ -202,7 +203,7 @@ def test_upstream_selection_on_test_clips_and_backbone_in_train_mode(
     assert manifest["progressive_windows"] == {"starts": dict.fromkeys(("dice", "concepts", "caption", "latent"), 0),
                                                "window_epochs": 0}  # fmt: skip
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == sum(r["split"] == "train" for r in rows) == 2 * math.ceil(n_all / 8)
+    assert len(steps) == sum(r["split"] == "train" for r in rows) == 2 * math.ceil(n_all / 7), "partial batch kept"
     assert all(r[f"w_{k}"] == 1.0 for r in rows if r["split"] == "train" for k in ("dice", "caption", "latent"))
     assert [r["epoch"] for r in rows if r["split"] == "test"] == [0, 1]
 
@@ -233,69 +234,87 @@ def test_progressive_windows_follow_the_epoch_count_as_upstream(env: SmokeEnv) -
     assert derived(4)[1] == 0, "under 5 epochs upstream's windows are empty"
 
 
-# ---- upstream flags through the stage: the first step's losses (docs/fidelity.md) -----------------------------------
+# ---- upstream flags through the stage: the losses of the first steps (docs/fidelity.md) ----------------------------
 LOSSES = ("prior", "video_softclip", "text_nce", "dice", "concepts", "caption", "latent")
-# flag -> the losses it changes at the first step (every other loss is bit-identical to the default run's)
+# flag -> (step, the losses it changes at that step); every other loss of that step is bit-identical to the default
+# run's. Defect 15 changes no loss of the first steps (the temporal attention's blend weight starts at 1 = spatial
+# only), so its test checks the temporal sequences the decoder attends over instead.
 FLAG_LOSSES = {
-    "upstream.dice_reduction=batch": {"dice"},  # defect 23
-    "upstream.gt_mask_resize=nearest": {"dice"},  # nearest-resized Dice targets
-    "upstream.caption_pad=clip_zero": {"caption"},  # defect 21
-    "upstream.temporal_scope=batch": {"dice", "latent"},  # defect 15: the decoder mixes the batch's frames
-    "upstream.text_attention=batch": {"dice", "latent"},  # defect 14: the decoder attends to the batch's texts
-    "upstream.concept_names=upstream": {"dice", "latent"},  # defect 22: fine key-object names query the decoder
+    "upstream.dice_reduction=batch": (1, {"dice"}),  # defect 23: one Dice over the batch
+    "upstream.gt_mask_resize=nearest": (1, {"dice"}),  # nearest-resized Dice targets
+    "upstream.text_attention=batch": (1, {"dice", "latent"}),  # defect 14: the decoder attends to the batch's texts
+    "upstream.concept_names=upstream": (1, {"dice"}),  # defect 22: fine key-object names query the mask head
+    "upstream.temporal_scope=batch": (1, set()),  # defect 15: temporal attention over the batch's frames
 }
 
 
-class FirstStepDone(Exception):
-    """Stops a stage-2 run after its first optimiser step's losses."""
+class StepsDone(Exception):
+    """Stops a stage-2 run after the steps a test needs."""
 
 
-def first_step_losses(env: SmokeEnv, run_a: Path, exp: str, *overrides: str) -> dict[str, float]:
-    """The losses of the first step of ``stage2.train`` (stage 1 of run ``a``), the run stopped right after them.
-    Every caption starts with a real "!" (CLIP-BPE id 0, upstream's pad id), so that defect 21 can show."""
+def first_step_losses(env: SmokeEnv, run_a: Path, exp: str, steps: int, *overrides: str
+                      ) -> tuple[list[dict[str, float]], set[int]]:  # fmt: skip
+    """The losses of the first ``steps`` steps of ``stage2.train`` (from run ``a``'s stage 1), the run stopped right
+    after them, and the lengths of the temporal sequences the mask/latent decoder attended over. Every caption's first
+    word becomes CLIP-BPE id 0 (a real "!", upstream's pad id: defect 21)."""
+    from models.heads import UPSTREAM_PAD_ID
+    from models.video_decoder import DecoderVideo
     from pipeline import stage2
-
-    shutil.copytree(run_a.parent / "stage1", RunPaths_root(env, exp) / "stage1")
-    got: dict[str, float] = {}
-    real_step, real_targets = stage2.step_loss, stage2.caption_targets
-
-    def once(*args, **kwargs):
-        out = real_step(*args, **kwargs)
-        got.update({k: float(out[k].detach()) for k in LOSSES})
-        raise FirstStepDone
-
-    def exclaimed(clip, captions, *args):
-        return real_targets(clip, np.array([f"! {c}" for c in captions]), *args)
-
-    stage2.step_loss, stage2.caption_targets = once, exclaimed
-    try:
-        with pytest.raises(FirstStepDone):
-            stage2.train(config(env, "2", exp, *overrides))
-    finally:
-        stage2.step_loss, stage2.caption_targets = real_step, real_targets
-    return got
-
-
-def RunPaths_root(env: SmokeEnv, exp: str) -> Path:  # noqa: N802
     from utils.runs import RunPaths
 
-    return RunPaths.from_config(config(env, "2", exp)).root
+    shutil.copytree(run_a.parent / "stage1", RunPaths.from_config(config(env, "2", exp)).root / "stage1")
+    got: list[dict[str, float]] = []
+    real_step, real_targets, real_decoder = stage2.step_loss, stage2.caption_targets, DecoderVideo.forward
+    times: set[int] = set()
+
+    def counted(*args, **kwargs):
+        if len(got) == steps:
+            raise StepsDone
+        out = real_step(*args, **kwargs)
+        got.append({k: float(out[k].detach()) for k in LOSSES})
+        return out
+
+    def exclaimed(*args):
+        caps = real_targets(*args)
+        ids = caps.ids.clone()
+        ids[:, 1] = UPSTREAM_PAD_ID  # position 0 is the start token
+        return stage2.Captions(ids, caps.mask)
+
+    def timed(self, x, time):
+        times.add(time)
+        return real_decoder(self, x, time)
+
+    stage2.step_loss, stage2.caption_targets, DecoderVideo.forward = counted, exclaimed, timed
+    try:
+        with pytest.raises(StepsDone):
+            stage2.train(config(env, "2", exp, *overrides))
+    finally:
+        stage2.step_loss, stage2.caption_targets, DecoderVideo.forward = real_step, real_targets, real_decoder
+    return got, times
 
 
 @pytest.fixture(scope="module")
-def default_first_step(env: SmokeEnv, run_a: Path) -> dict[str, float]:
-    return first_step_losses(env, run_a, "flag_default")
+def default_steps(env: SmokeEnv, run_a: Path) -> tuple[list[dict[str, float]], set[int]]:
+    return first_step_losses(env, run_a, "flag_default", max(step for step, _ in FLAG_LOSSES.values()))
 
 
 @pytest.mark.parametrize("flag", sorted(FLAG_LOSSES))
 def test_upstream_flag_changes_its_losses_through_the_stage(
-    env: SmokeEnv, run_a: Path, default_first_step: dict[str, float], flag: str
+    env: SmokeEnv, run_a: Path, default_steps: tuple[list[dict[str, float]], set[int]], flag: str
 ) -> None:
-    """Each stage-2 upstream flag, run through ``stage2.train`` from the same stage 1 and seed: the first step's losses
-    that the flag reaches differ from the default run's, every other loss is bit-identical."""
-    got = first_step_losses(env, run_a, "flag_" + flag.split(".")[1].split("=")[0], flag)
-    changed = {k for k in LOSSES if got[k] != default_first_step[k]}
-    assert changed == FLAG_LOSSES[flag], (got, default_first_step)
+    """Each stage-2 upstream flag, run through ``stage2.train`` from the same stage 1 and seed: at the first step where
+    it can act, the losses it reaches differ from the default run's and every other loss is bit-identical;
+    ``temporal_scope=batch`` makes the decoder's temporal sequences span the batch (B·F frames, not F)."""
+    from utils.data import BrainVideoData
+
+    step, want = FLAG_LOSSES[flag]
+    got, times = first_step_losses(env, run_a, "flag_" + flag.split(".")[1].split("=")[0], step, flag)
+    default, default_times = default_steps[0][step - 1], default_steps[1]
+    assert {k for k in LOSSES if got[step - 1][k] != default[k]} == want, (got[step - 1], default)
+    frames = BrainVideoData(env.world, 1).n_frames
+    assert default_times == {frames}
+    batch_size = config(env, "2", "x").train.batch_size
+    assert times == ({batch_size * frames} if "temporal_scope" in flag else {frames})
 
 
 def test_dice_targets_are_the_area_majority_of_the_gt_masks_or_upstreams_nearest() -> None:

@@ -219,6 +219,8 @@ def test_neurons_protocol_scores_the_gif_grids(smoke_world: Path, profile: Path,
     assert neurons["inputs"].startswith("the halves of stage 5's upstream GIF grids")
     assert standard["inputs"].startswith("stage-5 videos")
     assert standard["metrics"]["ssim"] == noisy["standard"]["metrics"]["ssim"], "standard: the same tensors"
+    pcc = lambda r: r["metrics"]["clip_pcc"]["mean"]  # noqa: E731
+    assert pcc(standard) != pcc(noisy["standard"]), "the same tensors through the PIL processors (image_backend)"
     assert report["inputs"]["gif_grid"].endswith(GIF_GRID_DIR) and report["preprocessing"]["image_backend"] == "pil"
     ssim, psnr = skimage_on_gifs(Path(report["inputs"]["gif_grid"]))
     assert neurons["metrics"]["ssim"]["mean"] == pytest.approx(ssim, abs=1e-12)
