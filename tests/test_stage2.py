@@ -245,6 +245,7 @@ FLAG_LOSSES = {
     "upstream.text_attention=batch": (1, {"dice", "latent"}),  # defect 14: the decoder attends to the batch's texts
     "upstream.concept_names=upstream": (1, {"dice"}),  # defect 22: fine key-object names query the mask head
     "upstream.temporal_scope=batch": (1, set()),  # defect 15: temporal attention over the batch's frames
+    "upstream.caption_pad=clip_zero": (1, {"caption"}),  # defect 21: the real "!" (id 0) is dropped from the targets
 }
 
 
