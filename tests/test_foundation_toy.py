@@ -168,3 +168,19 @@ def test_quality_gpt2_perplexity_far_below_uniform(quality) -> None:
 def test_quality_unclip_samples_match_their_frame(quality) -> None:
     q = quality["unclip"]
     assert q["two_way"] > 0.6 and q["mse_own"] < q["mse_other"], q
+
+
+def test_weights_hash_follows_the_training_stimuli_not_the_fmri(smoke_world: Path, tmp_path: Path) -> None:
+    """Issue 17: worlds that differ only in their fMRI settings (SNR, voxels) share one set of toy weights; a world
+    with other stimuli does not."""
+    from models.foundation.toy.data import world_hash
+    from tasks_construction.toy_cortex.build import build_world
+    from utils.toy_world import make_config
+
+    base = world_hash(smoke_world)
+    for name, overrides in {"snr": {"snr": 0.1}, "voxels": {"voxels": (200, 150, 120)}, "seed": {"seed": 1}}.items():
+        build_world(make_config("smoke", **overrides), tmp_path / name, progress=False)
+    assert world_hash(tmp_path / "snr") == base and world_hash(tmp_path / "voxels") == base
+    assert world_hash(tmp_path / "seed") != base
+    (tmp_path / "snr" / "world.json").unlink()  # without world.json the files themselves are hashed
+    assert world_hash(tmp_path / "snr") == base

@@ -6,6 +6,7 @@ on test clips or fMRI.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,19 @@ class Stimuli:
         return torch.arange(self.n_clips).repeat_interleave(self.n_frames)
 
 
+TRAINED_ON = (frames_file("train"), annotation_file("train"), toy_scenes_file("train"))  # what every role reads
+
+
 def world_hash(world_root: Path) -> str:
-    """The world's config hash from ``world.json`` (falls back to the sha256 of the training frames)."""
+    """The hash of what the toy models are trained on: the world's training frames, captions and scenes (their
+    sha256 from ``world.json``, else read from disk). The fMRI settings (SNR, voxels, subjects) do not enter it, so
+    worlds that differ only there share one set of toy weights."""
     try:
-        return str(json.loads((world_root / WORLD_FILE).read_text(encoding="utf-8"))["config_hash"])
-    except (OSError, ValueError, KeyError):
-        return sha256_file(world_root / frames_file("train"))[:16]
+        files = json.loads((world_root / WORLD_FILE).read_text(encoding="utf-8"))["files"]
+        digests = [str(files[name]["sha256"]) for name in TRAINED_ON]
+    except (OSError, ValueError, KeyError, TypeError):
+        digests = [sha256_file(world_root / name) for name in TRAINED_ON if (world_root / name).is_file()]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
 def load_stimuli(world_root: str | Path, split: str = "train") -> Stimuli:
