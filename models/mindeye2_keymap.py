@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.foundation.catalog import MINDEYE2_WEIGHTS
 from utils.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
-MINDEYE2_FILE = "last.pth"  # under weights_root
-MINDEYE2_SOURCE = (
-    "hf download pscotti/mindeyev2 train_logs/final_subj01_pretrained_40sess_24bs/last.pth --repo-type dataset"
-)
+MINDEYE2_FILE = MINDEYE2_WEIGHTS.relpath  # under weights_root; the catalogue entry says where to get it
 
 # (source prefix, target submodule, target prefix inside that submodule). Names are kept, so the map is 1:1.
 MINDEYE2_KEY_MAP: tuple[tuple[str, str, str], ...] = (
@@ -146,9 +144,11 @@ def require_mindeye2(weights_root: str | Path) -> Path:
     """The path of MindEye2's ``last.pth`` under ``weights_root``; a one-line WeightsError when it is missing."""
     path = Path(weights_root) / MINDEYE2_FILE
     if not path.is_file():
+        hint = MINDEYE2_WEIGHTS.download_hint(weights_root)
         raise WeightsError(
             f"missing MindEye2 weights {path}",
-            f"get them with `{MINDEYE2_SOURCE}` into weights_root, or --set train.init_from_mindeye2=false",
+            f"get them with `{hint}` (or `python download_dataset.py --weights`), "
+            "or --set train.init_from_mindeye2=false",
         )
     return path
 

@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subj", type=int, choices=(1, 2, 3), default=1)
     parser.add_argument("--exp", required=True)
     parser.add_argument("--mode", choices=MODES, default="enhance")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--write", action="store_true", help="rebuild report.html first")
     args = parser.parse_args(argv)
     setup_logging("WARNING")

@@ -33,6 +33,9 @@ the headline ``eval.protocol``'s also at the top level as ``metrics`` / ``chance
 ``<run>/eval_<mode>/manifest.json`` (depends on stages 5 and 3), then ``<run>/report.html`` (:mod:`pipeline.report`;
 a view of the whole run, rebuilt by stage e too, so it is named in the manifest's ``report`` entry rather than among
 its outputs).
+
+Videos made elsewhere (``eval_metrics.py --videos DIR``) are scored by :mod:`pipeline.score_videos` with the video
+part of this stage (:func:`video_metrics`, :func:`model_scores`, :func:`build_roles`).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from utils.metrics import (
 from utils.resize import resize_frames_bilinear, resize_masks_majority
 from utils.runs import PROMPTS_FILE, VIDEOS_FILE, RunPaths, rerun_hint
 from utils.sharding import gather_values, my_clips
-from utils.stage_configs import Stage6Config
+from utils.stage_configs import Stage6Config, Stage6Eval
 from utils.training import build_accelerator
 
 log = logging.getLogger(__name__)
@@ -330,12 +333,11 @@ def model_scores(frames: tuple[torch.Tensor, torch.Tensor], roles: dict[str, Any
     return ModelScores(video, frame, everyone(clip_features, "clip_pcc", pred))  # type: ignore[arg-type]
 
 
-def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores, protocol: Protocol
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """(metrics, chance levels) under ``protocol`` of its frames (:func:`protocol_frames`) from the models' ``scores``
-    of those frames."""
-    ev = replace(cfg.eval, protocol=protocol)
-    gt, pred, _ = protocol_frames(x, protocol)
+def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt: torch.Tensor, pred: torch.Tensor
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """(metrics, chance levels) of the videos alone under ``ev.protocol``: video and frame N-way accuracy from the
+    models' ``scores`` of ``gt`` and ``pred`` (N, F, 3, H, W), CLIP-pcc, SSIM and PSNR (also used by
+    :mod:`pipeline.score_videos`, which scores videos without stage-3 outputs)."""
     metrics: dict[str, dict[str, Any]] = {}
     chance: dict[str, dict[str, float]] = {}
     for prefix, (gt_s, pred_s) in (("video", scores.video), ("frame", scores.frame)):
@@ -345,26 +347,47 @@ def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], sco
         chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
     metrics["clip_pcc"] = summarise(clip_pcc(scores.clip_features, ev.protocol), None, ev.protocol)
     metrics.update(evaluate_videos(pred, gt, protocol=ev.protocol))  # ssim, psnr
+    return metrics, chance
+
+
+def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], scores: ModelScores, protocol: Protocol
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """(metrics, chance levels) under ``protocol`` of its frames (:func:`protocol_frames`) from the models' ``scores``
+    of those frames."""
+    ev = replace(cfg.eval, protocol=protocol)
+    gt, pred, _ = protocol_frames(x, protocol)
+    metrics, chance = video_metrics(ev, roles, scores, gt, pred)
     blurry = blurry_video_ssim(x.blurry, x.gt, ev.protocol)
     metrics["blurry_video_ssim"] = summarise(blurry, None, ev.protocol)
     metrics.update(task_metrics(x, ev))
     return metrics, chance
 
 
-def evaluate(cfg: Stage6Config) -> Path:
-    """Run stage 6; returns the metrics file."""
-    ev = cfg.eval
+def check_eval_config(ev: Stage6Eval) -> None:
     if ev.batch_size < 1 or ev.n_trials < 1 or ev.bootstrap < 0 or not ev.ways:
         raise ConfigError("eval.batch_size and eval.n_trials must be ≥ 1, eval.bootstrap ≥ 0, eval.ways non-empty",
                           "fix the profile's stage6.eval block or --set eval.<key>=...")  # fmt: skip
+
+
+def build_roles(cfg: Stage6Config, device: Any) -> dict[str, Any]:
+    """The evaluation models (:data:`ROLES`) on ``device``, their processors on ``eval.image_backend`` (their weight
+    files checked beforehand with ``require_foundation(cfg, ROLES)``)."""
+    impl = foundation_impl(cfg.model.size)
+    roles = {r: build_role(r, impl, cfg.paths.weights_root, device) for r in ROLES}
+    for role in roles.values():  # spec §7: upstream's transformers-4 processors resized with PIL
+        role.processor = with_image_backend(role.processor, cfg.eval.image_backend)
+    return roles
+
+
+def evaluate(cfg: Stage6Config) -> Path:
+    """Run stage 6; returns the metrics file."""
+    ev = cfg.eval
+    check_eval_config(ev)
     manifest5, dir5, dir3 = check_stages(cfg)
     x = load_inputs(cfg, manifest5, dir5, dir3)
-    impl, root = foundation_impl(cfg.model.size), cfg.paths.weights_root
     require_foundation(cfg, ROLES)
     accelerator = build_accelerator(cfg)
-    roles = {r: build_role(r, impl, root, accelerator.device) for r in ROLES}
-    for role in roles.values():  # spec §7: upstream's transformers-4 processors resized with PIL
-        role.processor = with_image_backend(role.processor, ev.image_backend)
+    roles = build_roles(cfg, accelerator.device)
     load_gif_grids(cfg, manifest5, dir5, x)
     paths, recorder = RunPaths.from_config(cfg), None
     if accelerator.is_main_process:

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="toy", help="paper, toy, smoke or a YAML path (default toy)")
     parser.add_argument("--batch-size", type=int, default=32, help="clips per image-tower call")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     setup_logging("INFO")
     try:

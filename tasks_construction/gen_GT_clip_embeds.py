@@ -2,6 +2,7 @@
 
     python -m tasks_construction.gen_GT_clip_embeds --profile toy                 # GT_{train,test}_caption_emb.pt
     python -m tasks_construction.gen_GT_clip_embeds --profile paper --source qwen # qwen_annotation/GT_*_caption_qwen*
+    python -m tasks_construction.gen_GT_clip_embeds --profile paper --data-root DIR  # another data folder
 
 The text tower is the profile's ``clip`` foundation role (OpenCLIP bigG for ``paper``, the toy CLIP otherwise), so the
 embeddings live in the space that the brain model's ``clipproj`` maps into. ``blip2`` reads ``GT_<split>_caption.pt``
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from models.foundation import build_role, foundation_impl
 from models.foundation.clip.toy import load_proj
-from utils.cli import OneLineParser, report_error
+from utils.cli import OneLineParser, add_set_argument, report_error
 from utils.config import load_config
 from utils.data import load_json, load_strings
 from utils.data_catalog import SOURCES, TOKENS_PROJ_FILE, annotation_file, caption_emb_file, caption_file
@@ -101,21 +102,27 @@ def _source_mtime(root: Path, split: str, source: str) -> int:
     return (root / annotation_file(split)).stat().st_mtime_ns
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="toy", help="paper, toy, smoke or a YAML path (default toy)")
     parser.add_argument("--source", choices=("blip2", "qwen"), help="caption source (default: data.caption_source)")
     parser.add_argument("--force", action="store_true", help="recompute even when the outputs are up to date")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    parser.add_argument("--data-root", type=Path, help="data folder (default: the profile's paths.data_root)")
+    add_set_argument(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging("INFO")
     try:
         cfg = load_config(Stage1Config, args.profile, args.overrides)
+        data_root = Path(args.data_root or cfg.paths.data_root)
         device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
         clip = build_role("clip", foundation_impl(cfg.model.size), cfg.paths.weights_root, device)
-        run(Path(cfg.paths.data_root), clip, args.source or cfg.data.caption_source, args.force)
+        run(data_root, clip, args.source or cfg.data.caption_source, args.force)
         if cfg.model.size != "paper":
-            copy_toy_tokens_proj(Path(cfg.paths.weights_root), Path(cfg.paths.data_root))
+            copy_toy_tokens_proj(Path(cfg.paths.weights_root), data_root)
     except NeuronsError as err:
         return report_error(err)
     return 0

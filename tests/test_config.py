@@ -151,3 +151,52 @@ def test_profile_diff_lists_the_differing_keys_of_every_stage(tmp_path, capsys):
         "stage3 sample.unclip_uncond: 'null' -> 'random_noise'",
         "stage3 upstream.text_attention_null_kv: True -> False",
     ])
+
+
+def test_set_takes_several_values_per_flag_and_repeats(capsys):
+    """``--set a=1 b=2 --set c=3`` gives three overrides, in order, on every parser that has ``--set``."""
+    import argparse
+
+    import download_dataset
+    import train_neurons
+    from tasks_construction import gen_GT_clip_embeds
+    from utils.cli import add_data_root_args, run_stage, stage_parser
+
+    argv = ["--set", "train.batch_size=3", "train.num_epochs=2", "--set", "train.batch_size=5", "--profile", "smoke"]
+    expected = ["train.batch_size=3", "train.num_epochs=2", "train.batch_size=5"]
+    data_root_parser = argparse.ArgumentParser()
+    add_data_root_args(data_root_parser)
+    for parser in (stage_parser("1", None), gen_GT_clip_embeds.build_parser(), data_root_parser):
+        assert parser.parse_args(argv).overrides == expected
+    assert download_dataset.parse_args(argv).overrides == expected
+    assert run_stage(Stage1Config, train_neurons.main, argv=[*argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["train"]["batch_size"], printed["train"]["num_epochs"]) == (5, 2)
+
+
+def test_a_stage_log_file_ends_with_the_error_line_it_printed(tmp_path, capsys):
+    """The one-line ``error:`` of a failed stage goes to stderr and into the stage's own log file."""
+    import logging
+
+    from utils.cli import run_stage
+    from utils.errors import DataError
+
+    def fails(cfg: Stage1Config) -> None:
+        logging.getLogger("test").info("stage body started")
+        raise DataError("missing frames.pt", "download it")
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    argv = ["--profile", "smoke", "--subj", "1", "--exp", "logged", "--set", f"paths.exp_root={tmp_path}"]
+    try:
+        assert run_stage(Stage1Config, fails, argv=argv) == 1
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    line = "error: DataError: missing frames.pt; fix: download it"
+    assert capsys.readouterr().err.strip() == line
+    (log_file,) = (tmp_path / "exp_logged" / "subj_1" / "logs").glob("stage1_*.log")
+    text = log_file.read_text().splitlines()
+    assert "stage body started" in text[-2] and text[-1].endswith(line)

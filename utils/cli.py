@@ -5,11 +5,12 @@ A stage script is ``main(cfg)`` plus::
     if __name__ == "__main__":
         sys.exit(run_stage(Stage1Config, main, __doc__))
 
-Expected failures (:class:`NeuronsError`) print ``error: <cause>; fix: <fix>`` on one line and return the error's
-exit status; configuration errors return 2. ``--debug`` (or ``NEURONS_DEBUG=1``, which reaches every stage of the
-driver) prints the traceback as well. Ctrl-C (SIGINT) and SIGTERM stop a training stage after it has saved ``last``
-(exit status 130 and 143). A write that fails because the disk is full is reported on one line too. The catalogue of
-these failures is ``docs/failures.md``.
+Expected failures (:class:`NeuronsError`) print ``error: <cause>; fix: <fix>`` on one line (to stderr, and into the
+stage's own log file when it has one) and return the error's exit status; configuration errors return 2. ``--debug``
+(or ``NEURONS_DEBUG=1``, which reaches every stage of the driver) prints the traceback as well. Ctrl-C (SIGINT) and
+SIGTERM stop a training stage after it has saved ``last`` (exit status 130 and 143). A write that fails because the
+disk is full is reported on one line too. The catalogue of these failures is ``docs/failures.md``. ``--set`` takes
+several ``KEY=VALUE`` per flag and may repeat.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE [KEY=VALUE ...]``: several overrides per flag, and the flag may repeat; ``args.overrides``
+    lists them all in order."""
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys (several per --set; --set may repeat)")  # fmt: skip
+
+
 def stage_parser(stage: str, description: str | None) -> OneLineParser:
     parser = OneLineParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, prog=Path(sys.argv[0]).name
@@ -56,9 +64,7 @@ def stage_parser(stage: str, description: str | None) -> OneLineParser:
     parser.add_argument("--subj", type=int, choices=(1, 2, 3), help="subject (1, 2 or 3)")
     parser.add_argument("--exp", help="experiment name: the run folder is <exp_root>/exp_<EXP>/subj_<SUBJ>/")
     parser.add_argument("--mode", choices=("enhance", "motion"), help="inference mode (stages 3-6, e)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    add_set_argument(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--diff", metavar="PROFILE", help="print the resolved keys of every stage that differ between "
                         "--profile and PROFILE, then exit")  # fmt: skip
@@ -84,12 +90,28 @@ def debug_requested() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def log_to_files(line: str) -> None:
+    """Write ``line`` (at level ERROR) to every log file of the root logger, e.g. the stage's own
+    ``logs/stage<k>_<time>.log``, and not to the console, which has it already."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (line,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def print_error_line(line: str) -> None:
+    """``line`` to stderr, and into the log files (the one line a failed command leaves behind)."""
+    print(line, file=sys.stderr, flush=True)
+    log_to_files(line)
+
+
 def report_error(err: NeuronsError, debug: bool = False) -> int:
-    """Print ``err`` as one line (after its traceback with ``debug`` or NEURONS_DEBUG=1); return its exit status."""
+    """Print ``err`` as one line (after its traceback with ``debug`` or NEURONS_DEBUG=1), also into the log files;
+    return its exit status."""
     close_progress_bars()
     if debug or debug_requested():
         traceback.print_exception(err, file=sys.stderr)
-    print(f"error: {type(err).__name__}: {err.one_line()}", file=sys.stderr, flush=True)
+    print_error_line(f"error: {type(err).__name__}: {err.one_line()}")
     return err.exit_code
 
 
@@ -180,7 +202,7 @@ def run_stage(
             traceback.print_exception(err, file=sys.stderr)
         what, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         resume = "rerun the stage with --resume to continue where it stopped" if stage in ("1", "2") else "rerun it"
-        print(f"error: {what}; fix: {resume}", file=sys.stderr, flush=True)
+        print_error_line(f"error: {what}; fix: {resume}")
         return code
     except Exception as err:  # a write that failed because the disk is full, outside the atomic writers
         problem = None if isinstance(err, PermissionError) else storage_error(err)  # EACCES may be a read
@@ -193,7 +215,7 @@ def add_data_root_args(parser: argparse.ArgumentParser) -> None:
     """``--data-root DIR``, or ``--profile`` (+ ``--set``) whose ``paths.data_root`` is used."""
     parser.add_argument("--data-root", type=Path, help="data folder (default: the profile's paths.data_root)")
     parser.add_argument("--profile", default="toy", help="profile giving paths.data_root (default toy)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
 
 
 def data_root_of(args: argparse.Namespace) -> Path:

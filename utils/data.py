@@ -417,7 +417,8 @@ class BrainVideoData:
     def _emb_hint(self) -> str:
         if self.config.caption_source == "blip2" and not self.is_toy:
             return self._get_data_hint()
-        return f"run `python -m tasks_construction.gen_GT_clip_embeds --data-root {self.root}`"
+        return (f"run `python -m tasks_construction.gen_GT_clip_embeds --profile <profile> --data-root {self.root} "
+                f"--source {self.config.caption_source}`")  # fmt: skip
 
     def _load_fmri(self, source: str) -> torch.Tensor:
         path = self._open(fmri_file(self.subject, source))

@@ -1,9 +1,12 @@
 """The weights catalog: every file the ``paper`` profile reads from ``weights_root``, where to get it, how big it is.
 
 Each role's package lists its own files (``<role>.WEIGHTS``, :class:`~models.foundation.weight_file.WeightFile`);
-``CATALOG`` gathers them in role order. Nothing here downloads. ``missing_weights`` / ``describe_missing`` /
-``require_weights`` let a stage stop before any work with one line naming every missing file; ``catalog_rows`` /
-``catalog_table`` feed ``download_dataset.py --weights``.
+``CATALOG`` gathers them in role order, after MindEye2's ``last.pth`` (role ``mindeye2``: the brain model's starting
+point in stages 1 and 2 when ``train.init_from_mindeye2`` is on, not a foundation role with a builder).
+
+Nothing here downloads. ``missing_weights`` / ``describe_missing`` / ``require_weights`` let a stage stop before any
+work with one line naming every missing file; ``catalog_rows`` / ``catalog_table`` feed ``download_dataset.py
+--weights`` (sizes on disk for the files present, the catalogue's for the others).
 """
 
 from __future__ import annotations
@@ -28,7 +31,19 @@ from utils.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
+# MindEye2's subject-1 model (spec mindeye2.md §10: 8.91 GB, fp32 weights only). The code reads weights_root/last.pth
+# (models.mindeye2_keymap); the hub keeps it under train_logs/, so its download is moved into place.
+MINDEYE2_WEIGHTS = WeightFile(
+    "mindeye2",
+    "last.pth",
+    "pscotti/mindeyev2",
+    "train_logs/final_subj01_pretrained_40sess_24bs/last.pth",
+    8_910 * MB,
+    repo_type="dataset",
+)
+
 CATALOG: tuple[WeightFile, ...] = (
+    MINDEYE2_WEIGHTS,
     *clip.WEIGHTS,
     *vae.WEIGHTS,
     *unclip.WEIGHTS,
@@ -109,8 +124,19 @@ def require_weights(weights_root: str | Path, roles: list[str] | tuple[str, ...]
         raise WeightsError(*_missing_cause_and_fix(missing, weights_root))
 
 
+def human_bytes(n: int) -> str:
+    """``n`` bytes for a person: ``9.9 GB``, ``548 MB``, ``70 KB``, ``432 B``."""
+    return f"{n} B" if n < KB else _human(n)
+
+
+def size_column(found: Path | None, approx_bytes: int) -> str:
+    """The size of the file on disk when it is there; else ``~`` and the catalogue's size."""
+    return human_bytes(found.stat().st_size) if found is not None else f"~{human_bytes(approx_bytes)}"
+
+
 def catalog_rows(weights_root: str | Path, roles: list[str] | tuple[str, ...] | None = None) -> list[dict[str, str]]:
-    """One row per file: role, file, source, approx size, local path, present ("yes"/"no"), download command."""
+    """One row per file: role, file, source, size (on disk when present, else ``~`` the catalogue's), local path,
+    present ("yes"/"no"), download command."""
     rows = []
     for e in entries(roles):
         found = resolve(e, weights_root)
@@ -119,7 +145,7 @@ def catalog_rows(weights_root: str | Path, roles: list[str] | tuple[str, ...] | 
                 "role": e.role,
                 "file": e.relpath,
                 "source": e.source,
-                "size": _human(e.approx_bytes),
+                "size": size_column(found, e.approx_bytes),
                 "local_path": str(found or Path(weights_root) / e.relpath),
                 "present": "yes" if found else "no",
                 "download": e.download_hint(weights_root),

@@ -3,7 +3,9 @@
 :mod:`models.foundation.catalog` gathers every role's entries into ``CATALOG``. Layout under ``weights_root``: single
 upstream files keep their upstream names (``unclip6_epoch0_step110000.ckpt``, ``animatediff/v3_sd15_mm.ckpt``);
 Hugging Face model repos live in ``<org>/<name>/`` exactly as ``hf download <org>/<name> --local-dir
-<weights_root>/<org>/<name>`` writes them.
+<weights_root>/<org>/<name>`` writes them. A file whose place differs from its path in the repo (MindEye2's
+``train_logs/final_subj01_pretrained_40sess_24bs/last.pth``, read as ``weights_root/last.pth``) is fetched into
+``weights_root`` and then moved into place (:meth:`WeightFile.download_hint`).
 """
 
 from __future__ import annotations
@@ -44,12 +46,27 @@ class WeightFile:
         rev = f"@{self.revision[:8]}" if self.revision else ""
         return f"{kind} {self.repo}{rev}: {self.filename}"
 
+    @property
+    def moved(self) -> bool:
+        """True when ``relpath`` does not end with the repo path ``filename``: the download lands in
+        ``weights_root/<filename>`` and must be moved to ``weights_root/<relpath>``."""
+        return not (self.relpath == self.filename or self.relpath.endswith("/" + self.filename))
+
+    def local_dir(self, weights_root: str | Path) -> Path:
+        """The ``--local-dir`` of the download: ``hf download`` writes the file to ``<local_dir>/<filename>``."""
+        if self.moved:
+            return Path(weights_root)
+        return Path(weights_root) / self.relpath[: len(self.relpath) - len(self.filename)].rstrip("/")
+
     def download_hint(self, weights_root: str | Path) -> str:
-        """A command that fetches this file into place (shown to the user, never run here)."""
-        local_dir = Path(weights_root) / self.relpath[: len(self.relpath) - len(self.filename)].rstrip("/")
+        """A command that fetches this file into place, ``weights_root/<relpath>`` (shown to the user, never run)."""
+        local_dir = self.local_dir(weights_root)
         opts = f" --repo-type {self.repo_type}" if self.repo_type != "model" else ""
         opts += f" --revision {self.revision}" if self.revision else ""
-        return f"hf download {self.repo} {self.filename}{opts} --local-dir {local_dir}"
+        hint = f"hf download {self.repo} {self.filename}{opts} --local-dir {local_dir}"
+        if self.moved:
+            hint += f" && mv {local_dir / self.filename} {Path(weights_root) / self.relpath}"
+        return hint
 
     def candidates(self) -> tuple[str, ...]:
         return (self.relpath, *self.alternatives)

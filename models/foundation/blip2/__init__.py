@@ -21,13 +21,18 @@ if TYPE_CHECKING:
 
 BLIP2_REPO = "Salesforce/blip2-opt-2.7b"
 BLIP2_REVISION = "51572668da0eb669e01a189dc22abe6088589a24"
-# keyframe captioner, pinned revision as upstream
+# The keyframe captioner at upstream's pinned revision: the safetensors index and both shards it names (the hub's file
+# listing at that revision: 10 GB + 5.5 GB, fp32; the index's total_size is 15,493,505,024 bytes). transformers needs
+# every shard, so each one is an entry of its own; the .bin layout of the same revision also counts.
+BLIP2_SHARDS = {f"model-0000{i}-of-00002.safetensors": f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)}
 WEIGHTS: tuple[WeightFile, ...] = hf_model(
     "blip2",
     BLIP2_REPO,
     {
-        "config.json": 10 * KB,
-        "model.safetensors.index.json": 120 * KB,
+        "config.json": 7 * KB,
+        "model.safetensors.index.json": 127 * KB,
+        "model-00001-of-00002.safetensors": 10_000 * MB,
+        "model-00002-of-00002.safetensors": 5_500 * MB,
         "preprocessor_config.json": 1 * KB,
         "tokenizer_config.json": 1 * KB,
         "tokenizer.json": 2 * MB,
@@ -36,6 +41,7 @@ WEIGHTS: tuple[WeightFile, ...] = hf_model(
     revision=BLIP2_REVISION,
     alternatives={
         "model.safetensors.index.json": repo_files(BLIP2_REPO, "pytorch_model.bin.index.json"),
+        **{shard: repo_files(BLIP2_REPO, alt) for shard, alt in BLIP2_SHARDS.items()},
         "tokenizer.json": repo_files(BLIP2_REPO, "vocab.json"),
     },
 )
