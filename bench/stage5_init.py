@@ -1,9 +1,9 @@
-"""Stage 5's video metrics with upstream's init and seeds against ours, from the same stages 1-4 (issue 15, defect 26).
+"""Stage 5's video metrics with upstream's init and seeds against ours, from the same stages 1-3 (issue 15, defect 26).
 
     python bench/stage5_init.py --profile toy --exp demo               # after `make demo`
     python bench/stage5_init.py --profile smoke --exp t --seeds 0 1    # seconds, for a dry run
 
-Two settings of ``stage5.video`` are run on copies of one finished run's stages 1-4 (``<exp>`` → ``<exp>_s5_<name>``):
+Two settings of ``stage5.video`` are run on copies of one finished run's stages 1-3 (``<exp>`` → ``<exp>_s5_<name>``):
 
 * ``ours``: ``init=img2img`` (a real img2img from ``strength`` of the DDIM grid) and ``seed=per_clip``, once per
   ``--seeds`` value of ``run.seed``; the spread is the standard deviation over those seeds.
@@ -11,8 +11,9 @@ Two settings of ``stage5.video`` are run on copies of one finished run's stages 
   run: upstream's ``low_strength=0.3``) and ``seed=zero`` (every clip seeded 0). Its seed is fixed, so it runs once;
   its spread is the standard deviation over clips (or the bootstrap std that stage 6 gives for corpus metrics).
 
-Stages 5 and 6 run through the driver, so each copy's manifests record the setting. Prints a markdown table (both
-stage-6 protocols) and writes ``bench/results/stage5_init_<profile>.json``.
+Stage 4 (BLIP-2 captions of the copied keyframes, deterministic) and stages 5 and 6 run through the driver,
+so each copy's manifests record the setting. Prints a markdown table (both stage-6 protocols) and writes
+``bench/results/stage5_init_<profile>.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ SETTINGS = {
     "ours": ["stage5.video.init=img2img", "stage5.video.seed=per_clip"],
     "upstream": ["stage5.video.init=noisy_start", "stage5.video.seed=zero"],
 }
-COPIED = ("1", "2", "3", "4")  # the stages shared by every setting
+COPIED = ("1", "2", "3")  # the stages shared by every setting (stage 4, deterministic, reruns on the copy)
 METRICS = ("video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc", "ssim", "psnr")
 
 
@@ -54,25 +55,25 @@ def paths_of(profile: str, exp: str, subj: int, mode: str, overrides: list[str])
 
 
 def copy_stages(src: RunPaths, dst: RunPaths) -> None:
-    """Stages 1-4 and the saved configs of ``src`` into ``dst`` (a fresh run folder; an existing one is kept)."""
+    """Stages 1-3 and the saved configs of ``src`` into ``dst`` (a fresh run folder; an existing one is kept)."""
     if dst.root.exists():
-        log.info("%s exists: reusing its stages 1-4", dst.root)
+        log.info("%s exists: reusing its stages 1-3", dst.root)
         return
     for stage in COPIED:
         folder = src.stage_dir(stage)
         if not folder.is_dir():
-            raise SystemExit(f"error: {folder} is missing; run stages 1-4 of {src.root} first (make demo)")
+            raise SystemExit(f"error: {folder} is missing; run stages 1-3 of {src.root} first (make demo)")
         shutil.copytree(folder, dst.stage_dir(stage))
     shutil.copytree(src.config_dir, dst.config_dir)
 
 
-def run_stages_5_6(profile: str, exp: str, subj: int, mode: str, overrides: list[str]) -> float:
+def run_stages_4_5_6(profile: str, exp: str, subj: int, mode: str, overrides: list[str]) -> float:
     env = {**os.environ, "NEURONS_SET": shlex.join(overrides), "PYTHON": sys.executable}
-    cmd = ["bash", str(REPO / "train_neurons.sh"), "cpu", exp, "56", mode, str(subj), profile]
+    cmd = ["bash", str(REPO / "train_neurons.sh"), "cpu", exp, "456", mode, str(subj), profile]
     log.info("running %s with %s", " ".join(cmd), overrides)
     t0 = time.time()
     if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
-        raise SystemExit(f"error: stages 5-6 of exp {exp} failed; see its logs/")
+        raise SystemExit(f"error: stages 4-6 of exp {exp} failed; see its logs/")
     return time.time() - t0
 
 
@@ -82,7 +83,7 @@ def one_run(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
     src = paths_of(args.profile, args.exp, args.subj, args.mode, args.set)
     dst = paths_of(args.profile, exp, args.subj, args.mode, overrides)
     copy_stages(src, dst)
-    wall = run_stages_5_6(args.profile, exp, args.subj, args.mode, overrides)
+    wall = run_stages_4_5_6(args.profile, exp, args.subj, args.mode, overrides)
     report = json.loads(dst.metrics_file.read_text())
     return {"exp": exp, "seed": seed, "wall_s": round(wall, 1), "protocols": report["protocols"]}
 
@@ -99,6 +100,13 @@ def summarise(runs: list[dict[str, Any]], protocol: str, metric: str) -> dict[st
     return {"mean": float(means[0]), "spread": rows[0].get("std"), "over": "clips"}
 
 
+def chance_of(chance: dict[str, Any], metric: str) -> str:
+    """Stage 6's chance level of an N-way metric (``video_2way`` → ``chance["video"]["2-way"]``), else ''."""
+    kind, _, ways = metric.partition("_")
+    level = chance.get(kind, {}).get(ways.replace("way", "-way")) if ways.endswith("way") else None
+    return "" if level is None else f"{level:.3f}"
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["| protocol | metric | chance | ours (img2img, per-clip seeds) | upstream (noisy start, seed 0) |",
              "|---|---|---|---|---|"]  # fmt: skip
@@ -111,14 +119,14 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             text = [f"{c['mean']:.3f} ± {c['spread']:.3f} ({c['over']})" if c["spread"] is not None
                     else f"{c['mean']:.3f}" for c in cells]  # fmt: skip
-            lines.append(f"| {protocol} | {metric} | {chance.get(metric, '')} | {text[0]} | {text[1]} |")
+            lines.append(f"| {protocol} | {metric} | {chance_of(chance, metric)} | {text[0]} | {text[1]} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="toy")
-    p.add_argument("--exp", default="demo", help="the finished run whose stages 1-4 are shared")
+    p.add_argument("--exp", default="demo", help="the finished run whose stages 1-3 are shared")
     p.add_argument("--subj", type=int, default=1)
     p.add_argument("--mode", default="enhance", choices=("enhance", "motion"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run.seed values of the 'ours' setting")
