@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.brain import NeuronsBrainModel
+from models.configured import make_brain_config
 from models.foundation import build_role, foundation_impl
 from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import STAGE1_PARTS
@@ -27,7 +28,6 @@ from pipeline.common import (
     clip_targets,
     foundation_dims,
     load_data,
-    make_brain_config,
     require_foundation,
     uses_clip_cache,
 )

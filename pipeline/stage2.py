@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from models.brain import NeuronsBrainModel, clip_generators
+from models.configured import make_brain_config, model_flags
 from models.foundation import build_role, foundation_impl
 from models.heads import EOT_ID, ConceptNamer, key_object_classes
 from models.mindeye2_keymap import load_mindeye2, require_mindeye2
@@ -56,8 +57,6 @@ from pipeline.common import (
     clip_targets,
     foundation_dims,
     load_data,
-    make_brain_config,
-    model_flags,
     require_foundation,
     uses_clip_cache,
 )

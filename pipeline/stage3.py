@@ -43,15 +43,13 @@ import torch
 import yaml
 
 from models.brain import NeuronsBrainModel, clip_generators
+from models.configured import MODEL_FLAGS, make_brain_config, model_flags
 from models.foundation import build_role, foundation_impl
 from models.heads import EOT_ID, ConceptNamer, TextDecoder, key_object_classes
 from models.sizes import ALL_PARTS
 from pipeline.common import (
-    MODEL_FLAGS,
     foundation_dims,
     load_data,
-    make_brain_config,
-    model_flags,
     require_foundation,
 )
 from utils.checkpoint import CONFIG_FILE, MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint

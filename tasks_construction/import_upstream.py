@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from models.brain import NeuronsBrainModel
+from models.configured import make_brain_config, model_flags
 from models.foundation import build_role, foundation_impl
 from models.neurons_keymap import (
     REQUIRED_FILE,
@@ -45,7 +46,7 @@ from models.neurons_keymap import (
     state_dict_shapes,
     untie,
 )
-from models.sizes import ALL_PARTS, PAPER_FOUNDATION_DIMS, STAGE1_PARTS, FoundationDims, GPT2Dims, brain_config
+from models.sizes import ALL_PARTS, PAPER_FOUNDATION_DIMS, STAGE1_PARTS, FoundationDims, GPT2Dims
 from utils.checkpoint import MODEL_FILE, save_checkpoint
 from utils.cli import OneLineParser, begin_stage, report_error
 from utils.config import load_config, to_dict
@@ -122,21 +123,7 @@ def target_shapes(
     """key -> shape of the model that stage 3 (``parts=ALL_PARTS``) or stage 2's stage-1 load (``STAGE1_PARTS``)
     builds for this profile, subject and data, with the stage-2 config's upstream options; built on the meta
     device (``gpt2``: the toy role's model, or None to build GPT-2 from ``dims``)."""
-    up = cfg.upstream
-    bcfg = brain_config(
-        cfg.model.size,
-        n_voxels=(data.n_voxels,),
-        n_classes=data.n_concepts if "classifier" in parts else 1,
-        dims=None if cfg.model.size == "paper" else dims,
-        n_frames=data.n_frames,
-        parts=parts,
-        text_attention=up.text_attention,
-        temporal_scope=up.temporal_scope,
-        caption_pad=up.caption_pad,
-        prior_condition=up.prior_condition,
-        decoder_overrides={"text_attention_residual": up.text_attention_residual,
-                           "text_attention_null_kv": up.text_attention_null_kv},
-    )  # fmt: skip
+    bcfg = make_brain_config(cfg, data, dims, parts, **model_flags(cfg.upstream))
     with torch.device("meta"):
         return state_dict_shapes(NeuronsBrainModel(bcfg, gpt2=gpt2 if "text_dec" in parts else None))
 

@@ -36,6 +36,19 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+METRIC_ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
+
+
+@pytest.fixture(scope="session")
+def metric_weights(smoke_world: Path, tmp_path_factory) -> Path:
+    """The smoke world's stage-6 metric models (frame and video classifiers, CLIP-pcc), built once per session."""
+    from models.foundation.toy.build import build_toy_weights
+
+    weights = tmp_path_factory.mktemp("metric_weights")
+    build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=METRIC_ROLES)
+    return weights
+
+
 @pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory) -> Path:
     """The ``smoke`` toy world with its key-object files."""

@@ -20,7 +20,6 @@ import torch
 
 N_CLIPS = 5
 RES = 24  # the videos' resolution, not the smoke world's: the ground truth is resized
-ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
 CAPTION = "a-red-ball-rolls-over-water,-8k-uhd,-dslr"  # upstream's names: <idx>-<prompt words joined by '-'>.gif
 # |standard(GIF) - standard(tensor)|, the GIF quantisation's effect. The prediction cut out of a grid differs from the
 # float video by truncation to uint8 and the 256-colour palette of each GIF frame (shared by GT and prediction): here
@@ -35,12 +34,9 @@ VIDEO_METRICS = {*TOLERANCE, "psnr"}
 
 
 @pytest.fixture(scope="module")
-def profile(smoke_world: Path, tmp_path_factory) -> Path:
-    from models.foundation.toy.build import build_toy_weights
-
+def profile(smoke_world: Path, metric_weights: Path, tmp_path_factory) -> Path:
     scratch = tmp_path_factory.mktemp("eval_videos")
-    weights = scratch / "weights"
-    build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=ROLES)
+    weights = metric_weights
     path = scratch / "videos.yaml"
     path.write_text(
         "extends: smoke\n"

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from models.brain import NeuronsBrainModel
+from models.configured import model_flags
 from models.neurons_keymap import UPSTREAM_TRAINED_FLAGS, map_neurons_state_dict, state_dict_shapes
 from models.sizes import ALL_PARTS, STAGE1_PARTS, brain_config
-from pipeline.common import model_flags
 from tests.smoke_env import REPO, SmokeEnv, smoke_env
 from tests.smoke_env import run_paths as paths
 from tests.smoke_env import stage_config as config
@@ -227,8 +227,9 @@ def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
 def released(env: SmokeEnv, tmp_path_factory) -> tuple[Path, NeuronsBrainModel]:
     """A smoke-size model as upstream's stage 2 would leave it (upstream options, perturbed weights), saved as
     ``<src>/checkpoints/brain_model_prior_last.pth`` with upstream's key names, dict layout and GPT-2 buffers."""
+    from models.configured import make_brain_config
     from models.foundation import build_role
-    from pipeline.common import foundation_dims, load_data, make_brain_config
+    from pipeline.common import foundation_dims, load_data
 
     cfg = config(env, "2", "released")
     data = load_data(cfg, ("voxel", "concepts"))

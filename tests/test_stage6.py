@@ -15,7 +15,6 @@ from utils.data_catalog import frames_file
 
 N_CLIPS = 5
 RES5 = 24  # stage-5 resolution, different from the smoke world's: the ground truth must be resized
-ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
 FAST = ("eval.bootstrap=10",)
 EXPECTED = {
     "video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc", "ssim", "psnr", "blurry_video_ssim",
@@ -24,12 +23,9 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def profile(smoke_world: Path, tmp_path_factory) -> Path:
-    from models.foundation.toy.build import build_toy_weights
-
+def profile(smoke_world: Path, metric_weights: Path, tmp_path_factory) -> Path:
     scratch = tmp_path_factory.mktemp("stage6")
-    weights = scratch / "weights"
-    build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=ROLES)
+    weights = metric_weights
     path = scratch / "stage6.yaml"
     path.write_text(
         "extends: smoke\n"
