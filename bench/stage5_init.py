@@ -21,10 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,10 +31,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils.config import load_config  # noqa: E402
+from bench.run_copies import copy_stages, paths_of, run_stages  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
-from utils.runs import RunPaths  # noqa: E402
-from utils.stage_configs import Stage6Config  # noqa: E402
 
 log = logging.getLogger("stage5_init")
 SETTINGS = {
@@ -49,41 +43,13 @@ COPIED = ("1", "2", "3")  # the stages shared by every setting (stage 4, determi
 METRICS = ("video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc", "ssim", "psnr")
 
 
-def paths_of(profile: str, exp: str, subj: int, mode: str, overrides: list[str]) -> RunPaths:
-    cli = {"subj": subj, "exp": exp, "mode": mode}
-    return RunPaths.from_config(load_config(Stage6Config, profile, [*overrides, "run.device=cpu"], cli))
-
-
-def copy_stages(src: RunPaths, dst: RunPaths) -> None:
-    """Stages 1-3 and the saved configs of ``src`` into ``dst`` (a fresh run folder; an existing one is kept)."""
-    if dst.root.exists():
-        log.info("%s exists: reusing its stages 1-3", dst.root)
-        return
-    for stage in COPIED:
-        folder = src.stage_dir(stage)
-        if not folder.is_dir():
-            raise SystemExit(f"error: {folder} is missing; run stages 1-3 of {src.root} first (make demo)")
-        shutil.copytree(folder, dst.stage_dir(stage))
-    shutil.copytree(src.config_dir, dst.config_dir)
-
-
-def run_stages_4_5_6(profile: str, exp: str, subj: int, mode: str, overrides: list[str]) -> float:
-    env = {**os.environ, "NEURONS_SET": shlex.join(overrides), "PYTHON": sys.executable}
-    cmd = ["bash", str(REPO / "train_neurons.sh"), "cpu", exp, "456", mode, str(subj), profile]
-    log.info("running %s with %s", " ".join(cmd), overrides)
-    t0 = time.time()
-    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
-        raise SystemExit(f"error: stages 4-6 of exp {exp} failed; see its logs/")
-    return time.time() - t0
-
-
 def one_run(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
     exp = f"{args.exp}_s5_{name}{seed}"
     overrides = [*args.set, *SETTINGS[name], f"run.seed={seed}"]
     src = paths_of(args.profile, args.exp, args.subj, args.mode, args.set)
     dst = paths_of(args.profile, exp, args.subj, args.mode, overrides)
-    copy_stages(src, dst)
-    wall = run_stages_4_5_6(args.profile, exp, args.subj, args.mode, overrides)
+    copy_stages(src, dst, COPIED)
+    wall = run_stages(args.profile, exp, args.subj, args.mode, "456", overrides)
     report = json.loads(dst.metrics_file.read_text())
     return {"exp": exp, "seed": seed, "wall_s": round(wall, 1), "protocols": report["protocols"]}
 

@@ -154,7 +154,7 @@ def stage2_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], gens: list
         cond = model.prior_condition(x["voxels"]).float()  # (B, T, D), frozen
     targets = x["targets"]
     prior, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], gens)
-    motion = model.motion(prior_tokens)  # (B, F, T, D)
+    motion = model.motion(model.head_tokens(cond, prior_tokens))  # (B, F, T, D), upstream.head_input
     text = model.text_embed(motion)
     masks = model.decode_masks(motion, x["key_text"])[:, :, 0]
     losses = {

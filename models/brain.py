@@ -215,23 +215,51 @@ class NeuronsBrainModel(nn.Module):
         """Brain-only decoding of B clips: voxels (B, R, V) or (B, V) → :class:`BrainDecoding`.
 
         The prior is sampled from :meth:`prior_condition` with ``prior_steps`` strided DDPM steps (None: every step);
-        pass one generator per clip for batch-size-independent results. The mask head is queried with ``key_text``
-        (B, Dt) when given, else with the row of ``key_table`` (C, Dt) of each clip's top concept. Latents are
-        nearest-resized to ``latent_size`` (default the VAE latent size).
+        pass one generator per clip for batch-size-independent results. The heads (:meth:`decode_heads`) read the
+        condition (``cfg.head_input="brain"``) or the sample (``"prior"``, upstream). The mask head is queried with
+        ``key_text`` (B, Dt) when given, else with the row of ``key_table`` (C, Dt) of each clip's top concept.
+        Latents are nearest-resized to ``latent_size`` (default the VAE latent size).
         """
         if (key_text is None) == (key_table is None):
             raise ValueError("decode_voxels needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
         dtype = self.diffusion_prior.net.learned_query.dtype  # the weights' (float32): undoes autocast's bf16
         cond = self.prior_condition(voxels).to(dtype)  # (B, T, D)
         prior_tokens = self.diffusion_prior.sample(cond, generators, prior_steps).to(dtype)  # (B, T, D)
-        motion = self.motion(prior_tokens)  # (B, F, T, D)
+        heads_in = self.head_tokens(cond, prior_tokens)
+        return self.decode_heads(heads_in, key_text, key_table, latent_size, prior_tokens=prior_tokens,
+                                 brain_tokens=cond)  # fmt: skip
+
+    def head_tokens(self, cond: torch.Tensor, prior_tokens: torch.Tensor) -> torch.Tensor:
+        """What the heads read in training (``cfg.head_input``): the prior's condition ``cond`` (B, T, D), or the
+        prior's x0 prediction ``prior_tokens`` (B, T, D) from noised ground truth (upstream)."""
+        return cond if self.cfg.head_input == "brain" else prior_tokens
+
+    def decode_heads(
+        self,
+        tokens: torch.Tensor,
+        key_text: torch.Tensor | None = None,
+        key_table: torch.Tensor | None = None,
+        latent_size: int | None = None,
+        prior_tokens: torch.Tensor | None = None,
+        brain_tokens: torch.Tensor | None = None,
+    ) -> BrainDecoding:
+        """Every head's output from the tokens (B, T, D) they read → :class:`BrainDecoding`; ``prior_tokens`` (the
+        keyframe's tokens) and ``brain_tokens`` default to ``tokens``. The mask head is queried with ``key_text``
+        (B, Dt) when given, else with the row of ``key_table`` (C, Dt) of each clip's top concept."""
+        if (key_text is None) == (key_table is None):
+            raise ValueError("decoding needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
+        dtype = self.diffusion_prior.net.learned_query.dtype
+        tokens = tokens.to(dtype)
+        motion = self.motion(tokens)  # (B, F, T, D)
         text = self.text_embed(motion).to(dtype)  # (B, Dt), unnormalised
         logits = self.concept_logits(motion).to(dtype)  # (B, C)
         top = logits.argmax(dim=-1)  # (B,)
         if key_table is not None:
             key_text = key_table[top]  # (B, Dt)
         return BrainDecoding(
-            prior_tokens=prior_tokens,
+            prior_tokens=tokens if prior_tokens is None else prior_tokens,
+            brain_tokens=tokens if brain_tokens is None else brain_tokens,
+            head_tokens=tokens,
             motion=motion,
             caption_vector=text,
             concept_logits=logits,
@@ -247,7 +275,9 @@ class BrainDecoding:
     except ``motion`` (the compute dtype). T = CLIP tokens, D = width, F = frames, C = concept classes, Dt = text
     width, S = decoder map side, s = latent side."""
 
-    prior_tokens: torch.Tensor  # (B, T, D) sampled from the brain condition
+    prior_tokens: torch.Tensor  # (B, T, D) sampled from the brain condition (the keyframe's tokens)
+    brain_tokens: torch.Tensor  # (B, T, D) the prior's condition (the brain model's own tokens)
+    head_tokens: torch.Tensor  # (B, T, D) what the heads read (cfg.head_input)
     motion: torch.Tensor  # (B, F, T, D) per-frame tokens
     caption_vector: torch.Tensor  # (B, Dt) unnormalised; the GPT-2 prefix is its unit vector
     concept_logits: torch.Tensor  # (B, C)

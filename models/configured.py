@@ -21,15 +21,16 @@ def make_brain_config(
 
 # the upstream flags that shape the stage-2 model (stage 3 rebuilds it with stage 2's values)
 MODEL_FLAGS = ("text_attention", "text_attention_residual", "text_attention_null_kv", "temporal_scope",
-               "caption_pad", "prior_condition")  # fmt: skip
+               "caption_pad", "prior_condition", "head_input")  # fmt: skip
 
 
 def model_flags(up: UpstreamFlags) -> dict[str, Any]:
-    """The keyword arguments of :func:`make_brain_config` that :data:`MODEL_FLAGS` set (defects 14, 15, 19, 21)."""
+    """The keyword arguments of :func:`make_brain_config` that :data:`MODEL_FLAGS` set (defects 14-21, head input)."""
     decoder = {"text_attention_residual": up.text_attention_residual,
                "text_attention_null_kv": up.text_attention_null_kv}  # fmt: skip
     return {"text_attention": up.text_attention, "temporal_scope": up.temporal_scope, "caption_pad": up.caption_pad,
-            "prior_condition": up.prior_condition, "decoder_overrides": decoder}  # fmt: skip
+            "prior_condition": up.prior_condition, "head_input": up.head_input,
+            "decoder_overrides": decoder}  # fmt: skip
 
 
 def _brain_config(

@@ -49,6 +49,7 @@ UPSTREAM_TRAINED_FLAGS = UpstreamFlags(
     text_attention_null_kv=False,
     temporal_scope="batch",
     caption_pad="clip_zero",
+    head_input="prior",
     dice_reduction="batch",
     concept_names="upstream",
     gt_mask_resize="nearest",

@@ -25,6 +25,11 @@ keywords (the first two are stored in `DecoderConfig`, `caption_pad` in `BrainCo
 * `prior_condition` (defect 19): what conditions the diffusion prior: ``"clip_proj"`` the backbone's ``clip_proj``
   output (upstream NEURONS, and our default), ``"backbone"`` the pre-projection ``backbone_linear`` output that
   MindEye2 trained its prior on.
+* `head_input`: what the decoupled heads (``motion_proj`` and everything after it) read. ``"prior"`` upstream: in
+  training the prior's x0 prediction from noised ground-truth tokens, at test time the prior's brain-only sample (a
+  train/test mismatch: the sample carries less of the clip than the backbone's own tokens, README "information
+  ladder"); ``"brain"``: the prior's condition (the brain model's tokens, :meth:`prior_condition`), the same
+  deterministic function of the fMRI in training and at test time. The keyframe still comes from the prior's sample.
 
 The concept-name granularity switch (defect 22) is `models.heads.ConceptNamer.mode`; Dice reduction (defect 23) is an
 argument of `utils.losses.dice_loss`.
@@ -42,6 +47,7 @@ TextAttention = Literal["own", "batch"]
 TemporalScope = Literal["clip", "batch"]
 CaptionPad = Literal["dedicated", "clip_zero"]
 PriorCondition = Literal["clip_proj", "backbone"]
+HeadInput = Literal["prior", "brain"]
 
 ALL_PARTS = (
     "ridge",
@@ -152,6 +158,7 @@ class BrainConfig:
     seq_len: int = 1
     caption_pad: CaptionPad = "dedicated"
     prior_condition: PriorCondition = "clip_proj"
+    head_input: HeadInput = "prior"
     parts: tuple[str, ...] = ALL_PARTS
 
     def __post_init__(self) -> None:
@@ -267,6 +274,7 @@ def _validate(cfg: BrainConfig) -> None:
         f"bad prior_condition {cfg.prior_condition!r}",
         "use 'clip_proj' or 'backbone'",
     )
+    check(cfg.head_input in ("prior", "brain"), f"bad head_input {cfg.head_input!r}", "use 'prior' or 'brain'")
     check(
         cfg.caption_pad in ("dedicated", "clip_zero"),
         f"bad caption_pad {cfg.caption_pad!r}",

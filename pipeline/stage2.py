@@ -9,7 +9,8 @@ starts the diffusion prior from MindEye2's ``last.pth`` (``train.init_from_minde
 Per step on B clips (voxels of repeat ``voxel_repeat``; T = CLIP tokens, D = width, F = frames):
 ``c = prior_condition(voxels)`` (B, T, D) frozen (the ``clip_proj`` output; ``upstream.prior_condition``, defect 19) →
 ``prior_mse, P = prior(c, CLIP tokens of frame target_frame)`` →
-``M = motion(P)`` (B, F, T, D), then
+``M = motion(c)`` (B, F, T, D) (``upstream.head_input=prior``: ``motion(P)``, upstream's heads on the prior's x0 from
+noised ground truth, which at test time become heads on a brain-only sample), then
 
 * video_softclip: SoftCLIP over the B·F frame vectors of M vs the CLIP tokens of every frame (τ cosine ramp by epoch);
 * text_nce: symmetric InfoNCE of ``text_embed(M)`` vs the caption embeddings (τ ``temp_text``);
@@ -373,7 +374,7 @@ def step_loss(s: Stage2, plan: BatchPlan, epoch: int, batch: int) -> dict[str, t
         targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
         latents = s.targets.latents("train", idx)  # (b, F, C, s, s)
     _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx))
-    motion = model.motion(prior_tokens)  # (b, F, T, D)
+    motion = model.motion(model.head_tokens(cond, prior_tokens))  # (b, F, T, D) (upstream.head_input)
     local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
     local |= {"targets": targets, "latents": latents, "caption_emb": b.caption_emb, "concepts": b.concepts,
               "masks": b.masks}  # fmt: skip

@@ -6,8 +6,9 @@ The stage-2 BEST checkpoint (``sample.checkpoint=last``: the last epoch's, as up
 Per test clip (fMRI = mean of the repeats), in batches of ``sample.batch_size`` (T = CLIP tokens, D = width,
 F = frames, Dt = text width, S = decoder map, s = VAE latent):
 
-1. ``c = encode(voxels)`` (B, T, D) → prior sample ``P`` (B, T, D), ``prior_steps`` DDPM steps, one generator per clip
-   seeded ``clip_seed(run.seed, clip)`` → ``M = motion(P)`` (B, F, T, D); caption vector ``t = text_embed(M)``.
+1. ``c = prior_condition(voxels)`` (B, T, D) → prior sample ``P`` (B, T, D), ``prior_steps`` DDPM steps, one
+   generator per clip seeded ``clip_seed(run.seed, clip)`` → ``M = motion(c)`` (B, F, T, D) (``motion(P)`` under
+   ``upstream.head_input=prior``); caption vector ``t = text_embed(M)``.
 2. Concepts ``σ(concept_logits(M))`` (B, C); the top class's name (``upstream.concept_names``, defect 22) is embedded
    by the clip role's text tower and drives the mask ``σ(decode_masks(M, name))`` (B, F, S, S).
 3. Blurry video: ``decode_latents(M, t)`` at the VAE latent size (B, F, C, s, s) → VAE decode (B, F, 3, R, R).
@@ -20,6 +21,10 @@ size; the blurry-video latents are multiplied by it, and the unCLIP tokens by it
 token grid (√T × √T, row-major). ``motion`` mode computes concepts and masks too but applies neither.
 
 Every clip's result depends only on its own fMRI and seeds, never on the batch it was decoded in.
+
+Diagnostics (``bench/info_ladder.py``, recorded in the manifest): ``sample.tokens`` feeds the heads and the keyframe
+the prior's sample, the prior's condition or the stimulus' CLIP tokens; ``sample.oracle_blurry`` /
+``sample.oracle_captions`` replace the blurry videos / captions by the stimulus' own.
 Outputs in ``<run>/stage3_<mode>/`` (safetensors, one tensor each): ``keyframes`` (N, 3, K, K), ``blurry_videos``
 (N, F, 3, R, R), ``masks`` (N, F, S, S) mask probabilities, ``concept_probs`` (N, C) float32, ``prior_tokens``
 (N, T, D) when ``save_prior_tokens``; ``captions.json``, ``concepts.json`` (class names, per-clip mask names),
@@ -42,7 +47,7 @@ import numpy as np
 import torch
 import yaml
 
-from models.brain import NeuronsBrainModel, clip_generators
+from models.brain import BrainDecoding, NeuronsBrainModel, clip_generators
 from models.configured import MODEL_FLAGS, make_brain_config, model_flags
 from models.foundation import build_role, foundation_impl
 from models.heads import EOT_ID, ConceptNamer, TextDecoder, key_object_classes
@@ -114,7 +119,10 @@ def stage2_config(folder: Path) -> Any:
     """The resolved stage-2 config saved beside the checkpoint."""
     path = folder / CONFIG_FILE
     try:
-        return from_dict(Stage2Config, yaml.safe_load(path.read_text()), str(path))
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and isinstance(raw.get("upstream"), dict):
+            raw["upstream"].setdefault("head_input", "prior")  # saved before the option: the only behaviour then
+        return from_dict(Stage2Config, raw, str(path))
     except (OSError, yaml.YAMLError, NeuronsError) as err:
         why = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
         raise WeightsError(f"stage-2 config {path} is missing or unreadable ({why})", "rerun stage 2") from None
@@ -239,8 +247,11 @@ def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
         dec = s.model.decode_voxels(s.voxels[torch.as_tensor(idx)].to(s.device), gens, sp.prior_steps,
                                     key_table=s.name_table, latent_size=s.latent_size)  # fmt: skip
         masks = torch.sigmoid(dec.mask_logits)  # (B, F, S, S)
+    dec = ladder_rung(s, idx, dec)
     latents, tokens = dec.latents, dec.prior_tokens
-    if s.enhance:
+    if sp.oracle_blurry:  # the stimulus' own VAE reconstruction, unmasked
+        latents = s.vae.encode(s.data.frames("test", idx).to(s.device)).to(latents.dtype)
+    elif s.enhance:
         latent_mask = resize_maps_nearest(soft_mask(masks, sp.mask_soft_low), s.latent_size)  # (B, F, s, s)
         latents = latents * latent_mask[:, :, None]
         tokens = tokens * token_mask(latent_mask, tokens.shape[1])
@@ -248,8 +259,11 @@ def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
     unclip_gens = clip_generators([clip_seed(clip_seed(s.cfg.run.seed, int(i)), UNCLIP_STREAM) for i in idx],
                                   s.device)  # fmt: skip
     keyframes = resize_frames_bilinear(s.unclip.reconstruct(tokens, unclip_gens), sp.keyframe_size)  # (B, 3, K, K)
-    with autocast(s.accelerator, s.cfg):
-        captions = generate_captions(s, dec.caption_prefix)
+    if sp.oracle_captions:
+        captions = [str(c) for c in s.data.captions("test")[idx]]
+    else:
+        with autocast(s.accelerator, s.cfg):
+            captions = generate_captions(s, dec.caption_prefix)
     return {
         "keyframes": keyframes.cpu(),
         "blurry_videos": blurry.cpu(),
@@ -259,6 +273,20 @@ def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
         "captions": captions,
         "mask_names": [s.class_names[i] for i in dec.top_concept.tolist()],
     }
+
+
+def ladder_rung(s: Stage3, idx: np.ndarray, dec: BrainDecoding) -> BrainDecoding:
+    """``sample.tokens`` (diagnostics): decode the heads and the keyframe from the tokens it names instead."""
+    source = s.cfg.sample.tokens
+    if source == "model":
+        return dec
+    if source == "ground_truth":
+        frame = s.data.frames("test", idx)[:, s.cfg2.train.target_frame].to(s.device)  # (B, 3, R, R)
+        tokens = s.clip.image_tokens(frame).float()  # (B, T, D)
+    else:
+        tokens = dec.prior_tokens if source == "prior" else dec.brain_tokens
+    with autocast(s.accelerator, s.cfg):
+        return s.model.decode_heads(tokens, key_table=s.name_table, latent_size=s.latent_size)
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
@@ -434,6 +462,9 @@ def reconstruct(cfg: Stage3Config) -> Path:
         clear_outputs(s.out_dir)
         log.info("stage 3 (%s): %d test clips on %d processes, batch %d, stage-2 checkpoint %s", cfg.run.mode,
                  n_clips(cfg, s.data), acc.num_processes, cfg.sample.batch_size, s.stage2_ckpt)  # fmt: skip
+        if cfg.sample.tokens != "model" or cfg.sample.oracles:
+            log.warning("stage 3 diagnostics: tokens=%s, oracle inputs %s: these outputs are not a brain decoding",
+                        cfg.sample.tokens, cfg.sample.oracles or "none")  # fmt: skip
     acc.wait_for_everyone()  # the folder is cleared before any shard is written
     out = gather_outputs(s, decode_all(s))
     if out is not None:
@@ -449,6 +480,7 @@ def finish_stage(s: Stage3, out: Outputs, recorder: Any) -> None:
     recorder.add_input(s.stage2_ckpt / MODEL_FILE)
     recorder.extra.update({"n_clips": out.n, "stage2_checkpoint": str(s.stage2_ckpt),
                            "stage2_checkpoint_read": s.cfg.sample.checkpoint,
-                           "processes": s.accelerator.num_processes})  # fmt: skip
+                           "processes": s.accelerator.num_processes, "tokens": s.cfg.sample.tokens,
+                           "oracles": s.cfg.sample.oracles})  # fmt: skip
     recorder.finish()
     log.info("stage 3 done: %s; captions e.g. %s", s.out_dir, json.dumps(out.captions[:3]))

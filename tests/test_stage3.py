@@ -254,6 +254,7 @@ MODEL_FLAG_CASES = {
     "null_kv": ("upstream.text_attention_null_kv=false",),
     "residual": ("upstream.text_attention_residual=false",),
     "prior_backbone": ("upstream.prior_condition=backbone",),
+    "heads_on_prior": ("upstream.head_input=prior",),
 }
 
 
@@ -293,6 +294,48 @@ def test_unclip_uncond_reaches_the_sampler_and_changes_only_the_keyframes(
         if name != "keyframes":
             assert torch.equal(noisy[name], want[name]), name
     assert config(env, "3", RUN).sample.unclip_uncond == "null"
+
+
+# ---- diagnostics of bench/info_ladder.py ----------------------------------------------------------------------------
+def test_ladder_tokens_brain_changes_only_what_reads_the_prior(env: SmokeEnv, stage2_run: Path, enhance: Path) -> None:
+    """``sample.tokens=brain`` feeds the keyframe the brain tokens too: with the default heads (which already read
+    them, ``upstream.head_input=brain``), only the keyframes and the saved tokens change; ``prior`` changes the heads'
+    outputs and not the keyframes. Both runs are marked as diagnostics in their manifest."""
+    from utils.manifest import read_manifest
+
+    copy_stages(stage2_run, paths(env, "rung_brain").root)
+    brain = reconstruct(env, "rung_brain", "sample.tokens=brain", "sample.num_previews=0")
+    got, want = outputs(brain), outputs(enhance)
+    for name in TENSORS:
+        same = torch.equal(got[name], want[name])
+        assert same == (name not in ("keyframes", "prior_tokens")), name
+    assert read_manifest(brain)["tokens"] == "brain" and read_manifest(enhance)["tokens"] == "model"
+    copy_stages(stage2_run, paths(env, "rung_prior").root)
+    prior = outputs(reconstruct(env, "rung_prior", "sample.tokens=prior", "sample.num_previews=0"))
+    for name in ("keyframes", "prior_tokens"):
+        assert torch.equal(prior[name], want[name]), name
+    assert not torch.equal(prior["concept_probs"], want["concept_probs"])  # float32 (the smoke masks round alike)
+
+
+def test_ladder_oracles_are_the_stimulus(env: SmokeEnv, stage2_run: Path) -> None:
+    """``tokens=ground_truth``, ``oracle_blurry`` and ``oracle_captions``: the saved tokens are the CLIP tokens of the
+    stimulus' target frame, the blurry videos its VAE reconstruction (unmasked), the captions its own; the manifest
+    lists the three oracles."""
+    from pipeline import stage3
+    from utils.manifest import read_manifest
+
+    flags = ("sample.tokens=ground_truth", "sample.oracle_blurry=true", "sample.oracle_captions=true")
+    copy_stages(stage2_run, paths(env, "rung_oracle").root)
+    folder = reconstruct(env, "rung_oracle", *flags, "sample.num_previews=0")
+    got = outputs(folder)
+    s = stage3.setup(config(env, "3", "rung_oracle", *flags))
+    frames = s.data.frames("test", np.arange(4))  # (4, F, 3, R, R)
+    tokens = s.clip.image_tokens(frames[:, s.cfg2.train.target_frame]).float()
+    torch.testing.assert_close(got["prior_tokens"].float(), tokens, atol=2e-3, rtol=2e-3)  # stored as float16
+    blurry = s.vae.decode(s.vae.encode(frames))
+    torch.testing.assert_close(got["blurry_videos"].float(), blurry.float(), atol=2e-3, rtol=0)
+    assert captions(folder) == [str(c) for c in s.data.captions("test")[:4]]
+    assert read_manifest(folder)["oracles"] == ["tokens", "blurry", "captions"]
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------------

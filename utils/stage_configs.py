@@ -148,6 +148,9 @@ class UpstreamFlags:
     # defect 19: the prior's condition; "clip_proj" (upstream NEURONS, kept as default: see docs/fidelity.md) or
     # "backbone", the pre-projection output MindEye2 trained the prior on
     prior_condition: Literal["clip_proj", "backbone"] = "clip_proj"
+    # what the decoupled heads read (models/sizes.py): "brain" the prior's condition, the same in training and at
+    # test time; "prior" upstream: x0 from noised ground-truth tokens in training, the brain-only sample at test time
+    head_input: Literal["brain", "prior"] = "brain"
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,19 @@ class Stage3Sample:
     # the stage-2 checkpoint decoded: "best" (selected on data.validation's split); upstream read "last"
     # (brain_model_prior_last.pth, spec §3.7)
     checkpoint: Literal["best", "last"] = "best"
+    # diagnostics (bench/info_ladder.py), never a result: "model" decodes as the model does; "prior" / "brain" /
+    # "ground_truth" feed the heads AND the keyframe the prior's sample, the prior's condition, or the CLIP tokens of
+    # the stimulus' target frame (an oracle)
+    tokens: Literal["model", "prior", "brain", "ground_truth"] = "model"
+    oracle_blurry: bool = False  # blurry videos = the VAE's reconstruction of the stimulus (no mask applied)
+    oracle_captions: bool = False  # captions = the stimulus' own captions
+
+    @property
+    def oracles(self) -> list[str]:
+        """The inputs replaced by their ground truth (empty for a real decoding)."""
+        picked = [("tokens", self.tokens == "ground_truth"), ("blurry", self.oracle_blurry),
+                  ("captions", self.oracle_captions)]  # fmt: skip
+        return [name for name, on in picked if on]
 
 
 @dataclass(frozen=True)
