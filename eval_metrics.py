@@ -5,7 +5,7 @@ Dice, caption BLEU-4.
     python eval_metrics.py --profile toy --subj 1 --exp demo --mode enhance [--set eval.protocol=neurons]
 
 Needs stages 5 and 3 of the same run and mode. Writes <exp_root>/exp_<EXP>/subj_<SUBJ>/metrics_<MODE>.json (every
-metric as mean, std, n; protocol, chance levels, config hash, input paths) and eval_<MODE>/manifest.json.
+metric as mean, std, n, 95 % interval; protocol, chance levels, config hash, inputs) and eval_<MODE>/manifest.json.
 
 A folder of videos that this project did not make (e.g. the videos NEURONS released), scored under both protocols
 against the test clips of subject S (no run folder; pipeline/score_videos.py describes the layouts):

@@ -3,6 +3,7 @@
     python bench/toy_quality.py                       # the toy world (tens of minutes on 2 CPU cores)
     python bench/toy_quality.py --profile smoke       # the smoke world (a few minutes)
     python bench/toy_quality.py --exp quality --modes enhance --set stage3.sample.num_clips=40
+    python bench/toy_quality.py --profile smoke --seeds 0,1,2  # runs quality_s0, quality_s1, quality_s2
 
 1. The full pipeline (stages 1-6 and e, subject 1) in each mode through the driver ``train_neurons.sh`` (CPU), run
    ``<exp_root>/exp_<EXP>/subj_1``. A stage whose manifest is fresh and whose config hash equals the config this run
@@ -20,8 +21,18 @@
 3. The oracle ceiling: the world's ``ceiling.json`` (identification by the true encoding model), and the ridge
    baseline of ``tasks_construction/ridge_baseline.py`` (voxels → 8×8 pixels; its JSON when it has subject 1).
 
-Prints one markdown table (metrics by method) and one JSON line; writes ``<run>/toy_quality.json`` and rebuilds the
-run's ``report.html``, which then shows the ridge → decoders column and the ridge-token identification.
+``--seeds 0,1,2`` (values of ``run.seed``): steps 1 and 2 once per seed, in runs ``<EXP>_s<seed>`` and
+``<EXP>_s<seed>_ridge`` (the ridge maps are deterministic; the decoders' sampling follows the seed). One seed runs
+``<EXP>`` with that ``run.seed``; without ``--seeds`` the profile's ``run.seed`` is used.
+
+Prints one markdown table (metrics by method) and one JSON line; writes ``<run>/toy_quality.json`` (each seed's run)
+and rebuilds its ``report.html``, which then shows the ridge → decoders column and the ridge-token identification.
+Every number carries its spread: over several seeds "mean ± std (n=k)" (std with ddof 1, k the seeds with a finite
+value); with one seed "value [lo, hi]", the 95 % interval of stage 6 (``ci95``, clip bootstrap) or, for the
+identification rates, the Wilson interval over the test clips (:mod:`utils.metrics.intervals`). A trailing † marks a
+number whose interval does not lie above chance (several seeds: in some seed). The JSON keeps every seed's values
+(``methods.<method>.<metric>.values`` and ``per_seed``). When the toy metric classifiers' manifests record their
+accuracy on the ground-truth test clips (``stats.test_eval``), it is printed under the table.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -283,7 +295,10 @@ def mask_size_of(neurons_stage3: Path, cfg3: Stage3Config) -> int:
 
 
 # ---- the table -----------------------------------------------------------------------------------------------------
-def id_values(top1: dict[str, float]) -> dict[str, float]:
+Entry = dict[str, Any]  # one number of one seed: {"mean", "ci95": [lo, hi] | None, "above_chance": bool | None}
+
+
+def id_values(top1: dict[str, Any]) -> dict[str, Any]:
     """{"2-way", "<k>-way" (50 or capped), "all-way"} → id_2way / id_50way / id_allway."""
     ways = sorted((k for k in top1 if k not in ("2-way", "all-way")), key=lambda k: int(k.split("-")[0]))
     out = {"id_2way": top1.get("2-way"), "id_allway": top1.get("all-way")}
@@ -292,28 +307,107 @@ def id_values(top1: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def methods_table(results: dict[str, Any], chance: dict[str, float]) -> tuple[list[str], dict[str, dict]]:
-    methods: dict[str, dict[str, float | None]] = {}
+def id_entries(ident: dict[str, Any]) -> dict[str, Entry]:
+    """An identification result ({"top1", "chance", "n_candidates"}) as entries with the Wilson 95 % interval over
+    its test clips (conservative for the N-way rates averaged over trials; :mod:`utils.metrics.intervals`)."""
+    from utils.metrics import is_above_chance, wilson_interval
+
+    n = ident.get("n_candidates")
+    chance = id_values(ident.get("chance") or {})
+    out = {}
+    for key, p in id_values(ident["top1"]).items():
+        ci = wilson_interval(p, int(n)) if p is not None and n else None
+        above = is_above_chance(ci, chance[key]) if ci is not None and chance.get(key) is not None else None
+        out[key] = {"mean": p, "ci95": ci, "above_chance": above}
+    return out
+
+
+def metric_entries(metrics: dict[str, Any]) -> dict[str, Entry]:
+    """Stage 6's entries (mean, and its ci95 / above_chance when it wrote them)."""
+    return {k: {"mean": v.get("mean"), "ci95": v.get("ci95"), "above_chance": v.get("above_chance")}
+            for k, v in metrics.items()}  # fmt: skip
+
+
+def seed_methods(results: dict[str, Any]) -> dict[str, dict[str, Entry]]:
+    """One seed's numbers: method → row key → entry (NEURONS per mode and ridge → decoders)."""
+    out = {}
     for mode, r in results["neurons"].items():
-        methods[f"NEURONS {mode}"] = {**{k: v["mean"] for k, v in r["metrics"].items()},
-                                      **id_values(r["identification"]["top1"])}  # fmt: skip
+        out[f"NEURONS {mode}"] = {**metric_entries(r["metrics"]), **id_entries(r["identification"])}
     rd = results["ridge_decoders"]
-    methods["ridge → decoders"] = {**{k: v["mean"] for k, v in rd["metrics"].items()},
-                                   **id_values(rd["identification"]["top1"])}  # fmt: skip
-    if results.get("ridge_pixels"):
-        methods["ridge 8×8 pixels"] = id_values(results["ridge_pixels"]["top1"])
-    if results.get("ceiling"):
-        methods["oracle ceiling"] = id_values(results["ceiling"])
-    methods["chance"] = chance
-    header = ["metric", *methods]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out["ridge → decoders"] = {**metric_entries(rd["metrics"]), **id_entries(rd["identification"])}
+    return out
+
+
+def aggregate_entry(entries: list[Entry | None]) -> dict[str, Any]:
+    """One number over seeds: ``values`` (per seed, None where missing), ``mean`` and ``std`` (ddof 1, None below two
+    finite values) of the finite ones, ``n_seeds`` (their count); with one seed its ``ci95``. ``above_chance``: True
+    when every seed's interval lies above chance, None when some seed has no verdict."""
+    values = [None if e is None else e.get("mean") for e in entries]
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    agg: dict[str, Any] = {
+        "values": values,
+        "n_seeds": len(finite),
+        "mean": float(np.mean(finite)) if finite else None,
+        "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+    }
+    if len(entries) == 1 and entries[0] is not None:
+        agg["ci95"] = entries[0].get("ci95")
+    flags = [e.get("above_chance") for e in entries if e is not None]
+    agg["above_chance"] = None if not flags or any(f is None for f in flags) else all(flags)
+    return agg
+
+
+def aggregate_seeds(per_seed: list[dict[str, dict[str, Entry]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """method → row key → :func:`aggregate_entry` over the seeds' :func:`seed_methods`."""
+    methods = list(dict.fromkeys(m for seed in per_seed for m in seed))
+    out = {}
+    for m in methods:
+        keys = list(dict.fromkeys(k for seed in per_seed for k in seed.get(m, {})))
+        out[m] = {k: aggregate_entry([seed.get(m, {}).get(k) for seed in per_seed]) for k in keys}
+    return out
+
+
+def seed_cell(agg: dict[str, Any] | None, decimals: int) -> str:
+    """"mean ± std (n=k)" over several seeds, "value [lo, hi]" for one; marked when not above chance."""
+    from pipeline.report import fmt, marked
+
+    if agg is None:
+        return "—"
+    if agg["mean"] is None:
+        return "n/a"
+    if len(agg["values"]) > 1:
+        text = f"{fmt(agg['mean'], decimals, agg['std'])} (n={agg['n_seeds']})"
+    else:
+        text = fmt(agg["mean"], decimals, None, agg.get("ci95"))
+    return marked(text, agg.get("above_chance"))
+
+
+def methods_table(per_seed: list[dict[str, Any]], baselines: dict[str, Any], chance: dict[str, float],
+                  notes: list[str]) -> tuple[Any, dict[str, dict[str, dict[str, Any]]]]:  # fmt: skip
+    """The table (a :class:`pipeline.report.Table`) and its numbers: method → row key → aggregate over the seeds
+    (the seed-independent ridge 8×8-pixel and oracle identification: one value with its Wilson interval)."""
+    from pipeline.report import Table
+
+    methods = aggregate_seeds([seed_methods(r) for r in per_seed])
+    for name, key in (("ridge 8×8 pixels", "ridge_pixels"), ("oracle ceiling", "ceiling")):
+        if baselines.get(key):
+            methods[name] = {k: aggregate_entry([e]) for k, e in id_entries(baselines[key]).items()}
+    rows = []
     for key, label in ROWS:
-        cells = [methods[m].get(key) for m in methods]
-        if all(c is None for c in cells):
+        if all(key not in m for m in methods.values()) and chance.get(key) is None:
             continue
         dec = 2 if key == "psnr" else 3
-        lines.append("| " + " | ".join([label, *("—" if c is None else f"{c:.{dec}f}" for c in cells)]) + " |")
-    return lines, methods
+        c = chance.get(key)
+        rows.append([label, *(seed_cell(m.get(key), dec) for m in methods.values()),
+                     "—" if c is None else f"{c:.{dec}f}"])  # fmt: skip
+    seeds = len(per_seed)
+    spread = (f"mean ± std over {seeds} seeds (ddof 1), (n=k): seeds with a finite value" if seeds > 1 else
+              "[lo, hi]: 95 % interval, stage 6's clip bootstrap (ci95 of metrics_<mode>.json); identification: "
+              "Wilson interval over the test clips")  # fmt: skip
+    table = Table("toy quality (test clips)", ["metric", *methods, "chance"], rows,
+                  [spread, "ridge 8×8 pixels and the oracle ceiling do not depend on the seed: one value with its "
+                   "Wilson interval over the test clips", *notes])  # fmt: skip
+    return table, methods
 
 
 def chance_row(results: dict[str, Any]) -> dict[str, float]:
@@ -324,14 +418,55 @@ def chance_row(results: dict[str, Any]) -> dict[str, float]:
 
 
 def baselines_of(cfg: SharedConfig) -> dict[str, Any]:
+    """The seed-independent identification results (each {"top1", "chance", "n_candidates", ...}): the oracle
+    ceiling of the world's ``ceiling.json`` and the ridge baseline (voxels → 8×8 pixels)."""
     root, subj = Path(cfg.paths.data_root), subject_name(SUBJ)
     out: dict[str, Any] = {}
     ceiling = json.loads((root / CEILING_FILE).read_text()) if (root / CEILING_FILE).exists() else {}
-    out["ceiling"] = ceiling.get("subjects", {}).get(subj, {}).get("top1")
+    out["ceiling"] = ceiling.get("subjects", {}).get(subj)
     from pipeline.report import ridge_identification
 
     out["ridge_pixels"] = ridge_identification(cfg)
     return out
+
+
+# ---- seeds ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeedRun:
+    """One pipeline run of the benchmark: ``seed`` (None: the profile's run.seed), its run name and overrides."""
+
+    seed: int | None
+    exp: str
+    overrides: tuple[str, ...]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" → [0, 1, 2] (distinct integers)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from err
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
+def seed_runs(exp: str, seeds: list[int] | None, overrides: list[str]) -> list[SeedRun]:
+    """No ``--seeds``: run ``<exp>`` as configured. One seed: run ``<exp>`` with ``run.seed=<seed>``. Several: run
+    ``<exp>_s<seed>`` with ``run.seed=<seed>`` each (their ridge runs ``<exp>_s<seed>_ridge``)."""
+    if seeds is None:
+        return [SeedRun(None, exp, tuple(overrides))]
+    if any(o.split("=", 1)[0].strip() == "run.seed" for o in overrides):
+        raise SystemExit("error: --seeds sets run.seed; drop run.seed from --set")
+    return [SeedRun(s, exp if len(seeds) == 1 else f"{exp}_s{s}", (*overrides, f"run.seed={s}")) for s in seeds]
+
+
+def run_seed(profile: str, modes: list[str], run: SeedRun) -> dict[str, Any]:
+    """The NEURONS pipeline in each mode and the ridge → decoders run of one seed."""
+    overrides = list(run.overrides)
+    results: dict[str, Any] = {"neurons": {m: pipeline(profile, run.exp, m, overrides) for m in modes}}
+    results["ridge_decoders"] = ridge_path(profile, f"{run.exp}_ridge", run.exp, overrides)
+    return results
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -340,6 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="toy", help="toy (default), smoke, or a YAML profile of a toy world")
     parser.add_argument("--exp", default="quality", help="run name (the ridge run is <exp>_ridge)")
     parser.add_argument("--modes", nargs="+", choices=("enhance", "motion"), default=["enhance", "motion"])
+    parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="S1,S2,...",
+                        help="values of run.seed, each its own run <exp>_s<seed> (one seed: run <exp>)")  # fmt: skip
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -358,34 +495,52 @@ def main(argv: list[str] | None = None) -> int:
     if profile.endswith((".yaml", ".yml")):
         profile = str(Path(profile).resolve())  # as the driver passes it (the profile is part of the config hash)
     t0 = time.time()
+    runs = seed_runs(args.exp, args.seeds, args.overrides)
     try:
-        cfg = stage_config(Stage6Config, profile, args.exp, args.modes[0], args.overrides)
-        if cfg.model.size == "paper":
+        cfgs = [stage_config(Stage6Config, profile, r.exp, args.modes[0], list(r.overrides)) for r in runs]
+        if cfgs[0].model.size == "paper":
             raise SystemExit("error: toy_quality needs a toy world profile (toy, smoke or one that extends them)")
-        results: dict[str, Any] = {"neurons": {m: pipeline(profile, args.exp, m, args.overrides) for m in args.modes}}
-        results["ridge_decoders"] = ridge_path(profile, f"{args.exp}_ridge", args.exp, args.overrides)
-        results.update(baselines_of(cfg))
+        per_seed = [run_seed(profile, args.modes, r) for r in runs]
+        baselines = baselines_of(cfgs[0])
     except NeuronsError as err:
         print(f"error: {type(err).__name__}: {err.one_line()}", file=sys.stderr)
         return err.exit_code
-    lines, methods = methods_table(results, chance_row(results))
+    from pipeline.report import classifier_ceilings
+
+    table, methods = methods_table(per_seed, baselines, chance_row(per_seed[0]),
+                                   classifier_ceilings(cfgs[0].paths.weights_root))  # fmt: skip
     wall = round(time.time() - t0, 1)
     date = time.strftime("%Y-%m-%d")
-    print(f"\ntoy quality, profile {args.profile}, subject {SUBJ}, {date}, wall {wall:.0f} s (test clips)\n")
-    print("\n".join(lines))
-    ways = next(iter(results["neurons"].values()))["identification"]["top1"]
+    seeds = "" if args.seeds is None else f", seeds {','.join(map(str, args.seeds))}"
+    print(f"\ntoy quality, profile {args.profile}, subject {SUBJ}{seeds}, {date}, wall {wall:.0f} s (test clips)\n")
+    print(table.markdown())
+    ways = next(iter(per_seed[0]["neurons"].values()))["identification"]["top1"]
     if "50-way" not in ways:
         print(f"\n(identification 50-way: {', '.join(ways)} here, the test split has fewer than 50 clips)")
-    record = {"bench": "toy_quality", "profile": args.profile, "subj": SUBJ, "date": date, "wall_s": wall,
-              "walls_s": {**{m: r["wall_s"] for m, r in results["neurons"].items()},
-                          "ridge": results["ridge_decoders"]["wall_s"]}, "methods": methods}  # fmt: skip
+    record = seeds_record(args, runs, per_seed, methods, chance_row(per_seed[0]))
+    record.update({"date": date, "wall_s": wall})
     print(json.dumps(record, sort_keys=True))
-    write_for_report(cfg, results, record)
+    for cfg, results in zip(cfgs, per_seed, strict=True):
+        write_for_report(cfg, results, record)
     return 0
 
 
+def seeds_record(args: argparse.Namespace, runs: list[SeedRun], per_seed: list[dict[str, Any]],
+                 methods: dict[str, Any], chance: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """The JSON record: the aggregate of every number (with its per-seed ``values``) and each seed's numbers."""
+    return {
+        "bench": "toy_quality", "profile": args.profile, "subj": SUBJ, "seeds": args.seeds,
+        "runs": [r.exp for r in runs], "methods": methods, "chance": chance,
+        "per_seed": [{"seed": r.seed, "exp": r.exp, "methods": seed_methods(res),
+                      "walls_s": {**{m: x["wall_s"] for m, x in res["neurons"].items()},
+                                  "ridge": res["ridge_decoders"]["wall_s"]}}
+                     for r, res in zip(runs, per_seed, strict=True)],
+    }  # fmt: skip
+
+
 def write_for_report(cfg: SharedConfig, results: dict[str, Any], record: dict[str, Any]) -> None:
-    """``<run>/toy_quality.json`` (the ridge → decoders metrics and token identification) and the refreshed report."""
+    """``<run>/toy_quality.json`` of one seed's run (its ridge → decoders metrics and token identification, and the
+    whole record) and that run's refreshed report."""
     from pipeline.report import write_report
     from utils.io import atomic_write_json
 

@@ -10,6 +10,12 @@ stage-1 and stage-2 loss curves; side-by-side GIFs (ground truth | reconstructio
 ground-truth key-object mask) of the first ``eval.report_samples`` test clips with their captions, concepts and key
 objects; the stage-e figures when they exist; and the state of every stage's manifest.
 
+Every number of ours carries its spread: "mean ± std [lo, hi]" with the 95 % interval of ``metrics_<mode>.json``'s
+``ci95`` (:mod:`utils.metrics.intervals`), and a trailing :data:`MARK` (legend under the table, the cell in the warning
+colour in HTML) on a metric whose interval does not lie above chance (``above_chance`` false). Identification rates
+show a Wilson interval over the test clips. The metric classifiers' accuracy on the ground-truth test videos (their
+``manifest.json`` ``stats.test_eval``, toy weights) is noted under the metrics table when recorded.
+
 ``python -m pipeline.report --profile toy --exp demo --subj 1 [--write]`` prints the metrics table (markdown) and the
 report's path; ``--write`` rebuilds the report first.
 """
@@ -40,8 +46,8 @@ from utils.data import BrainVideoData
 from utils.data_catalog import CEILING_FILE, RIDGE_BASELINE_FILE, subject_name
 from utils.errors import NeuronsError
 from utils.io import atomic_write_text
-from utils.manifest import read_manifest, stale_reasons
-from utils.metrics import dice_per_sample
+from utils.manifest import MANIFEST, read_manifest, stale_reasons
+from utils.metrics import dice_per_sample, is_above_chance, wilson_interval
 from utils.resize import resize_frames_bilinear, resize_masks_majority
 from utils.runs import DIAGNOSTICS_FILE, PROMPTS_FILE, TOY_QUALITY_FILE, VIDEOS_FILE, RunPaths, setup_logging
 from utils.stage_configs import SharedConfig, Stage6Config
@@ -52,7 +58,11 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.html"
 MODES = ("enhance", "motion")
 DEFAULT_SAMPLES = 8
-NUMBER = re.compile(r"-?[\d.]+( ± [\d.]+)?|n/a|—")  # right-aligned table cells
+MARK = "†"  # after a metric whose 95 % interval does not lie above chance
+LEGEND = f"{MARK} the 95 % interval does not lie above chance (its lower bound is at or below the chance level)"
+NUMBER = re.compile(rf"(-?[\d.]+( ± [\d.]+)?( \[-?[\d.]+, -?[\d.]+\])?( \(n=\d+\))?|n/a|—)( {MARK})?")  # right-aligned
+CLASSIFIER_ROLES = (("video_classifier", "video classifier", "ground-truth test videos"),
+                    ("frame_classifier", "frame classifier", "ground-truth test frames"))  # fmt: skip
 GIF_FPS = 3.0  # the dataset's clips: 6 frames at 3 fps
 # (metrics-JSON key, label, decimals)
 METRICS = (
@@ -114,25 +124,33 @@ class Table:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
 
+    def all_notes(self) -> list[str]:
+        """The notes, and the legend of :data:`MARK` when some cell carries it."""
+        marked = any(c.endswith(f" {MARK}") for r in self.rows for c in r)
+        return [*self.notes, LEGEND] if marked and LEGEND not in self.notes else list(self.notes)
+
     def markdown(self) -> str:
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
-        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.all_notes()])
 
     def html(self) -> str:
         head = "".join(f"<th>{esc(h)}</th>" for h in self.header)
-        body = "".join(
-            "<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if NUMBER.fullmatch(c) else f"<td>{esc(c)}</td>"
-                             for c in r) + "</tr>"
-            for r in self.rows
-        )  # fmt: skip
-        notes = "".join(f'<div class="note">{esc(n)}</div>' for n in self.notes)
+        body = "".join("<tr>" + "".join(td(c) for c in r) + "</tr>" for r in self.rows)
+        notes = "".join(f'<div class="note">{esc(n)}</div>' for n in self.all_notes())
         return f"<h3>{esc(self.title)}</h3><table><tr>{head}</tr>{body}</table>{notes}"
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------------
 def esc(x: Any) -> str:
     return html.escape(str(x))
+
+
+def td(text: str) -> str:
+    """A table cell: numbers right-aligned, a number marked not above chance in the warning colour."""
+    if not NUMBER.fullmatch(text):
+        return f"<td>{esc(text)}</td>"
+    return f'<td class="num{" warn" if text.endswith(MARK) else ""}">{esc(text)}</td>'
 
 
 def data_uri(payload: bytes, mime: str) -> str:
@@ -164,18 +182,35 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def fmt(value: float | None, decimals: int = 3, std: float | None = None) -> str:
+def fmt(value: float | None, decimals: int = 3, std: float | None = None, ci: Sequence[float] | None = None) -> str:
+    """A number as "v", "v ± std", "v [lo, hi]" or "v ± std [lo, hi]"; "n/a" without a value."""
     if value is None:
         return "n/a"
     text = f"{value:.{decimals}f}"
-    return f"{text} ± {std:.{decimals}f}" if std is not None else text
+    text = f"{text} ± {std:.{decimals}f}" if std is not None else text
+    return f"{text} [{ci[0]:.{decimals}f}, {ci[1]:.{decimals}f}]" if ci is not None and len(ci) == 2 else text
+
+
+def marked(text: str, above_chance: bool | None) -> str:
+    """``text`` with :data:`MARK` when ``above_chance`` is False (None: no chance level, nothing to mark)."""
+    return f"{text} {MARK}" if above_chance is False and text != "n/a" else text
 
 
 def cell(value: float | dict[str, Any] | None, decimals: int) -> str:
-    """A published number, or a metrics-JSON entry {"mean", "std", ...}; "—" when absent."""
+    """A published number, or a metrics-JSON entry {"mean", "std", "ci95", "above_chance", ...} as "mean ± std
+    [lo, hi]" (marked when not above chance); "—" when absent."""
     if isinstance(value, dict):
-        return fmt(value.get("mean"), decimals, value.get("std"))
+        text = fmt(value.get("mean"), decimals, value.get("std"), value.get("ci95"))
+        return marked(text, value.get("above_chance"))
     return "—" if value is None else fmt(value, decimals)
+
+
+def rate_cell(p: float | None, n: int | None, chance: float | None, decimals: int = 3) -> str:
+    """An identification rate p of n test clips with its Wilson 95 % interval (marked when the interval does not lie
+    above ``chance``); the bare rate when n is unknown."""
+    ci = wilson_interval(p, n) if p is not None and n else None
+    text = fmt(p, decimals, None, ci)
+    return marked(text, is_above_chance(ci, chance) if ci is not None and chance is not None else None)
 
 
 def is_paper(cfg: SharedConfig) -> bool:
@@ -220,6 +255,7 @@ def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_qual
         f"protocols {', '.join(by_protocol(m))}, headline '{m.get('protocol')}'"
         for mode, m in scored.items()
     ]
+    notes.append(interval_note(scored))
     notes.append("protocol 'standard': the corrected metric definitions; 'neurons': upstream's metric code "
                  "(run_metrics.py), on stage 5's GIF grids when it wrote them")  # fmt: skip
     if is_paper(cfg):
@@ -245,36 +281,80 @@ def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_qual
         row = [label]
         for _, pm in ours:
             e = pm.get(key)
-            row.append(fmt(e["mean"], dec, e.get("std")) if e else "")
+            row.append(cell(e, dec) if e else "")
         row += [cell(v.get(key), dec) for _, v in others]
         rows.append(row + [chance_of(scored, key)])
     return Table("Video and sub-task metrics (test clips)", header, rows, notes)
 
 
+def interval_note(scored: dict[str, dict[str, Any]]) -> str:
+    """How the intervals of ours were made (the bootstrap resamples each metrics file records)."""
+    resamples = sorted({str(m.get("rule", {}).get("bootstrap", "?")) for m in scored.values()})
+    return (
+        f"[lo, hi]: 95 % interval of the test-set value, the percentile interval of a seeded clip bootstrap "
+        f"({' / '.join(resamples)} resamples; N-way accuracy: over the clips' hit rates); concept F1 and caption "
+        "BLEU: ± is that bootstrap's std; no interval in metrics files older than the intervals"
+    )
+
+
+def _num(v: Any) -> str:
+    return f"{float(v):.3f}" if isinstance(v, int | float) else str(v)
+
+
+def ceiling_line(label: str, what: str, ev: dict[str, Any]) -> str:
+    """The line "video classifier on ground-truth test videos: top-1 X (chance Y)[; per factor: ...]"."""
+    text = f"{label} on {what}: top-1 {_num(ev['top1'])}"
+    if ev.get("chance") is not None:
+        text += f" (chance {_num(ev['chance'])})"
+    factors = ev.get("factors")
+    if isinstance(factors, dict) and factors:
+        parts = [f"{k} {_num(v['top1'])}" + (f" (chance {_num(v['chance'])})" if v.get("chance") is not None else "")
+                 if isinstance(v, dict) and "top1" in v else f"{k} {_num(v)}" for k, v in factors.items()]  # fmt: skip
+        text += "; per factor: " + ", ".join(parts)
+    return text
+
+
+def classifier_ceilings(weights_root: str | Path) -> list[str]:
+    """One line per metric classifier whose weights' ``manifest.json`` records ``stats.test_eval`` ({"top1",
+    "chance", "factors"}): its accuracy on the ground-truth test clips, the ceiling of the N-way metrics; nothing
+    otherwise."""
+    out = []
+    for role, label, what in CLASSIFIER_ROLES:
+        stats = (read_json(Path(weights_root) / role / MANIFEST) or {}).get("stats")
+        ev = stats.get("test_eval") if isinstance(stats, dict) else None
+        if isinstance(ev, dict) and ev.get("top1") is not None:
+            out.append(ceiling_line(label, what, ev))
+    return out
+
+
 def toy_identification(cfg: SharedConfig, paths: RunPaths, toy_quality: dict[str, Any] | None) -> Table | None:
-    """Brain-side clip identification (test, top-1): stage 1 vs the ridge baseline and the oracle ceiling."""
+    """Brain-side clip identification (test, top-1): stage 1 vs the ridge baseline and the oracle ceiling, each rate
+    with its Wilson interval over the test clips when the file records their number (``n_candidates``)."""
     subj = subject_name(cfg.run.subj)
     root = Path(cfg.paths.data_root)
-    cols: list[tuple[str, dict[str, float]]] = []
+    cols: list[tuple[str, dict[str, Any]]] = []  # (name, {"top1", "n_candidates", ...})
     ours = read_json(paths.stage_dir("1") / "identification.json")
     if ours and "test" in ours:
-        cols.append(("ours: stage 1 (brain → CLIP tokens)", ours["test"]["top1"]))
+        cols.append(("ours: stage 1 (brain → CLIP tokens)", ours["test"]))
     if toy_quality and toy_quality.get("ridge_tokens_identification"):
-        cols.append(("ridge (voxels → CLIP tokens)", toy_quality["ridge_tokens_identification"]["top1"]))
+        cols.append(("ridge (voxels → CLIP tokens)", toy_quality["ridge_tokens_identification"]))
     ridge = ridge_identification(cfg)
     if ridge:
-        cols.append(("ridge baseline (voxels → 8×8 pixels)", ridge["top1"]))
+        cols.append(("ridge baseline (voxels → 8×8 pixels)", ridge))
     ceiling = read_json(root / CEILING_FILE)
     if ceiling and subj in ceiling.get("subjects", {}):
-        cols.append(("oracle noise ceiling", ceiling["subjects"][subj]["top1"]))
+        cols.append(("oracle noise ceiling", ceiling["subjects"][subj]))
     if not cols:
         return None
     chance = (ours or {}).get("test", {}).get("chance") or (ridge or {}).get("chance") or {}
-    keys = list(dict.fromkeys(k for _, c in cols for k in c))
-    rows = [[k, *(fmt(c.get(k)) for _, c in cols), fmt(chance.get(k))] for k in keys]
+    keys = list(dict.fromkeys(k for _, c in cols for k in c["top1"]))
+    rows = [[k, *(rate_cell(c["top1"].get(k), c.get("n_candidates"), chance.get(k)) for _, c in cols),
+             fmt(chance.get(k))] for k in keys]  # fmt: skip
     notes = ["identification of each test clip among N−1 random others by the correlation of its predicted features "
              "with every candidate's true features (utils/baselines.py); ceiling: the true encoding model's "
-             "predicted responses vs the measured 10-repeat mean", f"data: {root}"]  # fmt: skip
+             "predicted responses vs the measured 10-repeat mean",
+             "[lo, hi]: 95 % Wilson interval over the test clips (conservative for the N-way rates, which average "
+             "trials per clip)", f"data: {root}"]  # fmt: skip
     return Table(f"Brain-side identification, test top-1 ({subj})", ["N-way", *(n for n, _ in cols), "chance"], rows,
                  notes)  # fmt: skip
 
@@ -468,6 +548,8 @@ def tables(cfg: SharedConfig, paths: RunPaths) -> list[Table]:
     scored = scored_modes(paths)
     toy_quality = read_json(paths.root / TOY_QUALITY_FILE)
     out = [metrics_table(cfg, scored, toy_quality)] if scored else []
+    for table in out:  # the N-way metrics' ceiling: the classifiers on the ground truth (toy weights that record it)
+        table.notes += classifier_ceilings(cfg.paths.weights_root)
     if not is_paper(cfg):
         ident = toy_identification(cfg, paths, toy_quality)
         if ident is not None:

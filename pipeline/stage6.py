@@ -23,10 +23,15 @@ clips (``num_clips``), so the clips scored are ``0..N-1`` (checked against the `
   key-object masks area-resized to the mask size and thresholded at 0.5, i.e. majority coverage); caption BLEU-4
   (corpus) of the captions stage 5 used (``prompts.json``: BLIP-2 or GPT-2) vs the test captions.
 
-Every metric is ``{"mean", "std", "n"}`` (N-way entries add ``"chance"``). Per-clip metrics: mean and std over clips
-(protocol rules of :func:`utils.metrics.summarise`). Corpus-level metrics (F1, BLEU): mean = the corpus value, std =
-its bootstrap standard deviation over ``eval.bootstrap`` seeded resamples of the clips (null when 0). Non-finite values
-(PSNR of identical frames = inf) are written as null, so the file is strict JSON.
+Every metric is ``{"mean", "std", "n", "ci95"}`` (N-way entries add ``"chance"`` and ``"above_chance"``). Per-clip
+metrics: mean and std over clips (protocol rules of :func:`utils.metrics.summarise`). Corpus-level metrics (F1, BLEU):
+mean = the corpus value, std = its bootstrap standard deviation over ``eval.bootstrap`` seeded resamples of the clips
+(null when 0). ``ci95`` = [lo, hi], the 95 % percentile interval of the clip bootstrap (``eval.bootstrap`` resamples
+seeded with ``eval.seed``, the same draws for every metric; :mod:`utils.metrics.intervals`): of the mean over clips
+for per-clip metrics (for N-way accuracy: of the clips' hit rates over their trials, i.e. the interval is over clips,
+not over the trials of one clip), of the corpus value for F1 and BLEU; null when ``eval.bootstrap`` is 0 or a per-clip
+value is not finite. ``above_chance`` is true only when ``ci95`` exists and its lower bound exceeds ``chance``.
+Non-finite values (PSNR of identical frames = inf) are written as null, so the file is strict JSON.
 
 Outputs: ``<run>/metrics_<mode>.json`` (atomic; ``protocols.<name>.{metrics, chance_levels, inputs}`` per protocol,
 the headline ``eval.protocol``'s also at the top level as ``metrics`` / ``chance_levels``) and
@@ -40,7 +45,6 @@ part of this stage (:func:`video_metrics`, :func:`model_scores`, :func:`build_ro
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Callable
@@ -65,16 +69,22 @@ from utils.io import atomic_write_text, finite_or_none
 from utils.manifest import StageRecorder, require_stage
 from utils.metrics import (
     PROTOCOLS,
-    F1Average,
     Protocol,
+    bleu_from_counts,
     blurry_video_ssim,
     caption_bleu,
+    caption_bleu_counts,
     chance_level,
     clip_pcc,
     concept_f1,
+    concept_f1_counts,
+    corpus_entry,
     dice_per_sample,
     evaluate_videos,
+    f1_averages,
+    mark_chance,
     n_way_accuracy,
+    resample_counts,
     summarise,
 )
 from utils.resize import resize_frames_bilinear, resize_masks_majority
@@ -267,41 +277,29 @@ def n_way_entries(prefix: str, gt: torch.Tensor, pred: torch.Tensor, ways: tuple
     out = {}
     for n in ways:
         acc, std = n_way_accuracy(gt, pred, n, trials=ev.n_trials, gt_top_k=ev.gt_top_k, top_k=ev.top_k, seed=ev.seed)
-        entry: dict[str, Any] = summarise(acc, std, ev.protocol)
-        entry["chance"] = chance_level(n, ev.gt_top_k, ev.top_k)
-        out[f"{prefix}_{n}way"] = entry
+        entry = summarise(acc, std, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)  # ci95 over the clips
+        out[f"{prefix}_{n}way"] = mark_chance(entry, chance_level(n, ev.gt_top_k, ev.top_k))
     return out
 
 
 # ---- stage-3 task metrics ------------------------------------------------------------------------------------------
-def bootstrap_std(stat: Callable[[np.ndarray], float], n: int, resamples: int, seed: int) -> float | None:
-    """Population std of ``stat`` over ``resamples`` seeded resamples (with replacement) of the n clips."""
-    if resamples <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
-    return float(np.std(values))
-
-
 def task_metrics(x: EvalInputs, ev: Any) -> dict[str, dict[str, Any]]:
+    """Concept F1, caption BLEU-4 (corpus values; std and ci95 over the clip-bootstrap draws, vectorised on per-clip
+    counts) and key-object Dice (per clip)."""
     n = x.n
-
-    def f1(idx: np.ndarray, kind: F1Average) -> float:
-        i = torch.as_tensor(idx)
-        return float(concept_f1(x.concept_probs[i], x.concept_labels[i], threshold=MASK_THRESHOLD)[kind])
-
-    def bleu(idx: np.ndarray) -> float:
-        return caption_bleu([x.captions[i] for i in idx], [x.gt_captions[i] for i in idx], n_gram=4)
-
-    everything = np.arange(n)
-    out: dict[str, dict[str, Any]] = {}
-    kinds: tuple[F1Average, ...] = ("micro", "macro")
-    for kind in kinds:
-        std = bootstrap_std(functools.partial(f1, kind=kind), n, ev.bootstrap, ev.seed)
-        out[f"concept_f1_{kind}"] = {"mean": f1(everything, kind), "std": std, "n": n}
-    out["caption_bleu4"] = {"mean": bleu(everything), "std": bootstrap_std(bleu, n, ev.bootstrap, ev.seed), "n": n}
+    draws = torch.from_numpy(resample_counts(n, ev.bootstrap, ev.seed))  # (B, N) times each clip is drawn
+    f1_counts = concept_f1_counts(x.concept_probs, x.concept_labels, threshold=MASK_THRESHOLD)  # (N, 3, C)
+    full = concept_f1(x.concept_probs, x.concept_labels, threshold=MASK_THRESHOLD)
+    micro, macro = f1_averages(*torch.einsum("bn,nkc->kbc", draws, f1_counts))  # (B,) each
+    out: dict[str, dict[str, Any]] = {
+        "concept_f1_micro": corpus_entry(full["micro"], micro, n),
+        "concept_f1_macro": corpus_entry(full["macro"], macro, n),
+    }
+    bleu = caption_bleu(x.captions, x.gt_captions, n_gram=4)
+    bleu_counts = caption_bleu_counts(x.captions, x.gt_captions, n_gram=4)  # (N, 10)
+    out["caption_bleu4"] = corpus_entry(bleu, bleu_from_counts(draws @ bleu_counts, 4), n)
     dice = dice_per_sample(x.mask_probs > MASK_THRESHOLD, x.gt_masks.bool())
-    out["key_object_dice"] = summarise(dice, None, "standard")  # one definition in both protocols
+    out["key_object_dice"] = summarise(dice, None, "standard", bootstrap=ev.bootstrap, seed=ev.seed)  # both protocols
     return out
 
 
@@ -345,8 +343,9 @@ def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt
         ways = capped_ways(tuple(ev.ways), role.num_classes, ev.gt_top_k, f"{prefix} classifier")
         metrics.update(n_way_entries(prefix, gt_s, pred_s, ways, ev))
         chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
-    metrics["clip_pcc"] = summarise(clip_pcc(scores.clip_features, ev.protocol), None, ev.protocol)
-    metrics.update(evaluate_videos(pred, gt, protocol=ev.protocol))  # ssim, psnr
+    pcc = clip_pcc(scores.clip_features, ev.protocol)
+    metrics["clip_pcc"] = summarise(pcc, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
+    metrics.update(evaluate_videos(pred, gt, protocol=ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed))  # ssim, psnr
     return metrics, chance
 
 
@@ -358,7 +357,7 @@ def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], sco
     gt, pred, _ = protocol_frames(x, protocol)
     metrics, chance = video_metrics(ev, roles, scores, gt, pred)
     blurry = blurry_video_ssim(x.blurry, x.gt, ev.protocol)
-    metrics["blurry_video_ssim"] = summarise(blurry, None, ev.protocol)
+    metrics["blurry_video_ssim"] = summarise(blurry, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
     metrics.update(task_metrics(x, ev))
     return metrics, chance
 
@@ -465,7 +464,10 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
     recorder.finish()
     for protocol, (protocol_metrics, _) in results.items():
         for name, m in sorted(protocol_metrics.items()):
-            log.info("%-8s %-22s %s ± %s (n=%d)", protocol, name, _fmt(m["mean"]), _fmt(m["std"]), m["n"])
+            ci = m.get("ci95") or (None, None)
+            flag = " not above chance" if m.get("above_chance") is False else ""
+            log.info("%-8s %-22s %s ± %s [%s, %s] (n=%d)%s", protocol, name, _fmt(m["mean"]), _fmt(m["std"]),
+                     _fmt(ci[0]), _fmt(ci[1]), m["n"], flag)  # fmt: skip
     log.info("stage 6 done: %s; report %s", out_path, write_report(cfg))
 
 

@@ -393,3 +393,87 @@ def test_image_processor_backends_against_pil() -> None:
     assert np.abs(run(pil) - ref).max() < 1e-6, "pil backend = PIL resize"
     off = np.abs(run(tv) - ref).max()
     assert off <= 2 / 255 + 1e-6, "torchvision backend: at most one uint8 level (×2 after mean/std 0.5)"
+
+
+# ---- intervals (utils/metrics/intervals.py) ------------------------------------------------------------------------
+def test_clip_bootstrap_interval_contains_the_mean_and_is_seeded():
+    from utils.metrics import mean_interval, resample_counts
+
+    values = torch.rand(60, 4, generator=torch.Generator().manual_seed(0))  # (N, F) per-frame values
+    out = summarise(values, protocol="neurons", bootstrap=200, seed=3)
+    lo, hi = out["ci95"]
+    assert lo < out["mean"] < hi
+    assert summarise(values, bootstrap=200, seed=3)["ci95"] == [lo, hi], "one interval in both protocols"
+    assert summarise(values, bootstrap=200, seed=4)["ci95"] != [lo, hi], "seeded"
+    se = values.double().mean(dim=1).std(correction=0).item() / math.sqrt(60)
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.25), "close to the normal interval of the mean"
+    assert summarise(values, bootstrap=0)["ci95"] is None and "ci95" not in summarise(values)
+    assert mean_interval(torch.tensor([1.0, math.inf]), 10, 0) is None, "PSNR of identical frames: no interval"
+    draws = resample_counts(7, 5, 0)  # how often each clip is drawn
+    assert draws.shape == (5, 7) and (draws.sum(axis=1) == 7).all()
+    idx = np.random.default_rng(0).integers(0, 7, (5, 7))
+    assert (draws == np.stack([np.bincount(row, minlength=7) for row in idx])).all()
+
+
+def test_above_chance_false_at_chance_true_when_clearly_above():
+    g = torch.Generator().manual_seed(0)
+    n, classes = 80, 20
+    gt_scores = torch.rand(n, classes, generator=g)
+    unrelated = torch.rand(n, classes, generator=g)  # a prediction at chance
+    close = gt_scores + 0.05 * torch.rand(n, classes, generator=g)  # clearly above chance
+    pred, gt = _videos(n=n, f=2, h=8, w=8)
+    rule = {"n_ways": (2, 10), "trials": 40, "bootstrap": 200}
+    at_chance = evaluate_videos(pred, gt, video_scores=(gt_scores, unrelated), **rule)
+    above = evaluate_videos(pred, gt, video_scores=(gt_scores, close), **rule)
+    for key in ("video_2way", "video_10way"):
+        e = at_chance[key]
+        assert e["ci95"][0] <= e["mean"] <= e["ci95"][1]
+        assert e["ci95"][0] <= e["chance"] and e["above_chance"] is False, (key, e)
+        assert above[key]["ci95"][0] > above[key]["chance"] and above[key]["above_chance"] is True, above[key]
+    assert "above_chance" not in at_chance["ssim"] and "ci95" in at_chance["ssim"], "no chance level for SSIM"
+    plain = evaluate_videos(pred, gt, video_scores=(gt_scores, close), n_ways=(2,), trials=40)
+    assert "ci95" not in plain["video_2way"] and "above_chance" not in plain["video_2way"], "no bootstrap asked"
+
+
+def test_corpus_bootstrap_counts_equal_the_metrics_on_each_draw():
+    """The vectorised bootstrap of concept F1 and caption BLEU (per-clip counts times the draw counts) gives what the
+    metric functions give on the resampled clips."""
+    from utils.metrics import (
+        bleu_from_counts,
+        caption_bleu_counts,
+        concept_f1_counts,
+        corpus_entry,
+        f1_averages,
+        resample_counts,
+    )
+
+    g = torch.Generator().manual_seed(2)
+    n = 9
+    labels = (torch.rand(n, 6, generator=g) < 0.4).float()
+    probs = (0.5 * labels + 0.6 * torch.rand(n, 6, generator=g)).clamp(0, 1)
+    refs: list[str | list[str]] = [f"a red ball number {i} rolls over the green grass" for i in range(n)]
+    refs[1] = ["a blue cube", "the blue cube slides over the ice today"]  # two references
+    preds = [f"a red ball number {i} rolls over grass" for i in range(n)]
+    preds[2], preds[3] = "nothing in common", "A red ball, number 3; rolls over the green grass!"
+    draws = resample_counts(n, 6, 1)
+    idx = np.random.default_rng(1).integers(0, n, (6, n))
+    micro, macro = f1_averages(*torch.einsum("bn,nkc->kbc", torch.from_numpy(draws), concept_f1_counts(probs, labels)))
+    bleu = bleu_from_counts(torch.from_numpy(draws) @ caption_bleu_counts(preds, refs))
+    for b, rows in enumerate(idx):
+        f1 = concept_f1(probs[torch.as_tensor(rows)], labels[torch.as_tensor(rows)])
+        assert (micro[b].item(), macro[b].item()) == pytest.approx((f1["micro"], f1["macro"]), abs=1e-12)
+        expected = caption_bleu([preds[i] for i in rows], [refs[i] for i in rows])
+        assert bleu[b].item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert bleu_from_counts(caption_bleu_counts(["x y"], ["a b"])).item() == 0.0, "no match: 0, as torchmetrics"
+    entry = corpus_entry(0.5, bleu, n)
+    assert entry["std"] == pytest.approx(float(bleu.std(correction=0))) and entry["ci95"][0] <= entry["ci95"][1]
+    assert corpus_entry(0.5, np.zeros(0), n) == {"mean": 0.5, "std": None, "n": n, "ci95": None}
+
+
+def test_wilson_interval_known_values():
+    from utils.metrics import is_above_chance, wilson_interval
+
+    assert wilson_interval(0.5, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson_interval(0.5, 0) is None
+    assert is_above_chance(wilson_interval(0.7, 100), 0.5) and not is_above_chance(wilson_interval(0.55, 100), 0.5)

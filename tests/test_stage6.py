@@ -150,8 +150,15 @@ def test_metrics_json_has_every_metric(profile: Path, noisy: dict[str, dict]) ->
     report = noisy["standard"]
     assert set(report["metrics"]) == EXPECTED
     for name, m in report["metrics"].items():
-        assert set(m) >= {"mean", "std", "n"} and m["n"] == N_CLIPS, name
+        assert set(m) >= {"mean", "std", "n", "ci95"} and m["n"] == N_CLIPS, name
         assert isinstance(m["mean"], float) and isinstance(m["std"], float), (name, m)
+        lo, hi = m["ci95"]  # eval.bootstrap=10 resamples of the 5 clips
+        assert lo <= m["mean"] <= hi, (name, m)
+        if "chance" in m:  # N-way: above chance exactly when the interval's lower bound is
+            assert m["above_chance"] is (lo > m["chance"]), (name, m)
+        else:
+            assert "above_chance" not in m, name
+    assert report["metrics"]["ssim"]["ci95"][0] < report["metrics"]["ssim"]["ci95"][1], "a spread, not a point"
     assert report["protocol"] == "standard" and report["caption_source"] == "gpt2"
     assert report["config_hash"] == config_hash(config(profile, "noisy"))
     assert report["chance_levels"]["video"] == {"2-way": 0.75, "50-way": pytest.approx(3 / 52)}
@@ -230,8 +237,19 @@ def test_perfect_prediction(smoke_world: Path, profile: Path) -> None:
     m = run6(profile, "perfect")["metrics"]
     assert m["ssim"]["mean"] == pytest.approx(1.0, abs=1e-9)
     assert m["psnr"]["mean"] is None, "identical frames: PSNR = inf, written as null (strict JSON)"
+    assert m["psnr"]["ci95"] is None, "no interval of an infinite mean"
     assert m["video_2way"]["mean"] == 1.0 and m["video_50way"]["mean"] == 1.0
     assert m["frame_2way"]["mean"] == 1.0
+    assert m["video_2way"]["ci95"] == [1.0, 1.0] and m["video_2way"]["above_chance"] is True
+
+
+def test_no_bootstrap_no_interval(smoke_world: Path, profile: Path) -> None:
+    """eval.bootstrap=0: every ci95 null, no metric claimed above chance, corpus std null."""
+    make_run(smoke_world, profile, "noboot", perfect=True)
+    m = run6(profile, "noboot", "eval.bootstrap=0")["metrics"]
+    assert all(e["ci95"] is None for e in m.values())
+    assert m["video_2way"]["mean"] == 1.0 and m["video_2way"]["above_chance"] is False
+    assert m["caption_bleu4"]["std"] is None and m["concept_f1_micro"]["std"] is None
 
 
 def test_report_written_beside_the_metrics(profile: Path, noisy: dict[str, dict]) -> None:

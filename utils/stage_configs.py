@@ -287,7 +287,7 @@ class Stage6Eval:
     seed: int = 0
     report_samples: int = 8
     batch_size: int = 16  # clips per classifier / CLIP call
-    bootstrap: int = 100  # resamples of the clips for the std of corpus-level metrics (F1, BLEU); 0: std null
+    bootstrap: int = 100  # clip resamples: every metric's ci95 and the std of F1 / BLEU; 0: those null
 
 
 @dataclass(frozen=True)

@@ -7,25 +7,35 @@ protocol="neurons" (upstream ``run_metrics.py``): frame-level values (N, F) are 
 protocol="standard": frame-level values are first averaged per sample (N,), then mean and population std over the N
   samples; ``per_sample_std`` is ignored (the ± is the spread over samples, never a binomial error).
 The means agree between protocols; only the ± differs. Non-finite values (PSNR of identical frames) propagate.
+With ``bootstrap`` (resamples, and ``seed``) every entry also gets ``"ci95"``: the clip-bootstrap 95 % interval of the
+mean (:mod:`utils.metrics.intervals`; the same in both protocols), and N-way entries ``"above_chance"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from utils.errors import DataError
 from utils.metrics._common import Protocol, check_protocol, check_same_shape, check_videos
+from utils.metrics.intervals import CI_KEY, mark_chance, mean_interval
 from utils.metrics.pixel import blurry_video_ssim, psnr, ssim
 from utils.metrics.semantic import chance_level, n_way_accuracy
 from utils.metrics.temporal import clip_pcc
 
 
 def summarise(
-    values: torch.Tensor, per_sample_std: torch.Tensor | None = None, protocol: Protocol = "standard"
-) -> dict[str, float | int]:
-    """values: (N,) per-sample or (N, F) per-frame metric values → {"mean": float, "std": float, "n": N}."""
+    values: torch.Tensor,
+    per_sample_std: torch.Tensor | None = None,
+    protocol: Protocol = "standard",
+    *,
+    bootstrap: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """values: (N,) per-sample or (N, F) per-frame metric values → {"mean": float, "std": float, "n": N}, plus
+    ``"ci95"`` ([lo, hi] or None) when ``bootstrap`` (resamples of the clips, seeded with ``seed``) is given."""
     protocol = check_protocol(protocol)
     if values.ndim not in (1, 2) or values.shape[0] == 0:
         raise DataError(f"summarise: values of shape {tuple(values.shape)}", "pass (N,) or (N, F) with N ≥ 1")
@@ -39,7 +49,10 @@ def summarise(
     else:
         cols = v if v.ndim == 2 else v[:, None]
         mean, std = cols.mean(dim=0).mean(), cols.std(dim=0, correction=0).mean()
-    return {"mean": mean.item(), "std": std.item(), "n": int(values.shape[0])}
+    out: dict[str, Any] = {"mean": mean.item(), "std": std.item(), "n": int(values.shape[0])}
+    if bootstrap is not None:
+        out[CI_KEY] = mean_interval(v, bootstrap, seed)
+    return out
 
 
 def _n_way_entries(
@@ -47,14 +60,14 @@ def _n_way_entries(
     scores: tuple[torch.Tensor, torch.Tensor],
     n_ways: Iterable[int],
     protocol: Protocol,
+    bootstrap: int | None,
     **rule: int,
-) -> dict[str, dict[str, float | int]]:
+) -> dict[str, dict[str, Any]]:
     out = {}
     for n in n_ways:
         acc, std = n_way_accuracy(scores[0], scores[1], n, **rule)
-        entry: dict[str, float | int] = summarise(acc, std, protocol)
-        entry["chance"] = chance_level(n, rule["gt_top_k"], rule["top_k"])
-        out[f"{prefix}_{n}way"] = entry
+        entry = summarise(acc, std, protocol, bootstrap=bootstrap, seed=rule["seed"])
+        out[f"{prefix}_{n}way"] = mark_chance(entry, chance_level(n, rule["gt_top_k"], rule["top_k"]))
     return out
 
 
@@ -89,8 +102,10 @@ def evaluate_videos(
     gt_top_k: int = 3,
     top_k: int = 1,
     seed: int = 0,
-) -> dict[str, dict[str, float | int]]:
-    """All stage-6 video metrics as {"name": {"mean", "std", "n"[, "chance"]}}.
+    bootstrap: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """All stage-6 video metrics as {"name": {"mean", "std", "n"[, "chance"]}}, with ``bootstrap`` also "ci95" (and
+    "above_chance" beside "chance"): the clip-bootstrap interval of ``bootstrap`` resamples seeded with ``seed``.
 
     pred, gt: (N, F, 3, H, W) float in [0, 1]. Optional inputs from the foundation roles, skipped when None:
     video_scores (gt (N, C), pred (N, C)) of ``video_classifier``; frame_scores (gt (N, F, C), pred (N, F, C)) of
@@ -102,15 +117,19 @@ def evaluate_videos(
     rule = {"trials": trials, "gt_top_k": gt_top_k, "top_k": top_k, "seed": seed}
     n_ways = tuple(n_ways)
     _check_leading(pred.shape[:2], video_scores, frame_scores, clip_features)
-    out: dict[str, dict[str, float | int]] = {}
+
+    def summary(values: torch.Tensor) -> dict[str, Any]:
+        return summarise(values, None, protocol, bootstrap=bootstrap, seed=seed)
+
+    out: dict[str, dict[str, Any]] = {}
     if video_scores is not None:
-        out.update(_n_way_entries("video", video_scores, n_ways, protocol, **rule))
+        out.update(_n_way_entries("video", video_scores, n_ways, protocol, bootstrap, **rule))
     if clip_features is not None:
-        out["clip_pcc"] = summarise(clip_pcc(clip_features, protocol), None, protocol)
+        out["clip_pcc"] = summary(clip_pcc(clip_features, protocol))
     if frame_scores is not None:
-        out.update(_n_way_entries("frame", frame_scores, n_ways, protocol, **rule))
-    out["ssim"] = summarise(ssim(pred, gt, protocol), None, protocol)
-    out["psnr"] = summarise(psnr(pred, gt, protocol), None, protocol)
+        out.update(_n_way_entries("frame", frame_scores, n_ways, protocol, bootstrap, **rule))
+    out["ssim"] = summary(ssim(pred, gt, protocol))
+    out["psnr"] = summary(psnr(pred, gt, protocol))
     if blurry is not None:
-        out["blurry_ssim"] = summarise(blurry_video_ssim(blurry, gt, protocol), None, protocol)
+        out["blurry_ssim"] = summary(blurry_video_ssim(blurry, gt, protocol))
     return out

@@ -6,6 +6,7 @@ pools the whole batch, defect 23 — here Dice is per sample).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal, TypedDict
 
@@ -34,6 +35,38 @@ class ConceptF1(TypedDict):
     per_class_recall: torch.Tensor
     per_class_precision: torch.Tensor
 
+
+def concept_f1_counts(
+    scores: torch.Tensor, targets: torch.Tensor, *, threshold: float = 0.5, from_logits: bool = False
+) -> torch.Tensor:
+    """Per-sample true positives, false positives and false negatives of each class, which add up over samples.
+
+    scores: (N, C) probabilities in [0, 1], or logits with ``from_logits``; targets: (N, C) multi-hot {0, 1}.
+    Returns (N, 3, C) float64 ({0, 1}): TP, FP, FN.
+    """
+    check_same_shape(scores, targets, "concept recognition")
+    if scores.ndim != 2:
+        raise DataError(f"concept recognition: scores of shape {tuple(scores.shape)}", "pass (N, classes)")
+    check_finite(scores, "concept scores")
+    probs = scores.double().sigmoid() if from_logits else scores.double()
+    if not from_logits and (probs.min() < 0 or probs.max() > 1):
+        raise DataError("concept scores lie outside [0, 1]", "pass probabilities, or logits with from_logits=True")
+    pred, true = probs > threshold, _check_binary(targets, "concept targets")
+    return torch.stack([pred & true, pred & ~true, ~pred & true], dim=1).double()
+
+
+def f1_averages(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(micro, macro) F1 from class counts (..., C) float64 → (...) each; the rules of :func:`concept_f1`."""
+    denom = 2 * tp + fp + fn
+    micro_denom = denom.sum(dim=-1)
+    micro = torch.where(micro_denom > 0, 2 * tp.sum(dim=-1) / micro_denom.clamp(min=1), 0.0)
+    occurs = denom > 0
+    per_class = torch.where(occurs, 2 * tp / denom.clamp(min=1), 0.0)
+    counted = occurs.sum(dim=-1)
+    macro = torch.where(counted > 0, per_class.sum(dim=-1) / counted.clamp(min=1), 0.0)
+    return micro, macro
+
+
 def concept_f1(
     scores: torch.Tensor, targets: torch.Tensor, *, threshold: float = 0.5, from_logits: bool = False
 ) -> ConceptF1:
@@ -45,26 +78,15 @@ def concept_f1(
     class occurs), "per_class_f1" (C,), "per_class_recall" (C,) and "per_class_precision" (C,) (NaN where
     undefined; recall is what upstream's stage ``e`` prints per class).
     """
-    check_same_shape(scores, targets, "concept recognition")
-    if scores.ndim != 2:
-        raise DataError(f"concept recognition: scores of shape {tuple(scores.shape)}", "pass (N, classes)")
-    check_finite(scores, "concept scores")
-    probs = scores.double().sigmoid() if from_logits else scores.double()
-    if not from_logits and (probs.min() < 0 or probs.max() > 1):
-        raise DataError("concept scores lie outside [0, 1]", "pass probabilities, or logits with from_logits=True")
-    pred, true = probs > threshold, _check_binary(targets, "concept targets")
-    tp = (pred & true).sum(dim=0).double()
-    fp = (pred & ~true).sum(dim=0).double()
-    fn = (~pred & true).sum(dim=0).double()
+    tp, fp, fn = concept_f1_counts(scores, targets, threshold=threshold, from_logits=from_logits).sum(dim=0)
     denom = 2 * tp + fp + fn
     per_class = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.nan)
     recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.nan)
     precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.nan)
-    micro_denom = denom.sum().item()
-    counted = per_class[denom > 0]
+    micro, macro = f1_averages(tp, fp, fn)
     return {
-        "micro": 2 * tp.sum().item() / micro_denom if micro_denom else 0.0,
-        "macro": counted.mean().item() if counted.numel() else 0.0,
+        "micro": micro.item(),
+        "macro": macro.item(),
         "per_class_f1": per_class,
         "per_class_recall": recall,
         "per_class_precision": precision,
@@ -115,6 +137,48 @@ def caption_bleu(
 
     p, r = _caption_inputs(preds, refs, normalise)
     return float(bleu_score(p, r, n_gram=n_gram))
+
+
+def _ngrams(tokens: list[str], n_gram: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[j : j + i]) for i in range(1, n_gram + 1) for j in range(len(tokens) - i + 1))
+
+
+def caption_bleu_counts(
+    preds: Sequence[str], refs: Sequence[str | Sequence[str]], *, n_gram: int = 4, normalise: bool = True
+) -> torch.Tensor:
+    """The corpus statistics of :func:`caption_bleu` per caption, which add up over captions (torchmetrics'
+    ``bleu_score`` bookkeeping: whitespace tokens, n-gram matches clipped by the references' maximum counts, the
+    reference length closest to the prediction's, the first on ties). Returns (N, 2·n_gram + 2) float64: matches of
+    orders 1..n, the prediction's n-grams of orders 1..n, its length, the reference length."""
+    p, r = _caption_inputs(preds, refs, normalise)
+    rows = []
+    for pred, targets in zip(p, r, strict=True):
+        tokens, ref_tokens = pred.split(), [t.split() for t in targets]
+        diffs = [abs(len(tokens) - len(t)) for t in ref_tokens]
+        ref_counts: Counter[tuple[str, ...]] = Counter()
+        for t in ref_tokens:
+            ref_counts |= _ngrams(t, n_gram)
+        own = _ngrams(tokens, n_gram)
+        row = [0.0] * (2 * n_gram + 2)
+        for gram, count in (own & ref_counts).items():
+            row[len(gram) - 1] += count
+        for gram, count in own.items():
+            row[n_gram + len(gram) - 1] += count
+        row[-2], row[-1] = len(tokens), len(ref_tokens[diffs.index(min(diffs))])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def bleu_from_counts(counts: torch.Tensor, n_gram: int = 4) -> torch.Tensor:
+    """Corpus BLEU-n (uniform weights, no smoothing) from summed :func:`caption_bleu_counts` (..., 2·n_gram + 2)
+    → (...) float64; 0 where some order has no match, as torchmetrics."""
+    matches, total = counts[..., :n_gram], counts[..., n_gram : 2 * n_gram]
+    pred_len, ref_len = counts[..., -2], counts[..., -1]
+    hit = matches.min(dim=-1).values > 0
+    precision = torch.where(hit[..., None], matches / total.clamp(min=1), 1.0)
+    geometric = precision.log().mean(dim=-1).exp()
+    brevity = torch.where(pred_len > ref_len, 1.0, (1 - ref_len / pred_len.clamp(min=1)).exp())
+    return torch.where(hit, brevity * geometric, 0.0)
 
 
 def caption_bleu_per_sample(
