@@ -246,8 +246,8 @@ def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
     with autocast(s.accelerator, s.cfg):
         dec = s.model.decode_voxels(s.voxels[torch.as_tensor(idx)].to(s.device), gens, sp.prior_steps,
                                     key_table=s.name_table, latent_size=s.latent_size)  # fmt: skip
-        masks = torch.sigmoid(dec.mask_logits)  # (B, F, S, S)
     dec = ladder_rung(s, idx, dec)
+    masks = torch.sigmoid(dec.mask_logits)  # (B, F, S, S)
     latents, tokens = dec.latents, dec.prior_tokens
     if sp.oracle_blurry:  # the stimulus' own VAE reconstruction, unmasked
         latents = s.vae.encode(s.data.frames("test", idx).to(s.device)).to(latents.dtype)

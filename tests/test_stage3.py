@@ -300,7 +300,8 @@ def test_unclip_uncond_reaches_the_sampler_and_changes_only_the_keyframes(
 def test_ladder_tokens_brain_changes_only_what_reads_the_prior(env: SmokeEnv, stage2_run: Path, enhance: Path) -> None:
     """``sample.tokens=brain`` feeds the keyframe the brain tokens too: with the default heads (which already read
     them, ``upstream.head_input=brain``), only the keyframes and the saved tokens change; ``prior`` changes the heads'
-    outputs and not the keyframes. Both runs are marked as diagnostics in their manifest."""
+    outputs and not the tokens; ``ground_truth`` changes everything, the masks included. The manifest records the
+    rung."""
     from utils.manifest import read_manifest
 
     copy_stages(stage2_run, paths(env, "rung_brain").root)
@@ -312,9 +313,12 @@ def test_ladder_tokens_brain_changes_only_what_reads_the_prior(env: SmokeEnv, st
     assert read_manifest(brain)["tokens"] == "brain" and read_manifest(enhance)["tokens"] == "model"
     copy_stages(stage2_run, paths(env, "rung_prior").root)
     prior = outputs(reconstruct(env, "rung_prior", "sample.tokens=prior", "sample.num_previews=0"))
-    for name in ("keyframes", "prior_tokens"):
-        assert torch.equal(prior[name], want[name]), name
+    assert torch.equal(prior["prior_tokens"], want["prior_tokens"])  # (the keyframes follow the enhance masks)
     assert not torch.equal(prior["concept_probs"], want["concept_probs"])  # float32 (the smoke masks round alike)
+    copy_stages(stage2_run, paths(env, "rung_truth").root)
+    truth = outputs(reconstruct(env, "rung_truth", "sample.tokens=ground_truth", "sample.num_previews=0"))
+    for name in TENSORS:  # every head's output follows the tokens it reads, the masks included
+        assert not torch.equal(truth[name], want[name]), name
 
 
 def test_ladder_oracles_are_the_stimulus(env: SmokeEnv, stage2_run: Path) -> None:
