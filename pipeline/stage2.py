@@ -39,7 +39,7 @@ selection; the scores are still brain-only, not upstream's noised-ground-truth s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from models.brain import NeuronsBrainModel, clip_generators
 from models.configured import make_brain_config, model_flags
 from models.foundation import build_role, foundation_impl
-from models.heads import EOT_ID, ConceptNamer, key_object_classes
+from models.heads import EOT_ID, IGNORE_INDEX, ConceptNamer, caption_labels, key_object_classes
 from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import ALL_PARTS, STAGE1_PARTS
 from pipeline.common import (
@@ -455,6 +455,116 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
     scores["dice"] = sums["dice_sum"] / max(sums["with_object"], 1.0)
     scores["metric"] = sum(scores[k] for k in t.selection)
     return scores
+
+
+# ---- held-out scores beside input-blind baselines (the learning canaries, tests/test_canaries.py) -------------------
+def add_split(s: Stage2, split: str) -> None:
+    """Let :func:`evaluate` score ``split`` too (e.g. the test clips of a run that selected on val): its voxels (the
+    mean of the repeats), caption targets and key-object text, named as in training (the split's own key objects are
+    mapped to classes from its labels, as :func:`concept_namer` does for test selection)."""
+    if split in s.voxels:
+        return
+    d, lm = s.data, s.accelerator.unwrap_model(s.model).text_dec.decoder.config
+    namer = concept_namer(s.cfg, d)
+    own = key_object_classes(d.concept_labels(split), d.key_object_names(split), d.concept_classes)
+    namer = replace(namer, key_object_to_class={**own, **namer.key_object_to_class})
+    s.voxels[split] = d.voxels(split)
+    s.captions[split] = caption_targets(s.clip, d.captions(split), s.cfg.train.caption_max_len, lm.n_positions,
+                                        lm.vocab_size)  # fmt: skip
+    names = [namer.train_name(n) for n in d.key_object_names(split)]
+    s.key_text[split] = key_text_embeddings(s.clip, names, s.accelerator.device)
+
+
+def trivial_scores(s: Stage2, split: str = "val") -> dict[str, float]:
+    """What input-blind predictors score on ``split`` under :func:`evaluate`'s definitions (fit on the training
+    clips where they need fitting), the floors that a head which learned from the brain must beat:
+
+    * ``concept_f1_all``: every concept predicted for every clip (the all-positive rule);
+    * ``concept_f1_mode``: every clip given the training clips' most frequent label set;
+    * ``concept_auroc_prior``: the micro AUROC (:func:`auroc` over every (clip, class) entry) of each concept's
+      training frequency as its score (a constant score gives 0.5);
+    * ``dice_empty`` / ``dice_ones``: an all-zero / all-one mask; ``dice_mean``: the training clips' mean key-object
+      mask (F, S, S) as a soft mask;
+    * ``caption_acc_mode``: the training captions' most frequent token at every labelled position;
+      ``caption_acc_position``: the most frequent token of each position.
+    """
+    model = s.accelerator.unwrap_model(s.model)
+    size, pad = model.cfg.decoder_size, model.cfg.caption_pad
+    labels = {k: s.data.concept_labels(k) > 0.5 for k in ("train", split)}  # (n, C) bool
+    patterns, counts = labels["train"].unique(dim=0, return_counts=True)
+    prevalence = labels["train"].float().mean(0)  # (C,)
+    masks = {k: gt_masks_at(s.cfg.upstream, s.data.key_object_masks(k), size) for k in ("train", split)}
+    tokens = {k: caption_labels(s.captions[k].ids, s.captions[k].mask, pad) for k in ("train", split)}  # (n, L)
+    return {
+        "concept_f1_all": micro_f1(torch.ones_like(labels[split]), labels[split]),
+        "concept_f1_mode": micro_f1(patterns[counts.argmax()].expand_as(labels[split]), labels[split]),
+        "concept_auroc_prior": auroc(prevalence.expand_as(labels[split]).flatten(), labels[split].flatten()),
+        "dice_empty": mean_dice(torch.zeros_like(masks[split]), masks[split]),
+        "dice_ones": mean_dice(torch.ones_like(masks[split]), masks[split]),
+        "dice_mean": mean_dice(masks["train"].mean(0).expand_as(masks[split]), masks[split]),
+        "caption_acc_mode": token_accuracy(mode_tokens(tokens["train"], per_position=False), tokens[split]),
+        "caption_acc_position": token_accuracy(mode_tokens(tokens["train"], per_position=True), tokens[split]),
+    }
+
+
+@torch.no_grad()
+def concept_outputs(s: Stage2, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """The brain-only concept logits (n, C) of ``split``, decoded as :func:`evaluate` does, and the labels (n, C)
+    bool, on the CPU."""
+    model, n, chunk = s.accelerator.unwrap_model(s.model), s.data.n_clips(split), s.cfg.train.val_chunk
+    model.eval()
+    logits, labels = [], []
+    for start in range(0, n, chunk):
+        b, out = decode_val(s, split, np.arange(start, min(start + chunk, n)))
+        logits.append(out["concepts"].float().cpu())
+        labels.append(b.concepts.cpu() > 0.5)
+    set_train_mode(model, s.frozen, s.cfg.train.backbone_mode)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of scores (N,) for bool labels (N,): P(positive scores above negative), ties
+    counting one half; 0.5 when a class is missing."""
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return 0.5
+    diff = pos[:, None] - neg[None]  # (P, N)
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+
+
+def micro_f1(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """Micro F1 of bool predictions against bool labels, both (n, C) (as :func:`evaluate`)."""
+    tp, fp, fn = (pred & gt).sum(), (pred & ~gt).sum(), (~pred & gt).sum()
+    return float(2 * tp / max(float(2 * tp + fp + fn), 1.0))
+
+
+def mean_dice(probs: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean soft Dice of masks (n, F, S, S) in [0, 1] against GT masks (n, F, S, S) over the clips that have a key
+    object (as :func:`chunk_scores`)."""
+    probs, gt = probs.flatten(1), gt.flatten(1)
+    dice = (2 * (probs * gt).sum(1) + 1e-7) / (probs.sum(1) + gt.sum(1) + 1e-7)  # (n,)
+    has_obj = gt.amax(1) > 0
+    return float(dice[has_obj].mean()) if has_obj.any() else 0.0
+
+
+def mode_tokens(labels: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """The most frequent labelled token of caption labels (n, L) (``IGNORE_INDEX`` where unlabelled): (L,) one per
+    position, or the overall one repeated."""
+    if per_position:
+        return torch.as_tensor([most_frequent(labels[:, j]) for j in range(labels.shape[1])])
+    return torch.full((labels.shape[1],), most_frequent(labels))
+
+
+def most_frequent(labels: torch.Tensor) -> int:
+    """The most frequent value of ``labels`` other than ``IGNORE_INDEX`` (0 when there is none)."""
+    kept = labels[labels != IGNORE_INDEX]
+    return int(kept.mode().values) if len(kept) else 0
+
+
+def token_accuracy(guess: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of one token guess per position (L,) over the labelled positions of caption labels (n, L)."""
+    keep = labels != IGNORE_INDEX
+    return float((guess[None].expand_as(labels) == labels)[keep].float().mean())
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------

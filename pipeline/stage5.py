@@ -10,6 +10,8 @@ Per test clip (N = ``video.num_frames``, R = ``video.resolution``, F = stage-3 f
    round(steps·strength) run, from the init latents noised to exactly the first of them (``VideoRole.img2img_start``).
    ``video.init=noisy_start`` (upstream's ``low_strength=0.3``): the init latents noised at the grid's largest
    timestep (t = 961 of 25) and all ``steps`` run (``VideoRole.noisy_start``); ``strength`` is unused.
+   ``video.init=noise`` (the ablation without the blurry video, ``bench/ablations.py``): the start noise itself, all
+   ``steps`` run; the blurry video is not used (its VAE sample is still drawn, so the noise equals img2img's).
 4. Prompt = caption + ``prompt_suffix``, negative prompt from the config, CFG ``guidance``, SparseCtrl
    ``controlnet_scale``; frames decoded one by one → (N, 3, R, R) in [0, 1].
 
@@ -146,13 +148,15 @@ def start_latents(s: Stage5, init: torch.Tensor, noise: torch.Tensor) -> tuple[t
     v = s.cfg.video
     if v.init == "noisy_start":  # upstream (defect 26): noised at the largest timestep, all steps run
         return s.role.noisy_start(init, noise, v.steps), 0
+    if v.init == "noise":  # no init video: DDIM starts from N(0, I) (its init_noise_sigma is 1)
+        return noise.to(s.role.device) * s.role.scheduler.init_noise_sigma, 0
     return s.role.img2img_start(init, noise, v.steps, v.strength)
 
 
 def steps_run(cfg: Stage5Config, role: Any) -> int:
     """How many DDIM steps every clip runs."""
     v = cfg.video
-    return v.steps if v.init == "noisy_start" else role.strength_steps(v.steps, v.strength)
+    return v.steps if v.init in ("noisy_start", "noise") else role.strength_steps(v.steps, v.strength)
 
 
 def start_timestep(cfg: Stage5Config, role: Any) -> int | None:
@@ -321,7 +325,7 @@ def record_inputs(s: Stage5, recorder: StageRecorder) -> None:
             "caption_source": s.caption_source,
             "processes": s.accelerator.num_processes,
             "denoise_steps": steps_run(s.cfg, s.role),
-            "video_init": v.init,  # defect 26: img2img | noisy_start (upstream)
+            "video_init": v.init,  # defect 26: img2img | noisy_start (upstream) | noise (no blurry video)
             "start_timestep": start_timestep(s.cfg, s.role),
             "seed_rule": v.seed,  # per_clip: clip_seed(run.seed, clip) | zero: upstream's manual_seed(0)
             "clip_seeds": [clip_seed_of(s.cfg, clip) for clip in range(s.n_clips)],

@@ -99,3 +99,25 @@ def with_toy_roles(env: SmokeEnv, roles: tuple[str, ...], scratch: Path) -> Smok
     profile = scratch / "smoke_roles.yaml"
     profile.write_text(f"extends: {env.profile}\npaths:\n  weights_root: {weights}\n")
     return SmokeEnv(env.world, weights, env.exp_root, profile)
+
+
+def fmri_variant(env: SmokeEnv, scratch: Path, **world: object) -> SmokeEnv:
+    """A copy of the smoke world that differs from ``env.world`` only in its simulated fMRI (``world`` keys of
+    :class:`utils.toy_world.ToyWorldConfig`, e.g. ``snr=1.0``), ready for stages 1 and 2 with ``env``'s toy weights:
+    their hash covers the stimuli, not the fMRI (checked here). Seconds to build."""
+    from models.foundation import build_role
+    from models.foundation.toy.data import world_hash
+    from tasks_construction import find_key_obj, gen_GT_clip_embeds
+    from tasks_construction.toy_cortex.build import build_world
+    from utils.toy_world import make_config
+
+    root = scratch / "toy_cortex_smoke"
+    build_world(make_config("smoke", **world), root, progress=False)
+    find_key_obj.run(root)
+    if world_hash(root) != world_hash(env.world):
+        raise AssertionError(f"{world} changed the smoke stimuli: {env.weights} does not fit them")
+    gen_GT_clip_embeds.run(root, build_role("clip", "toy", env.weights, "cpu"))
+    gen_GT_clip_embeds.copy_toy_tokens_proj(env.weights, root)
+    profile = scratch / "smoke_variant.yaml"
+    profile.write_text(f"extends: {env.profile}\npaths:\n  data_root: {root}\n  exp_root: {scratch / 'EXP'}\n")
+    return SmokeEnv(root, env.weights, scratch / "EXP", profile)

@@ -242,8 +242,9 @@ class Stage5Video:
     strength: float = 0.3  # a real img2img strength (fixes defect 26); used by init="img2img" only
     # defect 26: "img2img" runs the last round(steps * strength) DDIM steps from the init latents noised to the first
     # of them; "noisy_start" is upstream's low_strength=0.3: the init noised at the grid's largest timestep (t = 961
-    # of 25 steps) and all `steps` run
-    init: Literal["img2img", "noisy_start"] = "img2img"
+    # of 25 steps) and all `steps` run; "noise" (ablation without the blurry video, bench/ablations.py): pure Gaussian
+    # noise, no init video, all `steps` run (text + keyframe only)
+    init: Literal["img2img", "noisy_start", "noise"] = "img2img"
     # spec §6 step 4: "per_clip" seeds a generator per clip with clip_seed(run.seed, clip); "zero" is upstream's
     # torch.manual_seed(0) for every clip, its two VAE samplings drawn before the reseed (pipeline/stage5.py)
     seed: Literal["per_clip", "zero"] = "per_clip"

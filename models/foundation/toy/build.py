@@ -3,7 +3,9 @@
 Order and dependencies: ``clip`` -> ``vae`` -> ``gpt2`` -> ``unclip`` (trained on the frozen toy clip tokens and toy
 VAE latents, so its config hash includes theirs) -> ``frame_classifier`` -> ``video_classifier`` -> ``clip_pcc`` ->
 ``blip2`` -> ``video`` (trained in the frozen toy VAE's latent space; its hash includes the VAE's). The classifiers
-read their labels from the world's training annotations. Each role's hash covers its recipe, the seed, the world's
+read their labels from the world's training annotations; their manifests also record ``stats["test_eval"]``, their
+accuracy on the world's ground-truth TEST clips (read only, never trained on; the ceiling of the stage-6 metrics that
+use them). Each role's hash covers its recipe, the seed, the world's
 config hash and :data:`~models.foundation.toy.common.TOY_VERSION`; a role whose folder holds a matching, intact
 manifest is skipped, so a rerun on complete weights does nothing. Each role gets its own seed (``seed`` + a fixed
 offset), so one role's weights do not depend on whether another was rebuilt. ``roles`` builds a subset (plus what
@@ -90,7 +92,10 @@ def _builder(role: str, weights_root: Path, world_root: Path) -> Callable[..., d
         module = toy_frame_classifier if role == "frame_classifier" else toy_video_classifier
 
         def build_classifier(stim: Stimuli, folder: Path, scale: str, seed: int, progress: bool) -> dict[str, Any]:
-            return module.build(stim, folder, scale, seed, progress, world_root)
+            from models.foundation.toy.evaluate import classifier_test_eval  # it imports this module
+
+            stats = module.build(stim, folder, scale, seed, progress, world_root)
+            return {**stats, "test_eval": classifier_test_eval(role, folder, world_root)}
 
         return build_classifier
     if role == "video":

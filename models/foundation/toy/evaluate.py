@@ -10,7 +10,8 @@
   other frame, chance 0.5) and the mean MSE to the own vs the other frames.
 * frame_classifier (every test frame) / video_classifier (every test clip): top-1 accuracy of the true class (chance
   1/K), ``two_way`` = the share of the other classes that the true class outscores (chance 0.5), and the accuracy of
-  each factor of the argmax class (chance 1/size).
+  each factor of the argmax class (chance 1/size). :func:`classifier_test_eval` gives the same in the form the
+  builder records as each classifier's ``stats["test_eval"]`` (its ceiling on ground-truth test data).
 * clip_pcc: ``temporal_two_way``: the first frame of a clip is closer (cosine of the features) to its own last frame
   than to the last frame of a clip of another scene (chance 0.5); ``caption_two_way`` likewise for captions.
 * blip2: captions of test keyframes; mean word F1 to the own clip's caption vs to the captions of other scenes.
@@ -126,21 +127,59 @@ def classifier_quality(
     return out
 
 
+FRAME_FACTORS = ("category", "background", "count")
+
+
 @torch.no_grad()
 def eval_frame_classifier(role: Any, test: Stimuli, factors: toy_fc.SceneFactors) -> dict[str, float]:
     probs = role.probs(test.flat_frames())
     parts = [p.repeat_interleave(test.n_frames) for p in (factors.category, factors.background, factors.count)]
-    return classifier_quality(probs, parts, toy_fc.frame_sizes(factors), ("category", "background", "count"))
+    return classifier_quality(probs, parts, toy_fc.frame_sizes(factors), FRAME_FACTORS)
 
 
 @torch.no_grad()
 def eval_video_classifier(role: Any, test: Stimuli, factors: toy_fc.SceneFactors) -> dict[str, float]:
+    """Top-1 etc. over the role's classes (with the speed factor when the role has the speed classes)."""
+    speed = toy_vc.has_speed_classes(role.num_classes, factors)
     return classifier_quality(
         role.probs(test.frames),
-        toy_vc.video_parts(factors),
-        toy_vc.video_sizes(factors),
-        ("category", "direction", "background"),
+        toy_vc.video_parts(factors, speed),
+        toy_vc.video_sizes(factors, speed),
+        toy_vc.video_factor_names(speed),
     )
+
+
+def ceiling_summary(quality: dict[str, float]) -> dict[str, Any]:
+    """:func:`classifier_quality` output -> ``{"top1", "chance": 1/K, "factors": {name: accuracy}}``."""
+    factors = {k.removeprefix("acc_"): v for k, v in quality.items() if k.startswith("acc_")}
+    return {"top1": quality["top1"], "chance": quality["top1_chance"], "factors": dict(reversed(factors.items()))}
+
+
+def classifier_test_eval(role: str, folder: Path, world_root: Path) -> dict[str, Any]:
+    """The ceiling of the toy ``role`` ("frame_classifier" or "video_classifier") saved in ``folder``: its
+    :func:`ceiling_summary` on the ground-truth clips of ``world_root``'s TEST split (read only)."""
+    from transformers import (
+        VideoMAEForVideoClassification,
+        VideoMAEImageProcessor,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    from models.foundation.common import finish
+    from models.foundation.frame_classifier import FrameClassifierRole
+    from models.foundation.video_classifier import VideoClassifierRole
+
+    test, factors = load_stimuli(world_root, "test"), toy_fc.load_factors(world_root, "test")
+    if role == "frame_classifier":
+        model = finish(ViTForImageClassification.from_pretrained(folder), "cpu")
+        quality = eval_frame_classifier(
+            FrameClassifierRole(model, ViTImageProcessor.from_pretrained(folder)), test, factors
+        )
+    else:
+        model = finish(VideoMAEForVideoClassification.from_pretrained(folder), "cpu")
+        processor = VideoMAEImageProcessor.from_pretrained(folder)
+        quality = eval_video_classifier(VideoClassifierRole(model, processor), test, factors)
+    return ceiling_summary(quality)
 
 
 def _two_way(sim: torch.Tensor, scene: torch.Tensor) -> float:

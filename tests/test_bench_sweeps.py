@@ -1,0 +1,302 @@
+"""The ablation bench and the SNR/data sweep (issue 17, items 3 and 4) without running them: every ablation's overrides
+resolve on the smoke profile and change exactly their keys (stage 1 never, so it can be shared within a seed), the
+mean ± std over seeds and the tables, ``video.init=noise`` (the ablation without the blurry video) through stage 5's
+generation, the sweep's worlds (distinct folders, the weights reused where the training stimuli are the same) and
+both benches' dry runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.smoke_env import REPO_SMOKE_WEIGHTS
+
+
+# ---- ablations: configs --------------------------------------------------------------------------------------------
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "starts":  # progressive.starts is one value (a mapping)
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def intended(overrides: tuple[str, ...]) -> set[tuple[str, str]]:
+    """``stage2.loss_weights.dice=0`` → ("2", "loss_weights.dice")."""
+    keys = set()
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        stage, _, rest = key.partition(".")
+        assert stage.startswith("stage"), f"ablation override {o} is not aimed at one stage"
+        keys.add((stage.removeprefix("stage"), rest))
+    return keys
+
+
+def test_every_ablation_resolves_and_changes_exactly_its_keys() -> None:
+    """Each ablation's configs (smoke profile, stages 1-6) differ from the full run's in exactly the keys its
+    overrides name, each to another value; stage 1 in none (so a seed's stage 1 is shared by copying)."""
+    from bench.ablations import ABLATIONS, PIPELINE, identity_free, plan_runs, stage_config
+
+    runs = {r.ablation: r for r in plan_runs("t", list(ABLATIONS), [3], [])}
+    full = {k: flat(identity_free(stage_config("smoke", runs["full"], k, "enhance"), k)) for k in PIPELINE}
+    assert full["1"]["run.seed"] == 3 and full["5"]["video.init"] == "img2img"
+    for name, ablation in ABLATIONS.items():
+        diff = set()
+        for k in PIPELINE:
+            mine = flat(identity_free(stage_config("smoke", runs[name], k, "enhance"), k))
+            assert mine.keys() == full[k].keys()
+            diff |= {(k, key) for key in mine if mine[key] != full[k][key]}
+        assert diff == intended(ablation.overrides), name
+        assert not any(stage == "1" for stage, _ in diff), name
+    assert ABLATIONS["full"].overrides == ()
+
+
+def test_ablation_configs_mean_what_the_docstring_says() -> None:
+    from bench.ablations import ABLATIONS, plan_runs, stage_config
+
+    runs = {r.ablation: r for r in plan_runs("t", list(ABLATIONS), [0], [])}
+    cfg = {n: {k: stage_config("smoke", r, k, "enhance") for k in "235"} for n, r in runs.items()}
+    nc2 = cfg["neuroclips"]["2"]
+    lw = nc2.loss_weights
+    assert (lw.dice, lw.concepts, lw.caption) == (0, 0, 0) and lw.latent > 0 and lw.prior > 0
+    assert not nc2.progressive.enabled and "caption_acc" not in nc2.train.selection
+    assert cfg["neuroclips"]["3"].sample.mask_soft_low == 1.0, "no AVR: the soft mask is all ones"
+    assert cfg["no_blurry"]["5"].video.init == "noise" and cfg["no_blurry"]["2"].loss_weights.latent == 0
+    assert cfg["full"]["3"].sample.mask_soft_low < 1.0 and cfg["full"]["2"].progressive.enabled
+    assert all(c["3"].run.mode == "enhance" for c in cfg.values())
+
+
+def test_plan_trains_stage1_once_per_seed_and_copies_it(capsys) -> None:
+    from bench.ablations import main
+
+    assert main(["--profile", "smoke", "--exp", "t", "--seeds", "0", "1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 12
+    assert lines[0].startswith("t_abl_full_s0: stages 1-6") and lines[6].startswith("t_abl_full_s1: stages 1-6")
+    assert lines[5].startswith("t_abl_neuroclips_s0: stage 1 copied from t_abl_full_s0, stages 2-6")
+    assert lines[11].startswith("t_abl_neuroclips_s1: stage 1 copied from t_abl_full_s1")
+
+
+def test_bad_override_fails_in_the_plan_with_one_line(capsys) -> None:
+    from bench.ablations import main
+
+    assert main(["--profile", "smoke", "--seeds", "0", "--dry-run", "--set", "stage2.loss_weights.dicee=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ConfigError") and "dicee" in err and "\n" not in err
+
+
+# ---- ablations: aggregation and table ------------------------------------------------------------------------------
+def test_aggregate_is_mean_and_sample_std_of_the_finite_values() -> None:
+    from bench.ablations import aggregate
+
+    agg = aggregate([0.7, None, 0.8, float("nan"), 0.9])
+    assert agg["n"] == 3 and agg["mean"] == pytest.approx(0.8)
+    assert agg["std"] == pytest.approx(float(np.std([0.7, 0.8, 0.9], ddof=1)))
+    one = aggregate([0.5])
+    assert one == {"values": [0.5], "n": 1, "mean": 0.5, "std": None}
+    assert aggregate([None])["mean"] is None
+
+
+def records(rng: np.random.Generator) -> list[dict[str, Any]]:
+    out = []
+    for name in ("full", "no_concepts", "no_blurry"):
+        for seed in (2, 0, 1):  # out of order: the summary sorts by seed
+            metrics = {"video_2way": float(rng.uniform(0.6, 0.9)), "psnr": float(rng.uniform(9, 12)),
+                       "key_object_dice": None if name == "no_blurry" and seed == 1 else 0.2}  # fmt: skip
+            out.append({"ablation": name, "seed": seed, "metrics": metrics, "chance": {"video_2way": 0.75}})
+    return out
+
+
+def test_summary_and_table_from_per_seed_metrics() -> None:
+    from bench.ablations import NO_PAPER_ROW, summarise, table
+
+    recs = records(np.random.default_rng(0))
+    summary = summarise(recs)
+    assert list(summary) == ["full", "no_concepts", "no_blurry"]
+    full = [r["metrics"]["video_2way"] for r in sorted(recs, key=lambda r: r["seed"]) if r["ablation"] == "full"]
+    assert summary["full"]["video_2way"]["values"] == full
+    assert summary["full"]["video_2way"]["std"] == pytest.approx(float(np.std(full, ddof=1)))
+    assert summary["no_blurry"]["key_object_dice"]["n"] == 2
+    text = table(summary, {"video_2way": 0.75}, [0, 1, 2])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("|")}
+    mean, std = float(np.mean(full)), float(np.std(full, ddof=1))
+    assert f"{mean:.3f} ± {std:.3f} (n=3)" in rows["video 2-way"] and rows["video 2-way"].endswith("| 0.750 |")
+    assert "(n=2)" in rows["key-object Dice"] and "±" in rows["PSNR (dB)"]
+    paper = rows["paper: video 2-way"].split(" | ")
+    assert paper[1:4] == ["0.862", "—", "0.838"], "full: NEURONS §3.3; no_blurry: NeuroClips' w/o blurry clip"
+    assert NO_PAPER_ROW in rows["paper row"]
+
+
+# ---- stage 5: video.init=noise -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def video_profile(smoke_world: Path, tmp_path_factory) -> Path:
+    """A profile with the smoke toy ``video`` + ``vae`` weights (the repository's when current, else built) and a
+    hand-made stage-3 folder of run ``s5``."""
+    from models.foundation.toy.build import build_toy_weights, role_hashes
+    from models.foundation.toy.common import is_complete, role_dir
+    from models.foundation.toy.data import world_hash
+    from tests.test_stage5 import fake_stage3
+    from utils.config import load_config
+    from utils.runs import RunPaths
+    from utils.stage_configs import Stage5Config
+
+    scratch = tmp_path_factory.mktemp("noise_init")
+    hashes = role_hashes(world_hash(smoke_world), "smoke", 0)
+    weights = REPO_SMOKE_WEIGHTS
+    if not all(is_complete(role_dir(weights, r), hashes[r]) for r in ("vae", "video")):
+        weights = scratch / "weights"
+        build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=("video",))
+    path = scratch / "p.yaml"
+    path.write_text("extends: smoke\n"
+                    f"paths:\n  data_root: {smoke_world}\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n"
+                    "run:\n  device: cpu\nstage5:\n  video:\n    caption_fallback: true\n    steps: 4\n")  # fmt: skip
+    cfg = load_config(Stage5Config, str(path), [], {"exp": "s5", "mode": "enhance"})
+    fake_stage3(smoke_world, RunPaths.from_config(cfg).stage_dir("3"))
+    return path
+
+
+def test_noise_init_ignores_the_blurry_video_and_runs_every_step(video_profile: Path) -> None:
+    from pipeline.stage5 import generate_clip, setup, steps_run
+    from utils.config import load_config
+    from utils.stage_configs import Stage5Config
+
+    def cfg(*overrides: str) -> Stage5Config:
+        return load_config(Stage5Config, str(video_profile), list(overrides), {"exp": "s5", "mode": "enhance"})
+
+    s = setup(cfg("video.init=noise"))
+    calls = [0]
+    s.role.unet.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    assert steps_run(s.cfg, s.role) == 4
+    video = generate_clip(s, 0)
+    assert calls[0] == 4, "every DDIM step runs"
+    blurry = s.blurry.clone()
+    s.blurry = torch.rand_like(blurry.float()).to(blurry.dtype)  # another blurry video
+    torch.testing.assert_close(generate_clip(s, 0), video, rtol=0, atol=0)
+    s.cfg = cfg("video.init=img2img", "video.strength=0.5")
+    other = generate_clip(s, 0)
+    s.blurry = blurry
+    assert not torch.equal(generate_clip(s, 0), other), "img2img does read the blurry video (the check can fail)"
+
+
+# ---- the sweep -----------------------------------------------------------------------------------------------------
+def test_sweep_worlds_have_distinct_folders_and_profiles(tmp_path: Path) -> None:
+    from bench.snr_sweep import CLIP_FACTORS, SNRS, base_config, plan_worlds, profile_text
+    from utils.config import load_config
+    from utils.stage_configs import Stage1Config, WorldBuildConfig
+
+    base = base_config("smoke", [])
+    worlds = plan_worlds("smoke", base, list(SNRS), list(CLIP_FACTORS), tmp_path)
+    assert [(w.snr, w.config.n_train_clips) for w in worlds] == [(0.003, 48), (0.01, 48), (0.03, 48), (0.1, 48),
+                                                                  (0.01, 96)]  # fmt: skip
+    assert len({w.data_root for w in worlds}) == 5 and len({w.name for w in worlds}) == 5
+    (home,) = [w for w in worlds if w.is_base]
+    assert home.snr == base.world.snr and home.profile == "smoke" and home.data_root.name == "toy_cortex_smoke"
+    for w in worlds:
+        if w.is_base:
+            continue
+        assert w.data_root.parent == tmp_path and Path(w.profile).parent == tmp_path
+        Path(w.profile).write_text(profile_text("smoke", w, base.world))
+        assert load_config(WorldBuildConfig, w.profile).world == w.config
+        stage = load_config(Stage1Config, w.profile)
+        assert Path(stage.paths.data_root) == w.data_root
+        assert stage.paths.weights_root == base.paths.weights_root, "every world reads the profile's weights"
+
+
+def test_sweep_reuses_the_weights_where_the_stimuli_are_the_same(smoke_world: Path, tmp_path: Path) -> None:
+    """The SNR world's training stimuli (the toy weights' hash) are the base world's; the 2x-clips world's are not,
+    and begin with them. ``weights_check`` passes on current weights and refuses stale ones (never rebuilds)."""
+    from bench.snr_sweep import World, base_config, is_prefix, plan_worlds, weights_check
+    from models.foundation.toy.build import ROLES, role_hashes
+    from models.foundation.toy.common import MANIFEST, role_dir
+    from models.foundation.toy.data import world_hash
+    from tasks_construction.toy_cortex.build import build_world
+
+    base = base_config("smoke", [])
+    snr, twice = plan_worlds("smoke", base, [0.1], [2], tmp_path)
+    for w in (snr, twice):
+        build_world(w.config, w.data_root, progress=False)
+    home = World("home", base.world.snr, 1, base.world, smoke_world, "smoke", True)
+    assert world_hash(snr.data_root) == world_hash(smoke_world) != world_hash(twice.data_root)
+    assert is_prefix(smoke_world, twice.data_root) and not is_prefix(twice.data_root, smoke_world)
+    test_frames = [torch.load(r / "GT_test_3fps.pt", weights_only=True) for r in (smoke_world, twice.data_root)]
+    assert torch.equal(*test_frames), "the same test clips in every world"
+
+    weights = tmp_path / "weights"  # role folders whose manifests say: built for the base world, current
+    hashes = role_hashes(world_hash(smoke_world), "smoke", base.world.seed)
+    for role in ROLES:
+        role_dir(weights, role).mkdir(parents=True)
+        (role_dir(weights, role) / "w.bin").write_bytes(b"x")
+        manifest = {"config_hash": hashes[role], "files": {"w.bin": {"size": 1, "sha256": _sha(b"x")}}}
+        (role_dir(weights, role) / MANIFEST).write_text(json.dumps(manifest))
+    cfg = base_config("smoke", [f"paths.weights_root={weights}"])
+    info = weights_check(snr, home, cfg, "smoke")
+    assert info["same_stimuli"] and info["world_hash"] == info["weights_world_hash"]
+    info = weights_check(twice, home, cfg, "smoke")
+    assert not info["same_stimuli"] and info["base_clips_first"]
+    shutil.rmtree(role_dir(weights, "video"))
+    with pytest.raises(SystemExit, match="video .*never rebuilds them"):
+        weights_check(snr, home, cfg, "smoke")
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def quality_record(snr: float, rng: np.random.Generator) -> dict[str, Any]:
+    """A toy_quality-like record: methods → metric → {values, n_seeds, mean, std}."""
+
+    def agg(values: list[float]) -> dict[str, Any]:
+        return {"values": values, "n_seeds": len(values), "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}  # fmt: skip
+
+    scale = math.log10(snr / 0.001)
+    neurons = {k: agg(list(rng.uniform(0.1, 0.2, 3) * scale)) for k in ("id_50way", "video_50way", "ssim")}
+    return {"bench": "toy_quality", "chance": {"id_50way": 0.02, "video_50way": 0.058},
+            "methods": {"NEURONS enhance": neurons, "ridge → decoders": {"video_50way": agg([0.1, 0.12, 0.11])},
+                        "oracle ceiling": {"id_50way": agg([0.98])}}}  # fmt: skip
+
+
+def test_sweep_table_and_plot(tmp_path: Path) -> None:
+    from bench.snr_sweep import numbers, plot, table, toy_quality_record
+
+    rng = np.random.default_rng(0)
+    points = []
+    for snr, factor in ((0.003, 1), (0.01, 1), (0.1, 1), (0.01, 2)):
+        record = quality_record(snr, rng)
+        lines = ["NEURONS: exp=... stages=123456", "| metric | ... |", json.dumps(record) + "\n", "report: x.html"]
+        parsed = toy_quality_record(lines)
+        assert parsed == record
+        points.append({"name": f"snr{snr:g}x{factor}", "snr": snr, "clip_factor": factor, "n_train_clips": 48 * factor,
+                       "numbers": numbers(parsed), "chance": parsed["chance"]})  # fmt: skip
+    text = table(points, [0, 1, 2])
+    rows = [line for line in text.splitlines() if line.startswith("| snr")]
+    assert len(rows) == 4 * 3, "world × (NEURONS, ridge → decoders, ceiling)"
+    first = points[0]["numbers"]["NEURONS enhance"]["id_50way"]
+    assert f"{first['mean']:.3f} ± {first['std']:.3f}" in rows[0] and rows[0].split(" | ")[3] == "NEURONS enhance"
+    assert "| chance |" in text and "0.020" in text
+    png = plot(points, tmp_path / "sweep.png", "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no JSON record"):
+        toy_quality_record(["{not json", '{"bench": "other"}'])
+
+
+def test_sweep_dry_run_and_refused_world_overrides(capsys) -> None:
+    from bench.snr_sweep import main
+
+    assert main(["--profile", "smoke", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and lines[4].startswith("snr0.01_clips2x: snr 0.01, 96 training clips")
+    assert "other training stimuli" in lines[4] and "same training stimuli" in lines[0]
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--dry-run", "--set", "world.snr=0.1"])
