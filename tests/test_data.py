@@ -54,8 +54,13 @@ def test_train_repeat_changes_per_epoch(smoke_world: Path):
     assert torch.equal(data.voxels("train", epoch=1), x[:, 1])
 
 
-def test_missing_caption_embeddings_name_the_command(smoke_world: Path):
-    data = BrainVideoData(smoke_world, 1)
+def test_missing_caption_embeddings_name_the_command(smoke_world: Path, tmp_path: Path):
+    root = tmp_path / "world"  # the session world may hold embeddings already (smoke_env writes them)
+    root.mkdir()
+    for item in smoke_world.iterdir():
+        if "caption_emb" not in item.name:
+            (root / item.name).symlink_to(item)
+    data = BrainVideoData(root, 1)
     with pytest.raises(DataError, match=r"GT_train_caption_emb\.pt.*gen_GT_clip_embeds"):
         data.dataset("train", ("voxel", "caption_emb"))
 
