@@ -37,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run_copies import copy_stages, paths_of, run_stages  # noqa: E402
+from bench.run_copies import run_copy  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("info_ladder")
@@ -57,15 +57,10 @@ METRICS = ("video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc",
 
 
 def one_rung(args: argparse.Namespace, rung: str, seed: int) -> dict[str, Any]:
-    exp = f"{args.exp}_ladder_{rung}{seed}"
+    base = (args.profile, args.exp, args.subj, args.mode)
     overrides = [*args.set, *RUNGS[rung], f"run.seed={seed}"]
-    src = paths_of(args.profile, args.exp, args.subj, args.mode, args.set)
-    dst = paths_of(args.profile, exp, args.subj, args.mode, overrides)
-    copy_stages(src, dst, COPIED)
-    wall = run_stages(args.profile, exp, args.subj, args.mode, "3456", overrides)
-    report = json.loads(dst.metrics_file.read_text())
-    return {"exp": exp, "seed": seed, "overrides": RUNGS[rung], "wall_s": round(wall, 1),
-            "protocols": report["protocols"]}  # fmt: skip
+    run = run_copy(base, f"{args.exp}_ladder_{rung}{seed}", COPIED, "3456", args.set, overrides)
+    return {**run, "seed": seed, "overrides": RUNGS[rung]}
 
 
 def cell(runs: list[dict[str, Any]], protocol: str, metric: str) -> str:

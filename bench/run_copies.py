@@ -8,6 +8,7 @@ through ``train_neurons.sh`` with the copy's own overrides, and their manifests 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,3 +63,17 @@ def run_stages(profile: str, exp: str, subj: int, mode: str, stages: str, overri
     if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
         raise SystemExit(f"error: stages {stages} of exp {exp} failed; see its logs/")
     return time.time() - t0
+
+
+def run_copy(
+    base: tuple[str, str, int, str], exp: str, shared: tuple[str, ...], stages: str, base_set: list[str],
+    overrides: list[str],
+) -> dict[str, Any]:
+    """Copy ``shared`` stages of run ``base`` = (profile, exp, subj, mode) to ``exp`` and run ``stages`` there with
+    ``overrides`` (``base_set`` resolves the source run); -> ``{exp, wall_s, protocols}`` of its stage 6."""
+    profile, src_exp, subj, mode = base
+    dst = paths_of(profile, exp, subj, mode, overrides)
+    copy_stages(paths_of(profile, src_exp, subj, mode, base_set), dst, shared)
+    wall = run_stages(profile, exp, subj, mode, stages, overrides)
+    report = json.loads(dst.metrics_file.read_text())
+    return {"exp": exp, "wall_s": round(wall, 1), "protocols": report["protocols"]}

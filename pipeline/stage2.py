@@ -78,6 +78,7 @@ from utils.losses import (
     upstream_progressive_windows,
 )
 from utils.manifest import require_stage
+from utils.metrics import concept_f1
 from utils.resize import resize_maps_nearest, resize_masks_majority
 from utils.runs import RunPaths, rerun_hint
 from utils.stage_configs import Stage2Config, UpstreamFlags
@@ -418,9 +419,7 @@ def chunk_scores(b: Batch, out: dict[str, Any], frame: int, up: UpstreamFlags) -
     pred = out["concepts"] > 0
     gt = b.concepts > 0.5
     has_obj = b.masks.flatten(1).amax(1) > 0
-    probs = torch.sigmoid(out["masks"].float()).flatten(1)  # (b, F·S·S)
-    gt_masks = gt_masks_at(up, b.masks, out["masks"].shape[-1]).flatten(1)
-    dice = (2 * (probs * gt_masks).sum(1) + 1e-7) / (probs.sum(1) + gt_masks.sum(1) + 1e-7)  # (b,)
+    dice = soft_dice(torch.sigmoid(out["masks"].float()), gt_masks_at(up, b.masks, out["masks"].shape[-1]))  # (b,)
     return {
         "fwd_top1": float((sims.argmax(1) == truth).sum()),
         "bwd_top1": float((sims.argmax(0) == truth).sum()),
@@ -533,18 +532,20 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def micro_f1(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """Micro F1 of bool predictions against bool labels, both (n, C) (as :func:`evaluate`)."""
-    tp, fp, fn = (pred & gt).sum(), (pred & ~gt).sum(), (~pred & gt).sum()
-    return float(2 * tp / max(float(2 * tp + fp + fn), 1.0))
+    """Micro F1 of bool predictions against bool labels, both (n, C) (stage 6's :func:`concept_f1`)."""
+    return float(concept_f1(pred.float(), gt.float())["micro"])
+
+
+def soft_dice(probs: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-clip soft Dice of masks (n, F, S, S) in [0, 1] against GT masks (n, F, S, S) -> (n,)."""
+    probs, gt = probs.flatten(1), gt.flatten(1)
+    return (2 * (probs * gt).sum(1) + 1e-7) / (probs.sum(1) + gt.sum(1) + 1e-7)
 
 
 def mean_dice(probs: torch.Tensor, gt: torch.Tensor) -> float:
-    """Mean soft Dice of masks (n, F, S, S) in [0, 1] against GT masks (n, F, S, S) over the clips that have a key
-    object (as :func:`chunk_scores`)."""
-    probs, gt = probs.flatten(1), gt.flatten(1)
-    dice = (2 * (probs * gt).sum(1) + 1e-7) / (probs.sum(1) + gt.sum(1) + 1e-7)  # (n,)
-    has_obj = gt.amax(1) > 0
-    return float(dice[has_obj].mean()) if has_obj.any() else 0.0
+    """Mean :func:`soft_dice` over the clips that have a key object (as :func:`chunk_scores`)."""
+    has_obj = gt.flatten(1).amax(1) > 0
+    return float(soft_dice(probs, gt)[has_obj].mean()) if has_obj.any() else 0.0
 
 
 def mode_tokens(labels: torch.Tensor, per_position: bool) -> torch.Tensor:
