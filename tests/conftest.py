@@ -40,13 +40,12 @@ METRIC_ROLES = ("frame_classifier", "video_classifier", "clip_pcc")
 
 
 @pytest.fixture(scope="session")
-def metric_weights(smoke_world: Path, tmp_path_factory) -> Path:
-    """The smoke world's stage-6 metric models (frame and video classifiers, CLIP-pcc), built once per session."""
-    from models.foundation.toy.build import build_toy_weights
+def metric_weights(smoke_world: Path) -> Path:
+    """The smoke world's stage-6 metric models (frame and video classifiers, CLIP-pcc): the repository's up-to-date
+    smoke weights, else the session's one build of every smoke role."""
+    from tests.smoke_env import smoke_weights
 
-    weights = tmp_path_factory.mktemp("metric_weights")
-    build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=METRIC_ROLES)
-    return weights
+    return smoke_weights(smoke_world, METRIC_ROLES)
 
 
 @pytest.fixture(scope="session")

@@ -27,17 +27,29 @@ class SmokeEnv:
     profile: Path  # a YAML profile (extends smoke) pointing at the three folders above
 
 
-def smoke_weights(world: Path, scratch: Path) -> Path:
-    from models.foundation.toy.build import build_toy_weights, role_hashes
+@functools.cache
+def built_smoke_weights(world: Path) -> tuple[Path, dict]:
+    """Every smoke toy role for ``world``, built once per test session beside it (1 thread, minutes); the build's
+    summary comes with it (``tests/test_foundation_toy.py`` checks it)."""
+    from models.foundation.toy.build import build_toy_weights
+
+    root = world.parent / "toy_smoke_weights"
+    summary = build_toy_weights(world, root, "smoke", seed=0, progress=False, num_threads=1)
+    return root, summary
+
+
+def smoke_weights(world: Path, roles: tuple[str, ...] = ROLES) -> Path:
+    """The repository's ``pretrained_weights/toy_smoke`` when it holds up-to-date ``roles`` for ``world``, else the
+    session's build (:func:`built_smoke_weights`)."""
+    from models.foundation.toy.build import role_hashes
     from models.foundation.toy.common import is_complete, role_dir
     from models.foundation.toy.data import world_hash
 
     hashes = role_hashes(world_hash(world), "smoke", 0)
-    if all(is_complete(role_dir(REPO_SMOKE_WEIGHTS, r), hashes[r]) for r in ROLES):
+    if all(is_complete(role_dir(REPO_SMOKE_WEIGHTS, r), hashes[r]) for r in roles):
         return REPO_SMOKE_WEIGHTS
-    log.warning("no up-to-date smoke toy weights in %s; building them (minutes)", REPO_SMOKE_WEIGHTS)
-    build_toy_weights(world, scratch, "smoke", seed=0, progress=False)
-    return scratch
+    log.warning("no up-to-date smoke toy weights in %s; building them once for the session", REPO_SMOKE_WEIGHTS)
+    return built_smoke_weights(world)[0]
 
 
 @functools.cache
@@ -47,7 +59,7 @@ def smoke_env(world: Path, scratch: Path) -> SmokeEnv:
     from tasks_construction import gen_GT_clip_embeds
 
     scratch.mkdir(parents=True, exist_ok=True)
-    weights = smoke_weights(world, scratch / "weights")
+    weights = smoke_weights(world)
     gen_GT_clip_embeds.run(world, build_role("clip", "toy", weights, "cpu"))
     gen_GT_clip_embeds.copy_toy_tokens_proj(weights, world)
     exp_root = scratch / "EXP"
@@ -86,14 +98,19 @@ def copy_stages(src: Path, dst: Path, folders: tuple[str, ...] = ("stage1", "sta
 
 
 def with_toy_roles(env: SmokeEnv, roles: tuple[str, ...], scratch: Path) -> SmokeEnv:
-    """``env`` with a weights folder that also holds the smoke toy ``roles`` (built here, 1 thread, seconds each): the
-    base roles are linked, not copied, so the repository's weights are never written to."""
-    from models.foundation.toy.build import build_toy_weights
+    """``env`` with a weights folder that also holds the smoke toy ``roles`` (1 thread, seconds each): ``env``'s roles
+    are linked, not copied (a role of ``roles`` only when up to date; the others are built here), so the weights of
+    ``env`` are never written to."""
+    from models.foundation.toy.build import build_toy_weights, role_hashes
+    from models.foundation.toy.common import is_complete
+    from models.foundation.toy.data import world_hash
 
+    hashes = role_hashes(world_hash(env.world), "smoke", 0)
     weights = scratch / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    for role in env.weights.iterdir():
-        if role.is_dir() and role.name not in roles and not (weights / role.name).exists():
+    for role in env.weights.iterdir():  # the session's up-to-date roles are linked, not rebuilt
+        current = role.name not in roles or is_complete(role, hashes.get(role.name, ""))
+        if role.is_dir() and current and not (weights / role.name).exists():
             (weights / role.name).symlink_to(role.resolve(), target_is_directory=True)
     build_toy_weights(env.world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=roles)
     profile = scratch / "smoke_roles.yaml"

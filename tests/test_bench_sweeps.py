@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.smoke_env import REPO_SMOKE_WEIGHTS
-
 
 # ---- ablations: configs --------------------------------------------------------------------------------------------
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -139,22 +137,16 @@ def test_summary_and_table_from_per_seed_metrics() -> None:
 # ---- stage 5: video.init=noise -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def video_profile(smoke_world: Path, tmp_path_factory) -> Path:
-    """A profile with the smoke toy ``video`` + ``vae`` weights (the repository's when current, else built) and a
-    hand-made stage-3 folder of run ``s5``."""
-    from models.foundation.toy.build import build_toy_weights, role_hashes
-    from models.foundation.toy.common import is_complete, role_dir
-    from models.foundation.toy.data import world_hash
+    """A profile with the smoke toy ``video`` + ``vae`` weights (the repository's when current, else the session's
+    build) and a hand-made stage-3 folder of run ``s5``."""
+    from tests.smoke_env import smoke_weights
     from tests.test_stage5 import fake_stage3
     from utils.config import load_config
     from utils.runs import RunPaths
     from utils.stage_configs import Stage5Config
 
     scratch = tmp_path_factory.mktemp("noise_init")
-    hashes = role_hashes(world_hash(smoke_world), "smoke", 0)
-    weights = REPO_SMOKE_WEIGHTS
-    if not all(is_complete(role_dir(weights, r), hashes[r]) for r in ("vae", "video")):
-        weights = scratch / "weights"
-        build_toy_weights(smoke_world, weights, "smoke", seed=0, progress=False, num_threads=1, roles=("video",))
+    weights = smoke_weights(smoke_world, ("vae", "video"))
     path = scratch / "p.yaml"
     path.write_text("extends: smoke\n"
                     f"paths:\n  data_root: {smoke_world}\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n"

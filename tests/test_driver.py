@@ -179,26 +179,12 @@ FAST_PIPELINE = (
 )
 
 
-def all_smoke_roles(world: Path, base: Path, scratch: Path) -> Path:
-    """A weights folder with every smoke toy role: the repository's (or ``base``'s) when up to date (linked, never
-    written to), the others built here."""
-    from models.foundation.toy.build import ROLES, build_toy_weights, role_hashes
-    from models.foundation.toy.common import is_complete, role_dir
-    from models.foundation.toy.data import world_hash
-    from tests.smoke_env import REPO_SMOKE_WEIGHTS
+def all_smoke_roles(world: Path) -> Path:
+    """A weights folder with every smoke toy role: the repository's when up to date, else the session's build."""
+    from models.foundation.toy.build import ROLES
+    from tests.smoke_env import smoke_weights
 
-    hashes = role_hashes(world_hash(world), "smoke", 0)
-    scratch.mkdir(parents=True, exist_ok=True)
-    missing = []
-    for role in ROLES:
-        found = [r for r in (REPO_SMOKE_WEIGHTS, base) if is_complete(role_dir(r, role), hashes[role])]
-        if found:
-            role_dir(scratch, role).symlink_to(role_dir(found[0], role).resolve(), target_is_directory=True)
-        else:
-            missing.append(role)
-    if missing:
-        build_toy_weights(world, scratch, "smoke", seed=0, progress=False, num_threads=1, roles=tuple(missing))
-    return scratch
+    return smoke_weights(world, ROLES)
 
 
 def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_factory):
@@ -210,7 +196,7 @@ def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_fact
 
     env = smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
     scratch = tmp_path_factory.mktemp("driver_all")
-    weights = all_smoke_roles(smoke_world, env.weights, scratch / "weights")
+    weights = all_smoke_roles(smoke_world)
     profile = scratch / "all.yaml"
     profile.write_text(f"extends: {env.profile}\npaths:\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n")
     env_vars = {"NEURONS_SET": FAST_PIPELINE, "OMP_NUM_THREADS": "1"}
@@ -259,7 +245,7 @@ def test_driver_runs_the_upstream_profile_at_smoke_scale(smoke_world: Path, tmp_
 
     env = smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
     scratch = tmp_path_factory.mktemp("driver_upstream")
-    weights = all_smoke_roles(smoke_world, env.weights, scratch / "weights")
+    weights = all_smoke_roles(smoke_world)
     profile = scratch / "upstream.yaml"
     profile.write_text(f"extends: [{env.profile}, {REPO / 'configs' / 'upstream_behaviour.yaml'}]\n"
                        f"paths:\n  weights_root: {weights}\n  exp_root: {scratch / 'EXP'}\n")  # fmt: skip

@@ -16,12 +16,11 @@ ROLES = ("clip", "vae", "gpt2", "unclip")
 
 
 @pytest.fixture(scope="session")
-def smoke_weights(smoke_world: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    from models.foundation.toy.build import build_toy_weights
+def smoke_weights(smoke_world: Path) -> tuple[Path, dict[str, Any]]:
+    """The session's one fresh build of every smoke role (shared with the stage tests in CI) and its summary."""
+    from tests.smoke_env import built_smoke_weights
 
-    root = tmp_path_factory.mktemp("toy_weights") / "toy_smoke"
-    summary = build_toy_weights(smoke_world, root, "smoke", seed=0, progress=False, num_threads=1)
-    return root, summary
+    return built_smoke_weights(smoke_world)
 
 
 @pytest.fixture(scope="session")

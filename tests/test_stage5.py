@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.smoke_env import REPO, REPO_SMOKE_WEIGHTS
+from tests.smoke_env import REPO
 from utils.data_catalog import frames_file
 
 N_CLIPS = 3
@@ -26,20 +26,11 @@ SMALL = ("video.steps=4", "video.strength=0.5")
 
 
 @pytest.fixture(scope="module")
-def weights(smoke_world: Path, tmp_path_factory) -> Path:
-    """Smoke toy ``video`` (+ its ``vae``) weights: the repository's when up to date, else built here (~20 s)."""
-    from models.foundation.toy.build import build_toy_weights, role_hashes
-    from models.foundation.toy.common import is_complete, role_dir
-    from models.foundation.toy.data import world_hash
+def weights(smoke_world: Path) -> Path:
+    """Smoke toy ``video`` (+ its ``vae``) weights: the repository's when up to date, else the session's build."""
+    from tests.smoke_env import smoke_weights
 
-    hashes = role_hashes(world_hash(smoke_world), "smoke", 0)
-    if all(is_complete(role_dir(REPO_SMOKE_WEIGHTS, r), hashes[r]) for r in ("vae", "video")):
-        return REPO_SMOKE_WEIGHTS
-    root = tmp_path_factory.mktemp("stage5_weights")
-    if is_complete(role_dir(REPO_SMOKE_WEIGHTS, "vae"), hashes["vae"]):
-        shutil.copytree(role_dir(REPO_SMOKE_WEIGHTS, "vae"), role_dir(root, "vae"))
-    build_toy_weights(smoke_world, root, "smoke", seed=0, progress=False, num_threads=1, roles=("video",))
-    return root
+    return smoke_weights(smoke_world, ("vae", "video"))
 
 
 @pytest.fixture(scope="module")
