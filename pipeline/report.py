@@ -12,7 +12,9 @@ objects; the stage-e figures when they exist; and the state of every stage's man
 
 Every number of ours carries its spread: "mean ± std [lo, hi]" with the 95 % interval of ``metrics_<mode>.json``'s
 ``ci95`` (:mod:`utils.metrics.intervals`), and a trailing :data:`MARK` (legend under the table, the cell in the warning
-colour in HTML) on a metric whose interval does not lie above chance (``above_chance`` false). Identification rates
+colour in HTML) on a metric whose interval does not lie above chance (``above_chance`` false), and
+:data:`SHUFFLED_MARK` on an N-way metric that does not beat its shuffled chance (``above_shuffled`` false; the chance
+column then also gives the shuffled chance of each mode's headline protocol). Identification rates
 show a Wilson interval over the test clips. The metric classifiers' accuracy on the ground-truth test videos (their
 ``manifest.json`` ``stats.test_eval``, toy weights) is noted under the metrics table when recorded.
 
@@ -60,7 +62,14 @@ MODES = ("enhance", "motion")
 DEFAULT_SAMPLES = 8
 MARK = "†"  # after a metric whose 95 % interval does not lie above chance
 LEGEND = f"{MARK} the 95 % interval does not lie above chance (its lower bound is at or below the chance level)"
-NUMBER = re.compile(rf"(-?[\d.]+( ± [\d.]+)?( \[-?[\d.]+, -?[\d.]+\])?( \(n=\d+\))?|n/a|—)( {MARK})?")  # right-aligned
+SHUFFLED_MARK = "‡"  # after an N-way metric that does not beat its own shuffled pairs
+SHUFFLED_LEGEND = (
+    f"{SHUFFLED_MARK} not above its shuffled chance: the 95 % clip-bootstrap interval of the mean paired difference "
+    "(each clip's accuracy minus that of its prediction scored against other clips' ground truth) reaches 0"
+)
+NUMBER = re.compile(  # right-aligned
+    rf"(-?[\d.]+( ± [\d.]+)?( \[-?[\d.]+, -?[\d.]+\])?( \(n=\d+\))?|n/a|—)( {MARK})?( {SHUFFLED_MARK})?"
+)
 CLASSIFIER_ROLES = (("video_classifier", "video classifier", "ground-truth test videos"),
                     ("frame_classifier", "frame classifier", "ground-truth test frames"))  # fmt: skip
 GIF_FPS = 3.0  # the dataset's clips: 6 frames at 3 fps
@@ -125,9 +134,12 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def all_notes(self) -> list[str]:
-        """The notes, and the legend of :data:`MARK` when some cell carries it."""
-        marked = any(c.endswith(f" {MARK}") for r in self.rows for c in r)
-        return [*self.notes, LEGEND] if marked and LEGEND not in self.notes else list(self.notes)
+        """The notes, and the legends of :data:`MARK` and :data:`SHUFFLED_MARK` when some cell carries them."""
+        notes = list(self.notes)
+        for mark, legend in ((MARK, LEGEND), (SHUFFLED_MARK, SHUFFLED_LEGEND)):
+            if legend not in notes and any(f" {mark}" in c for r in self.rows for c in r):
+                notes.append(legend)
+        return notes
 
     def markdown(self) -> str:
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
@@ -150,7 +162,7 @@ def td(text: str) -> str:
     """A table cell: numbers right-aligned, a number marked not above chance in the warning colour."""
     if not NUMBER.fullmatch(text):
         return f"<td>{esc(text)}</td>"
-    return f'<td class="num{" warn" if text.endswith(MARK) else ""}">{esc(text)}</td>'
+    return f'<td class="num{" warn" if f" {MARK}" in text else ""}">{esc(text)}</td>'
 
 
 def data_uri(payload: bytes, mime: str) -> str:
@@ -191,9 +203,13 @@ def fmt(value: float | None, decimals: int = 3, std: float | None = None, ci: Se
     return f"{text} [{ci[0]:.{decimals}f}, {ci[1]:.{decimals}f}]" if ci is not None and len(ci) == 2 else text
 
 
-def marked(text: str, above_chance: bool | None) -> str:
-    """``text`` with :data:`MARK` when ``above_chance`` is False (None: no chance level, nothing to mark)."""
-    return f"{text} {MARK}" if above_chance is False and text != "n/a" else text
+def marked(text: str, above_chance: bool | None, above_shuffled: bool | None = None) -> str:
+    """``text`` with :data:`MARK` when ``above_chance`` is False and :data:`SHUFFLED_MARK` when ``above_shuffled`` is
+    False (None: no such chance level, nothing to mark)."""
+    if text == "n/a":
+        return text
+    text = f"{text} {MARK}" if above_chance is False else text
+    return f"{text} {SHUFFLED_MARK}" if above_shuffled is False else text
 
 
 def cell(value: float | dict[str, Any] | None, decimals: int) -> str:
@@ -201,7 +217,7 @@ def cell(value: float | dict[str, Any] | None, decimals: int) -> str:
     [lo, hi]" (marked when not above chance); "—" when absent."""
     if isinstance(value, dict):
         text = fmt(value.get("mean"), decimals, value.get("std"), value.get("ci95"))
-        return marked(text, value.get("above_chance"))
+        return marked(text, value.get("above_chance"), value.get("above_shuffled"))
     return "—" if value is None else fmt(value, decimals)
 
 
@@ -237,10 +253,13 @@ def by_protocol(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def chance_of(metrics: dict[str, dict[str, Any]], key: str) -> str:
-    for m in metrics.values():
-        if key in m.get("metrics", {}) and m["metrics"][key].get("chance") is not None:
-            return fmt(m["metrics"][key]["chance"])
-    return ""
+    """The analytic chance of metric ``key``, and its shuffled chance in the headline protocol of each mode (the
+    shuffled chance depends on the predictions: "0.750; shuffled 0.712 / 0.705" for enhance / motion)."""
+    chance = next((fmt(m["metrics"][key]["chance"]) for m in metrics.values()
+                   if m.get("metrics", {}).get(key, {}).get("chance") is not None), "")  # fmt: skip
+    shuffled = [fmt(m["metrics"][key]["chance_shuffled"]) for m in metrics.values()
+                if m.get("metrics", {}).get(key, {}).get("chance_shuffled") is not None]  # fmt: skip
+    return f"{chance}; shuffled {' / '.join(shuffled)}" if chance and shuffled else chance
 
 
 def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_quality: dict[str, Any] | None) -> Table:

@@ -23,7 +23,9 @@ clips (``num_clips``), so the clips scored are ``0..N-1`` (checked against the `
   key-object masks area-resized to the mask size and thresholded at 0.5, i.e. majority coverage); caption BLEU-4
   (corpus) of the captions stage 5 used (``prompts.json``: BLIP-2 or GPT-2) vs the test captions.
 
-Every metric is ``{"mean", "std", "n", "ci95"}`` (N-way entries add ``"chance"`` and ``"above_chance"``). Per-clip
+Every metric is ``{"mean", "std", "n", "ci95"}`` (N-way entries add ``"chance"`` and ``"above_chance"``, and, with
+``eval.shuffles`` > 0, the shuffled chance: ``"chance_shuffled"``, ``"ci95_vs_shuffled"`` and ``"above_shuffled"``,
+:func:`utils.metrics.intervals.mark_shuffled`). Per-clip
 metrics: mean and std over clips (protocol rules of :func:`utils.metrics.summarise`). Corpus-level metrics (F1, BLEU):
 mean = the corpus value, std = its bootstrap standard deviation over ``eval.bootstrap`` seeded resamples of the clips
 (null when 0). ``ci95`` = [lo, hi], the 95 % percentile interval of the clip bootstrap (``eval.bootstrap`` resamples
@@ -82,8 +84,7 @@ from utils.metrics import (
     dice_per_sample,
     evaluate_videos,
     f1_averages,
-    mark_chance,
-    n_way_accuracy,
+    n_way_entries,
     resample_counts,
     summarise,
 )
@@ -272,16 +273,6 @@ def capped_ways(ways: tuple[int, ...], n_classes: int, gt_top_k: int, what: str)
     return out
 
 
-def n_way_entries(prefix: str, gt: torch.Tensor, pred: torch.Tensor, ways: tuple[int, ...], ev: Any
-                  ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    out = {}
-    for n in ways:
-        acc, std = n_way_accuracy(gt, pred, n, trials=ev.n_trials, gt_top_k=ev.gt_top_k, top_k=ev.top_k, seed=ev.seed)
-        entry = summarise(acc, std, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)  # ci95 over the clips
-        out[f"{prefix}_{n}way"] = mark_chance(entry, chance_level(n, ev.gt_top_k, ev.top_k))
-    return out
-
-
 # ---- stage-3 task metrics ------------------------------------------------------------------------------------------
 def task_metrics(x: EvalInputs, ev: Any) -> dict[str, dict[str, Any]]:
     """Concept F1, caption BLEU-4 (corpus values; std and ci95 over the clip-bootstrap draws, vectorised on per-clip
@@ -341,7 +332,8 @@ def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt
     for prefix, (gt_s, pred_s) in (("video", scores.video), ("frame", scores.frame)):
         role = roles[f"{prefix}_classifier"]
         ways = capped_ways(tuple(ev.ways), role.num_classes, ev.gt_top_k, f"{prefix} classifier")
-        metrics.update(n_way_entries(prefix, gt_s, pred_s, ways, ev))
+        rule = {"trials": ev.n_trials, "gt_top_k": ev.gt_top_k, "top_k": ev.top_k, "seed": ev.seed}
+        metrics.update(n_way_entries(prefix, (gt_s, pred_s), ways, ev.protocol, ev.bootstrap, ev.shuffles, **rule))
         chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
     pcc = clip_pcc(scores.clip_features, ev.protocol)
     metrics["clip_pcc"] = summarise(pcc, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
@@ -466,6 +458,9 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
         for name, m in sorted(protocol_metrics.items()):
             ci = m.get("ci95") or (None, None)
             flag = " not above chance" if m.get("above_chance") is False else ""
+            if "chance_shuffled" in m:
+                above = "not above it" if m.get("above_shuffled") is False else "above it"
+                flag += f"; shuffled chance {_fmt(m['chance_shuffled'])} ({above})"
             log.info("%-8s %-22s %s ± %s [%s, %s] (n=%d)%s", protocol, name, _fmt(m["mean"]), _fmt(m["std"]),
                      _fmt(ci[0]), _fmt(ci[1]), m["n"], flag)  # fmt: skip
     log.info("stage 6 done: %s; report %s", out_path, write_report(cfg))

@@ -477,3 +477,32 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0.0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
     assert wilson_interval(0.5, 0) is None
     assert is_above_chance(wilson_interval(0.7, 100), 0.5) and not is_above_chance(wilson_interval(0.55, 100), 0.5)
+
+
+def test_shuffled_chance_tells_a_biased_decoder_from_an_informative_one():
+    """The analytic N-way chance assumes exchangeable class scores. A decoder that favours the same classes for every
+    clip can sit below it with no information, or above it; its shuffled pairs give its own chance."""
+    from utils.metrics import n_way_entries, shuffled_n_way_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    n, classes = 120, 30
+    popular = torch.zeros(classes)
+    popular[:10] = 2.0  # the ground truth's top classes are mostly among the first 10
+    gt_scores = popular + torch.rand(n, classes, generator=g)
+    bias = torch.zeros(classes)
+    bias[10:20] = 1.0  # a decoder that favours classes the ground truth rarely tops
+    constant = bias.expand(n, classes) + 0.01 * torch.rand(n, classes, generator=g)  # no clip information
+    informative = 0.5 * bias + (gt_scores - popular)  # the clip's own scores, plus the same bias
+    rule = {"trials": 50, "gt_top_k": 3, "top_k": 1, "seed": 0}
+    blind = n_way_entries("video", (gt_scores, constant), (2,), "standard", 200, 5, **rule)["video_2way"]
+    seeing = n_way_entries("video", (gt_scores, informative), (2,), "standard", 200, 5, **rule)["video_2way"]
+    assert blind["mean"] < blind["chance"] - 0.1 and blind["above_chance"] is False, blind
+    assert abs(blind["chance_shuffled"] - blind["mean"]) < 0.05 and blind["above_shuffled"] is False, blind
+    assert seeing["mean"] > seeing["chance_shuffled"] + 0.1 and seeing["above_shuffled"] is True, seeing
+    lo, hi = seeing["ci95_vs_shuffled"]
+    assert 0 < lo <= seeing["mean"] - seeing["chance_shuffled"] <= hi
+    acc = shuffled_n_way_accuracy(gt_scores[:, None].expand(-1, 4, -1), constant[:, None].expand(-1, 4, -1), 2, **rule)
+    assert acc is not None and acc.shape == (n, 4), "frame scores (N, F, C): per clip and frame"
+    assert shuffled_n_way_accuracy(gt_scores[:1], constant[:1], 2, **rule) is None, "one clip: no other pairing"
+    plain = n_way_entries("video", (gt_scores, constant), (2,), "standard", 200, 0, **rule)["video_2way"]
+    assert "chance_shuffled" not in plain, "shuffles=0: off"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.report import LEGEND
+from pipeline.report import LEGEND, SHUFFLED_LEGEND
 from tests.test_diagnostics import N_CLIPS, fake_stage3
 from utils.data_catalog import CEILING_FILE, subject_name
 
@@ -83,6 +83,9 @@ def fake_stage5_and_metrics(smoke_world: Path, paths) -> None:
     metrics = {  # video 2-way: an interval reaching below chance; CLIP-pcc as in files without intervals
         "video_2way": {"mean": 0.81, "std": 0.1, "n": N_CLIPS, "chance": 0.75, "ci95": [0.7, 0.92],
                        "above_chance": False},
+        "video_50way": {"mean": 0.08, "std": 0.05, "n": N_CLIPS, "chance": 0.058, "ci95": [0.06, 0.1],
+                        "above_chance": True, "chance_shuffled": 0.07, "ci95_vs_shuffled": [-0.01, 0.03],
+                        "above_shuffled": False},  # above the analytic chance, not above its shuffled pairs
         "clip_pcc": {"mean": 0.9, "std": 0.05, "n": N_CLIPS},
         "ssim": {"mean": 0.3, "std": 0.1, "n": N_CLIPS, "ci95": [0.25, 0.35]},
         "psnr": {"mean": None, "std": None, "n": N_CLIPS},
@@ -145,6 +148,8 @@ def test_toy_comparisons(smoke_world: Path, profile: Path, run: Path) -> None:
     assert rows["SSIM"][1] == "0.300 ± 0.100 [0.250, 0.350]" and rows["CLIP-pcc"][1] == "0.900 ± 0.050"
     assert rows["PSNR (dB)"][1] == "n/a", "null PSNR (identical frames) is shown as n/a"
     assert LEGEND in metrics.all_notes() and any("clip bootstrap" in n for n in metrics.notes)
+    assert rows["video 50-way"][1:] == ["0.080 ± 0.050 [0.060, 0.100] ‡", "0.058; shuffled 0.070"]
+    assert SHUFFLED_LEGEND in metrics.all_notes()
     assert ident.header[1:] == ["ours: stage 1 (brain → CLIP tokens)", "ridge baseline (voxels → 8×8 pixels)",
                                 "oracle noise ceiling", "chance"]  # fmt: skip
     ceiling = json.loads((smoke_world / CEILING_FILE).read_text())["subjects"][subject_name(1)]["top1"]
@@ -220,6 +225,7 @@ def test_html_marks_a_metric_not_above_chance(run: Path) -> None:
     text = run.read_text()
     assert '<td class="num warn">0.810 ± 0.100 [0.700, 0.920] †</td>' in text
     assert '<td class="num">0.300 ± 0.100 [0.250, 0.350]</td>' in text
+    assert '<td class="num">0.080 ± 0.050 [0.060, 0.100] ‡</td>' in text, "‡ alone is no warning colour"
     assert f'<div class="note">{LEGEND}</div>' in text
 
 

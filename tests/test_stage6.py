@@ -156,6 +156,7 @@ def test_metrics_json_has_every_metric(profile: Path, noisy: dict[str, dict]) ->
         assert lo <= m["mean"] <= hi, (name, m)
         if "chance" in m:  # N-way: above chance exactly when the interval's lower bound is
             assert m["above_chance"] is (lo > m["chance"]), (name, m)
+            assert 0 <= m["chance_shuffled"] <= 1 and m["above_shuffled"] is (m["ci95_vs_shuffled"][0] > 0), (name, m)
         else:
             assert "above_chance" not in m, name
     assert report["metrics"]["ssim"]["ci95"][0] < report["metrics"]["ssim"]["ci95"][1], "a spread, not a point"

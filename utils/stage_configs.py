@@ -289,6 +289,9 @@ class Stage6Eval:
     report_samples: int = 8
     batch_size: int = 16  # clips per classifier / CLIP call
     bootstrap: int = 100  # clip resamples: every metric's ci95 and the std of F1 / BLEU; 0: those null
+    # N-way shuffled chance: each clip's prediction scored against the ground truth of the `shuffles` clips before it
+    # (the chance level of this prediction set, beside the analytic one); 0: off
+    shuffles: int = 5
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,21 @@ from utils.metrics.intervals import (
     corpus_entry,
     is_above_chance,
     mark_chance,
+    mark_shuffled,
     mean_interval,
     percentile_interval,
     resample_counts,
     wilson_interval,
 )
 from utils.metrics.pixel import blurry_video_ssim, psnr, ssim
-from utils.metrics.semantic import chance_level, chance_levels, n_way_accuracy, retrieval_accuracy
-from utils.metrics.summary import evaluate_videos, summarise
+from utils.metrics.semantic import (
+    chance_level,
+    chance_levels,
+    n_way_accuracy,
+    retrieval_accuracy,
+    shuffled_n_way_accuracy,
+)
+from utils.metrics.summary import evaluate_videos, n_way_entries, summarise
 from utils.metrics.tasks import (
     ConceptF1,
     F1Average,
@@ -62,8 +69,11 @@ __all__ = [
     "f1_averages",
     "is_above_chance",
     "mark_chance",
+    "mark_shuffled",
     "mean_interval",
     "n_way_accuracy",
+    "n_way_entries",
+    "shuffled_n_way_accuracy",
     "normalise_caption",
     "percentile_interval",
     "psnr",

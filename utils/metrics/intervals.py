@@ -15,6 +15,8 @@ resampled statistic (numpy's linear interpolation): a percentile interval of the
 
 No interval (None) when ``resamples`` is 0 or some per-clip value is not finite (PSNR of identical frames = inf).
 ``above_chance`` is True only when the interval exists and its lower bound is above the chance level.
+``above_shuffled`` (N-way entries, :func:`mark_shuffled`) is the same test against the shuffled chance, on the paired
+per-clip differences: the clip-bootstrap interval of their mean lies above 0.
 
 Identification rates (brain-side top-1 of N test clips): :func:`wilson_interval` with n = the number of clips. For the
 all-way rate (a fraction of clips) that is the usual binomial interval; for N-way rates averaged over trials it is
@@ -80,6 +82,21 @@ def mark_chance(entry: dict[str, Any], chance: float) -> dict[str, Any]:
     entry["chance"] = chance
     if CI_KEY in entry:
         entry["above_chance"] = is_above_chance(entry[CI_KEY], chance)
+    return entry
+
+
+def mark_shuffled(entry: dict[str, Any], acc: torch.Tensor, shuffled: torch.Tensor | None, resamples: int,
+                  seed: int) -> dict[str, Any]:  # fmt: skip
+    """Add an N-way entry's shuffled chance (:func:`utils.metrics.semantic.shuffled_n_way_accuracy`):
+    ``chance_shuffled`` (its mean), ``ci95_vs_shuffled`` (clip-bootstrap interval of the mean paired difference
+    accuracy − shuffled accuracy) and ``above_shuffled`` (that interval's lower bound > 0). acc, shuffled: (N,) or
+    (N, F); nothing is added when ``shuffled`` is None."""
+    if shuffled is None:
+        return entry
+    ci = mean_interval((acc - shuffled).double(), resamples, seed)
+    entry["chance_shuffled"] = float(shuffled.double().mean())
+    entry[f"{CI_KEY}_vs_shuffled"] = ci
+    entry["above_shuffled"] = is_above_chance(ci, 0.0)
     return entry
 
 

@@ -14,6 +14,8 @@ Chance (``chance_levels``): if the prediction's class scores are exchangeable (u
 ranking of the k positives and n−1 distractors is a uniformly random permutation, so
 P(success) = 1 − C(n−1, t) / C(n+k−1, t) for top_k = t; for t = 1 that is k / (n+k−1): 0.75 for 2-way and 3/52 ≈ 0.058
 for 50-way with k = 3, and 1/n for retrieval (k = 1). Analytic; the tests confirm it by enumeration and simulation.
+Shuffled chance (``shuffled_n_way_accuracy``): the same rule on mismatched (prediction, ground truth) pairs, the
+chance level of this particular set of predictions.
 """
 
 from __future__ import annotations
@@ -96,6 +98,34 @@ def n_way_accuracy(
     acc = _hit_rate(pred2, positives, n_way, top_k, trials, torch.Generator().manual_seed(seed))
     acc = acc.reshape(gt_scores.shape[:-1])
     return acc, (acc * (1 - acc) / trials).sqrt()
+
+
+def shuffled_n_way_accuracy(
+    gt_scores: torch.Tensor,
+    pred_scores: torch.Tensor,
+    n_way: int,
+    *,
+    shifts: int = 5,
+    trials: int = 100,
+    gt_top_k: int = 3,
+    top_k: int = 1,
+    seed: int = 0,
+) -> torch.Tensor | None:
+    """The N-way accuracy of mismatched pairs: each clip's prediction scored against the ground truth of the clips
+    1..``shifts`` places before it (cyclic; row i of ``gt_scores`` with row i − s of ``pred_scores``), averaged over
+    the shifts. Shapes as :func:`n_way_accuracy`; returns the per-sample mean, (N,) or (N, F) float64, or None when
+    ``shifts`` is 0 or there is one sample.
+
+    The empirical chance of this prediction set: the analytic chance assumes that the prediction's class scores are
+    exchangeable, which a decoder whose outputs favour some classes (for every clip alike) breaks, in either
+    direction. A prediction that carries clip-specific information beats its own shuffled pairs."""
+    n = gt_scores.shape[0]
+    shifts = min(shifts, n - 1)
+    if shifts < 1:
+        return None
+    rule = {"trials": trials, "gt_top_k": gt_top_k, "top_k": top_k, "seed": seed}
+    acc = [n_way_accuracy(gt_scores, pred_scores.roll(s, dims=0), n_way, **rule)[0] for s in range(1, shifts + 1)]
+    return torch.stack(acc).mean(dim=0)
 
 
 def retrieval_accuracy(

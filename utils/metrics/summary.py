@@ -20,9 +20,9 @@ import torch
 
 from utils.errors import DataError
 from utils.metrics._common import Protocol, check_protocol, check_same_shape, check_videos
-from utils.metrics.intervals import CI_KEY, mark_chance, mean_interval
+from utils.metrics.intervals import CI_KEY, mark_chance, mark_shuffled, mean_interval
 from utils.metrics.pixel import blurry_video_ssim, psnr, ssim
-from utils.metrics.semantic import chance_level, n_way_accuracy
+from utils.metrics.semantic import chance_level, n_way_accuracy, shuffled_n_way_accuracy
 from utils.metrics.temporal import clip_pcc
 
 
@@ -55,19 +55,26 @@ def summarise(
     return out
 
 
-def _n_way_entries(
+def n_way_entries(
     prefix: str,
     scores: tuple[torch.Tensor, torch.Tensor],
     n_ways: Iterable[int],
     protocol: Protocol,
     bootstrap: int | None,
+    shuffles: int = 0,
     **rule: int,
 ) -> dict[str, dict[str, Any]]:
+    """``{prefix}_{n}way`` entries of the N-way accuracy of scores = (gt, pred), each with its analytic chance and,
+    with ``bootstrap`` and ``shuffles`` > 0, its shuffled chance (:func:`utils.metrics.intervals.mark_shuffled`)."""
     out = {}
     for n in n_ways:
         acc, std = n_way_accuracy(scores[0], scores[1], n, **rule)
-        entry = summarise(acc, std, protocol, bootstrap=bootstrap, seed=rule["seed"])
-        out[f"{prefix}_{n}way"] = mark_chance(entry, chance_level(n, rule["gt_top_k"], rule["top_k"]))
+        entry = mark_chance(summarise(acc, std, protocol, bootstrap=bootstrap, seed=rule["seed"]),
+                            chance_level(n, rule["gt_top_k"], rule["top_k"]))  # fmt: skip
+        if bootstrap is not None and shuffles > 0:
+            shuffled = shuffled_n_way_accuracy(scores[0], scores[1], n, shifts=shuffles, **rule)
+            entry = mark_shuffled(entry, acc, shuffled, bootstrap, rule["seed"])
+        out[f"{prefix}_{n}way"] = entry
     return out
 
 
@@ -103,9 +110,11 @@ def evaluate_videos(
     top_k: int = 1,
     seed: int = 0,
     bootstrap: int | None = None,
+    shuffles: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """All stage-6 video metrics as {"name": {"mean", "std", "n"[, "chance"]}}, with ``bootstrap`` also "ci95" (and
-    "above_chance" beside "chance"): the clip-bootstrap interval of ``bootstrap`` resamples seeded with ``seed``.
+    "above_chance" beside "chance"): the clip-bootstrap interval of ``bootstrap`` resamples seeded with ``seed``; with
+    ``shuffles`` > 0 too, the N-way entries' shuffled chance (:func:`n_way_entries`).
 
     pred, gt: (N, F, 3, H, W) float in [0, 1]. Optional inputs from the foundation roles, skipped when None:
     video_scores (gt (N, C), pred (N, C)) of ``video_classifier``; frame_scores (gt (N, F, C), pred (N, F, C)) of
@@ -123,11 +132,11 @@ def evaluate_videos(
 
     out: dict[str, dict[str, Any]] = {}
     if video_scores is not None:
-        out.update(_n_way_entries("video", video_scores, n_ways, protocol, bootstrap, **rule))
+        out.update(n_way_entries("video", video_scores, n_ways, protocol, bootstrap, shuffles, **rule))
     if clip_features is not None:
         out["clip_pcc"] = summary(clip_pcc(clip_features, protocol))
     if frame_scores is not None:
-        out.update(_n_way_entries("frame", frame_scores, n_ways, protocol, bootstrap, **rule))
+        out.update(n_way_entries("frame", frame_scores, n_ways, protocol, bootstrap, shuffles, **rule))
     out["ssim"] = summary(ssim(pred, gt, protocol))
     out["psnr"] = summary(psnr(pred, gt, protocol))
     if blurry is not None:
