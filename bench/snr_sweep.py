@@ -248,8 +248,8 @@ def numbers(record: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """method → metric → {"mean", "std", "n"} from a toy_quality record (its ``methods`` aggregates)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for method, rows in record.get("methods", {}).items():
-        out[method] = {k: {"mean": v.get("mean"), "std": v.get("std"), "n": v.get("n_seeds", len(v.get("values", [])))}
-                       for k, v in rows.items()}  # fmt: skip
+        out[method] = {k: {"mean": v.get("mean"), "std": v.get("std"), "n": v.get("n_seeds", len(v.get("values", []))),
+                           "ci95": v.get("ci95")} for k, v in rows.items()}  # fmt: skip
     return out
 
 
@@ -285,8 +285,8 @@ def table(points: list[dict[str, Any]], seeds: list[int]) -> str:
 
 
 def plot(points: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Each of ``PLOTTED`` against the SNR (log axis), one line per method, error bars = std over seeds; worlds with
-    more training clips as open squares at their SNR; chance as a dotted line."""
+    """Each of ``PLOTTED`` against the SNR (log axis), one line per method, error bars = std over seeds (one seed: the
+    95 % clip-bootstrap interval); worlds with more training clips as open squares at their SNR; chance dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,15 +324,29 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def series(points: list[dict[str, Any]], method: str, key: str) -> tuple[list[float], list[float], list[float]]:
-    xs, ys, es = [], [], []
+def series(points: list[dict[str, Any]], method: str, key: str) -> tuple[list[float], list[float], list[list[float]]]:
+    """x (SNR), y (mean) and error bars [[below...], [above...]]: ± std over seeds, or the bootstrap interval of a
+    single seed's value (none where neither exists)."""
+    xs, ys, below, above = [], [], [], []
     for p in points:
         e = p["numbers"].get(method, {}).get(key)
         if e and e.get("mean") is not None:
             xs.append(p["snr"])
             ys.append(e["mean"])
-            es.append(e.get("std") or 0.0)
-    return xs, ys, es
+            lo, hi = error_bar(e)
+            below.append(lo)
+            above.append(hi)
+    return xs, ys, [below, above]
+
+
+def error_bar(entry: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) the mean: the std over seeds, else the 95 % interval of one seed, else nothing."""
+    if entry.get("std") is not None:
+        return entry["std"], entry["std"]
+    ci = entry.get("ci95")
+    if ci and entry.get("n", 1) == 1:
+        return max(entry["mean"] - ci[0], 0.0), max(ci[1] - entry["mean"], 0.0)
+    return 0.0, 0.0
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -349,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every toy_quality run")
     p.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/snr_sweep_<profile>.json)")
     p.add_argument("--dry-run", action="store_true", help="print the worlds and the weights decision, build nothing")
+    p.add_argument("--replot", action="store_true", help="table and plot of an existing --out JSON; run nothing")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {args.seeds}: give distinct seeds")
@@ -361,9 +376,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def replot(out: Path, title: str) -> int:
+    """The table (``.md``) and plot (``.png``) of a sweep's JSON, its numbers re-read from each world's record."""
+    if not out.is_file():
+        print(f"error: no sweep results at {out}: run the sweep first (or give --out)", file=sys.stderr)
+        return 1
+    record = json.loads(out.read_text())
+    points = record.get("points", [])
+    for p in points:
+        p["numbers"] = numbers(p.get("toy_quality", {}))
+    text = table(points, record.get("seeds", []))
+    if not record.get("complete"):
+        text += "\n(incomplete: the sweep stopped before its last world)"
+    png = plot(points, out.with_suffix(".png"), title)
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    print(text)
+    print(f"wrote {out.with_suffix('.md')} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stem = Path(args.profile).stem
+    out = args.out or REPO / "bench" / "results" / f"snr_sweep_{stem}.json"
+    title = f"toy world sweep, profile {stem}, subject 1"
+    if args.replot:
+        return replot(out, title)
     try:
         base = base_config(args.profile, [])
         worlds = plan_worlds(args.profile, base, args.snrs, args.clip_factors, args.sweep_root)
@@ -375,8 +414,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{w.name}: snr {w.snr:g}, {w.config.n_train_clips} training clips, data {w.data_root}, profile "
                   f"{w.profile}, weights {base.paths.weights_root} ({w.weights_reuse})")  # fmt: skip
         return 0
-    stem = Path(args.profile).stem
-    out = args.out or REPO / "bench" / "results" / f"snr_sweep_{stem}.json"
     base_world = plan_worlds(args.profile, base, [base.world.snr], [1], args.sweep_root)[0]
     prepare(args.profile, base_world, base.world)
     weights_check(base_world, base_world, base, args.profile)  # before any world is built
@@ -398,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         record.update({"points": points, "complete": len(points) == len(worlds), "wall_s": round(time.time() - t0)})
         atomic_write_json(out, record)
     text = table(points, args.seeds)
-    png = plot(points, out.with_suffix(".png"), f"toy world sweep, profile {stem}, subject 1")
+    png = plot(points, out.with_suffix(".png"), title)
     atomic_write_text(out.with_suffix(".md"), text + "\n")
     print(text)
     print(f"wrote {out}, {out.with_suffix('.md')} and {png}")

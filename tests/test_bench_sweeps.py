@@ -292,3 +292,23 @@ def test_sweep_dry_run_and_refused_world_overrides(capsys) -> None:
     assert "other training stimuli" in lines[4] and "same training stimuli" in lines[0]
     with pytest.raises(SystemExit):
         main(["--profile", "smoke", "--dry-run", "--set", "world.snr=0.1"])
+
+
+def test_sweep_replot_gives_one_seed_its_bootstrap_interval(tmp_path: Path, capsys) -> None:
+    from bench.snr_sweep import error_bar, main
+
+    assert error_bar({"mean": 0.2, "std": 0.05, "n": 3, "ci95": None}) == (0.05, 0.05)
+    below, above = error_bar({"mean": 0.2, "std": None, "n": 1, "ci95": [0.15, 0.3]})
+    assert below == pytest.approx(0.05) and above == pytest.approx(0.1)
+    assert error_bar({"mean": 0.2, "std": None, "n": 1, "ci95": None}) == (0.0, 0.0)
+    one = {"mean": 0.16, "std": None, "n_seeds": 1, "values": [0.16], "ci95": [0.1, 0.24]}
+    quality = {"chance": {"id_50way": 0.02}, "methods": {"NEURONS enhance": {"id_50way": one}}}
+    point = {"name": "snr0.01", "snr": 0.01, "clip_factor": 1, "n_train_clips": 48, "chance": quality["chance"],
+             "numbers": {}, "toy_quality": quality}  # fmt: skip
+    out = tmp_path / "sweep.json"
+    assert main(["--replot", "--out", str(out)]) == 1, "no JSON yet: a clear refusal"
+    out.write_text(json.dumps({"points": [point], "seeds": [42], "complete": False}))
+    assert main(["--replot", "--out", str(out)]) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "| snr0.01 | 0.01 | 48 | NEURONS enhance | — | 0.160 |" in text and "incomplete" in text
+    assert out.with_suffix(".png").stat().st_size > 10_000
