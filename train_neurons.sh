@@ -38,7 +38,7 @@ usage: bash train_neurons.sh GPU EXP STAGES MODE SUBJ [PROFILE]
   STAGES   any of the characters '$VALID_STAGES', run in that fixed order:
 $(for ((i = 0; i < ${#VALID_STAGES}; i++)); do k="${VALID_STAGES:i:1}"; echo "             $k  ${STAGE_NAME[$k]} (${STAGE_SCRIPT[$k]})"; done)
   MODE     enhance or motion
-  SUBJ     1, 2 or 3
+  SUBJ     1, 2 or 3, or a subject set such as 1,2,3 (stages 1-2 train one model with a ridge per subject)
   PROFILE  $PROFILE_LIST (default paper), or a path to a YAML profile
 
 examples:
@@ -82,8 +82,8 @@ fi
 if [[ " $VALID_MODES " != *" $MODE "* ]]; then
   die "bad MODE '$MODE'; valid: enhance, motion"
 fi
-if [[ ! "$SUBJ" =~ ^[123]$ ]]; then
-  die "bad SUBJ '$SUBJ'; valid: 1, 2, 3"
+if [[ ! "$SUBJ" =~ ^[123](,[123])*$ ]]; then
+  die "bad SUBJ '$SUBJ'; valid: 1, 2, 3, or a subject set such as 1,2,3"
 fi
 if [[ " $VALID_PROFILES " != *" $PROFILE "* ]]; then
   if [[ "$PROFILE" != *.yaml && "$PROFILE" != *.yml ]]; then

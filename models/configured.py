@@ -11,9 +11,11 @@ from utils.stage_configs import SharedConfig, UpstreamFlags
 
 
 def make_brain_config(
-    cfg: SharedConfig, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any
-) -> BrainConfig:
-    brain = _brain_config(cfg, data, dims, parts, **kw)
+    cfg: SharedConfig, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...],
+    n_voxels: tuple[int, ...] | None = None, **kw: Any,
+) -> BrainConfig:  # fmt: skip
+    """The brain config of a stage; ``n_voxels``: one count per ridge slot (default: ``data``'s subject alone)."""
+    brain = _brain_config(cfg, data, dims, parts, n_voxels or (data.n_voxels,), **kw)
     if cfg.model.backbone_dropout is not None:
         brain = replace(brain, widths=replace(brain.widths, backbone_dropout=cfg.model.backbone_dropout))
     return brain
@@ -34,11 +36,12 @@ def model_flags(up: UpstreamFlags) -> dict[str, Any]:
 
 
 def _brain_config(
-    cfg: SharedConfig, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], **kw: Any
+    cfg: SharedConfig, data: BrainVideoData, dims: FoundationDims, parts: tuple[str, ...], n_voxels: tuple[int, ...],
+    **kw: Any,
 ) -> BrainConfig:
     return brain_config(
         cfg.model.size,
-        n_voxels=(data.n_voxels,),
+        n_voxels=n_voxels,
         n_classes=data.n_concepts if "classifier" in parts else 1,
         dims=None if cfg.model.size == "paper" else dims,
         n_frames=data.n_frames,

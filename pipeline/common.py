@@ -15,7 +15,7 @@ from models.foundation import foundation_impl, require_roles, role_fingerprint
 from models.foundation.toy.common import read_manifest, role_dir
 from models.sizes import PAPER_FOUNDATION_DIMS, FoundationDims, GPT2Dims
 from utils.clip_target_cache import ClipTargetCache
-from utils.data import BrainVideoData
+from utils.data import BrainVideoData, SubjectSet
 from utils.errors import WeightsError
 from utils.stage_configs import SharedConfig
 
@@ -23,8 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def load_data(cfg: SharedConfig, fields: tuple[str, ...]) -> BrainVideoData:
-    """The subject's data, with ``fields`` validated before any work starts."""
-    data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
+    """The subject's data, with ``fields`` validated before any work starts (one subject: stages 2-6)."""
+    data = BrainVideoData(cfg.paths.data_root, cfg.run.subject, cfg.data)
+    data.validate(fields)
+    return data
+
+
+def load_subject_set(cfg: SharedConfig, fields: tuple[str, ...]) -> SubjectSet:
+    """The data of every subject of ``run.subj`` (one or a set), with ``fields`` validated before any work starts."""
+    data = SubjectSet(cfg.paths.data_root, cfg.run.subjects, cfg.data)
     data.validate(fields)
     return data
 

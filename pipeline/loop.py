@@ -26,6 +26,7 @@ from utils.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoin
 from utils.errors import ConfigError, TrainingError, WeightsError
 from utils.stage_configs import Stage1Config, Stage2Config
 from utils.training import (
+    AnyPlan,
     BatchPlan,
     MetricsLog,
     autocast,
@@ -197,7 +198,7 @@ def check_finite(tr: Trainer, losses: Mapping[str, Any], prog: Progress, batch: 
     )
 
 
-def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metrics: MetricsLog) -> None:
+def train_epoch(tr: Trainer, plan: AnyPlan, opt, sched, prog: Progress, metrics: MetricsLog) -> None:
     """One epoch of optimiser steps, skipping the batches a resumed run has already done."""
     t, acc = tr.cfg.train, tr.accelerator
     bar = tqdm(total=plan.steps_per_epoch, initial=prog.batch, desc=f"epoch {prog.epoch}", unit="step",
@@ -229,15 +230,17 @@ def train_epoch(tr: Trainer, plan: BatchPlan, opt, sched, prog: Progress, metric
 
 
 def prepare_training(
-    cfg: TrainingConfig, stage: str, model: NeuronsBrainModel, accelerator: Any, n_train: int, out_dir: Path
-) -> tuple[BatchPlan, Any, torch.optim.lr_scheduler.LRScheduler, MetricsLog]:
+    cfg: TrainingConfig, stage: str, model: NeuronsBrainModel, accelerator: Any, n_train: int, out_dir: Path,
+    plan: AnyPlan | None = None,
+) -> tuple[AnyPlan, Any, torch.optim.lr_scheduler.LRScheduler, MetricsLog]:  # fmt: skip
     """The batch plan, AdamW over the trainable parameters, the LR schedule and the metrics log of a stage.
 
     The model is moved to the device but not DDP-wrapped: stages call several of its methods per step, so gradients
     are averaged explicitly after the backward pass (:func:`utils.training.average_gradients`).
     """
     t = cfg.train
-    plan = BatchPlan(n_train, t.batch_size, accelerator.num_processes, cfg.run.seed, t.drop_last)
+    if plan is None:  # ``plan``: a subject set's (``SubjectBatchPlan``)
+        plan = BatchPlan(n_train, t.batch_size, accelerator.num_processes, cfg.run.seed, t.drop_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, t)  # train.adamw_impl
     if t.grad_checkpointing:
@@ -251,7 +254,7 @@ def prepare_training(
     return plan, accelerator.prepare(opt), sched, MetricsLog(out_dir / "metrics.jsonl", wandb_run)
 
 
-def fit(tr: Trainer, plan: BatchPlan, opt, sched, metrics: MetricsLog) -> Progress:
+def fit(tr: Trainer, plan: AnyPlan, opt, sched, metrics: MetricsLog) -> Progress:
     """All epochs from wherever :func:`restore` says, with validation, ``best`` and ``last`` checkpoints."""
     t, acc = tr.cfg.train, tr.accelerator
     prog = restore(tr, opt, sched, metrics)

@@ -264,7 +264,7 @@ def chance_of(metrics: dict[str, dict[str, Any]], key: str) -> str:
 
 def metrics_table(cfg: SharedConfig, scored: dict[str, dict[str, Any]], toy_quality: dict[str, Any] | None) -> Table:
     """Ours per mode, then the published numbers (paper) or the ridge → decoders videos (toy), then chance."""
-    subj = int(cfg.run.subj)
+    subj = cfg.run.subject
     ours = [(f"ours ({mode}, subj {subj}, {p})", pm) for p in ("standard", "neurons") for mode, m in scored.items()
             for q, pm in by_protocol(m).items() if q == p]  # fmt: skip  # the neurons columns last, beside the papers
     header = ["metric", *(name for name, _ in ours)]
@@ -349,7 +349,7 @@ def classifier_ceilings(weights_root: str | Path) -> list[str]:
 def toy_identification(cfg: SharedConfig, paths: RunPaths, toy_quality: dict[str, Any] | None) -> Table | None:
     """Brain-side clip identification (test, top-1): stage 1 vs the ridge baseline and the oracle ceiling, each rate
     with its Wilson interval over the test clips when the file records their number (``n_candidates``)."""
-    subj = subject_name(cfg.run.subj)
+    subj = subject_name(cfg.run.subject)
     root = Path(cfg.paths.data_root)
     cols: list[tuple[str, dict[str, Any]]] = []  # (name, {"top1", "n_candidates", ...})
     ours = read_json(paths.stage_dir("1") / "identification.json")
@@ -380,12 +380,12 @@ def toy_identification(cfg: SharedConfig, paths: RunPaths, toy_quality: dict[str
 
 def ridge_identification(cfg: SharedConfig) -> dict[str, Any] | None:
     """This subject's ridge-baseline test identification: from ``ridge_baseline.json``, else computed (seconds)."""
-    subj = subject_name(cfg.run.subj)
+    subj = subject_name(cfg.run.subject)
     stored = read_json(Path(cfg.paths.data_root) / RIDGE_BASELINE_FILE)
     if stored and subj in stored.get("subjects", {}):
         return stored["subjects"][subj]["test"]
     try:
-        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
+        data = BrainVideoData(cfg.paths.data_root, cfg.run.subject, cfg.data)
         return ridge_baseline(data)["test"]
     except (NeuronsError, OSError, ValueError) as err:
         log.warning("no ridge baseline for the report (%s)", str(err).splitlines()[0] if str(err) else err)
@@ -446,7 +446,7 @@ def load_samples(cfg: SharedConfig, paths: RunPaths, mode: str, scored: dict[str
         return '<p class="warn">stage-3/5 outputs are missing: no samples</p>'
     n = min(count, int(videos.shape[0]), int(blurry.shape[0]))
     try:
-        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
+        data = BrainVideoData(cfg.paths.data_root, cfg.run.subject, cfg.data)
         clips = np.arange(n)
         gt, gt_masks = data.frames("test", clips), data.key_object_masks("test", clips)
         labels, classes = data.concept_labels("test")[:n], data.concept_classes

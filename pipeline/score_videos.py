@@ -388,7 +388,7 @@ def score_folder(cfg: Stage6Config, req: FolderRequest) -> Path:
     metrics_file, report_file = output_paths(req)
     data = load_data(cfg, ("frames",))
     videos, gif_gt = read_folder(req, data.n_frames)
-    check_clips(videos.clips, data.n_clips("test"), req.videos, cfg.run.subj)
+    check_clips(videos.clips, data.n_clips("test"), req.videos, cfg.run.subject)
     size = int(videos.pred.shape[-1])
     gt = resize_frames_bilinear(data.frames("test", videos.clips), size)  # (N, F, 3, S, S)
     gt_check = check_gif_gt(gif_gt, gt, videos.names) if gif_gt is not None and req.check_gt else None
@@ -461,7 +461,7 @@ def folder_table(cfg: Stage6Config, record: dict[str, Any]) -> Table:
     cols = [(f"{p}", protocols[p]["metrics"]) for p in ("standard", "neurons")]
     others, notes = [], [f"{p}: {protocols[p]['inputs']}" for p in ("standard", "neurons")]
     if is_paper(cfg):
-        subj = int(cfg.run.subj)
+        subj = cfg.run.subject
         for name, pub in PUBLISHED.items():
             which = f"subj {subj}" if subj in pub else "mean of 3"
             others.append((f"{name} ({which})", pub.get(subj, pub["mean"])))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +28,7 @@ from pipeline.common import (
     ClipTargets,
     clip_targets,
     foundation_dims,
-    load_data,
+    load_subject_set,
     require_foundation,
     uses_clip_cache,
 )
@@ -35,14 +36,16 @@ from pipeline.loop import Trainer, fit, prepare_training
 from utils.baselines import identification_accuracy
 from utils.checkpoint import load_checkpoint
 from utils.cli import begin_stage
-from utils.data import selection_note, selection_split
+from utils.data import SubjectSet, selection_note, selection_split
 from utils.io import atomic_write_json
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
 from utils.runs import RunPaths
 from utils.stage_configs import Stage1Config
 from utils.training import (
+    AnyPlan,
     BatchPlan,
     MetricsLog,
+    SubjectBatchPlan,
     build_accelerator,
     gather_cat,
     seed_everything,
@@ -58,7 +61,8 @@ class Stage1:
     """Everything one stage-1 run holds."""
 
     cfg: Stage1Config
-    data: Any
+    data: Any  # the stimuli: frames, captions and CLIP targets, the same clips for every subject
+    subjects: SubjectSet  # the fMRI of each subject, in ridge order (one subject: a set of one)
     clip: Any  # the clip role (None with the CLIP-target cache at paper scale: bigG is then not needed at all)
     model: NeuronsBrainModel
     accelerator: Any
@@ -68,7 +72,8 @@ class Stage1:
 
 def setup(cfg: Stage1Config) -> Stage1:
     """Validate inputs and build the model (no output is touched here)."""
-    data = load_data(cfg, FIELDS)
+    subjects = load_subject_set(cfg, FIELDS)
+    data = subjects.stimuli
     if cfg.train.init_from_mindeye2:
         require_mindeye2(cfg.paths.weights_root)
     accelerator = build_accelerator(cfg)
@@ -81,11 +86,11 @@ def setup(cfg: Stage1Config) -> Stage1:
     dims = foundation_dims(cfg, clip, data)
     needs = {"train": target_frames(cfg, data), "test": [cfg.train.target_frame]}  # test: final identification
     targets = clip_targets(cfg, data, clip, accelerator.device, needs)
-    model = NeuronsBrainModel(make_brain_config(cfg, data, dims, STAGE1_PARTS))
+    model = NeuronsBrainModel(make_brain_config(cfg, data, dims, STAGE1_PARTS, subjects.n_voxels))
     model.clipproj.proj.data.copy_(data.tokens_proj((dims.clip_dim, dims.text_dim)))
     if cfg.train.init_from_mindeye2:
         load_mindeye2(cfg.paths.weights_root, model)
-    return Stage1(cfg, data, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"), targets)
+    return Stage1(cfg, data, subjects, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"), targets)
 
 
 def target_frame(cfg: Stage1Config, data: Any, epoch: int) -> int:
@@ -99,27 +104,79 @@ def target_frames(cfg: Stage1Config, data: Any) -> list[int]:
     return sorted({target_frame(cfg, data, epoch) for epoch in range(min(cfg.train.num_epochs, 2))})
 
 
-def step_loss(s: Stage1, plan: BatchPlan, epoch: int, batch: int, generator: torch.Generator) -> dict[str, Any]:
+def batch_plan(s: Stage1) -> AnyPlan:
+    """One subject: :class:`BatchPlan` over its training clips. A subject set: every global batch holds the same number
+    of clips of each subject (:class:`SubjectBatchPlan`)."""
+    t, procs = s.cfg.train, s.accelerator.num_processes
+    n_train = tuple(m.n_clips("train") for m in s.subjects.members)
+    if len(n_train) == 1:
+        return BatchPlan(n_train[0], t.batch_size, procs, s.cfg.run.seed, t.drop_last)
+    return SubjectBatchPlan.equal_shares(n_train, t.batch_size, procs, s.cfg.run.seed)
+
+
+@dataclass
+class Groups:
+    """The rows of a global batch by subject: ``slots[g]`` (ridge slot), its rows ``rows[g]`` (a slice of the global
+    batch) and voxels ``voxels[g]`` (rows, V_slot), after MixCo when mixing."""
+
+    slots: list[int]
+    rows: list[slice]
+    voxels: list[torch.Tensor]
+
+    def encode(self, model: NeuronsBrainModel, keep: slice) -> torch.Tensor:
+        """Predicted tokens (len(keep rows), T, D) of the global-batch rows ``keep``, each through its subject's
+        ridge."""
+        out = []
+        for slot, rows, vox in zip(self.slots, self.rows, self.voxels):
+            lo, hi = max(rows.start, keep.start), min(rows.stop, keep.stop)
+            if lo < hi:
+                out.append(model.encode(vox[lo - rows.start : hi - rows.start], slot))
+        return torch.cat(out)
+
+
+def batch_groups(s: Stage1, slots: np.ndarray, clips: np.ndarray, epoch: int, mixing: bool,
+                 generator: torch.Generator) -> tuple[Groups, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """The global batch's voxels by subject (repeat ``epoch % R``); with ``mixing``, MixCo within each subject (the
+    voxel spaces differ) with one generator, as one subject's whole batch. Returns (groups, perm, betas): perm
+    indexes the global batch."""
+    device, t = s.accelerator.device, s.cfg.train
+    groups, perms, betas, start = Groups([], [], []), [], [], 0
+    for slot in dict.fromkeys(slots.tolist()):  # the plan orders rows slot by slot
+        pick = slots == slot
+        stop = start + int(pick.sum())
+        vox = s.subjects.members[slot].voxels("train", epoch)[clips[pick]].to(device)  # (b, V_slot)
+        if mixing:
+            mixed = mixco(vox, t.bimixco_beta, t.bimixco_prob, generator)
+            vox = mixed.voxels
+            perms.append(mixed.perm + start)
+            betas.append(mixed.betas)
+        groups.slots.append(slot)
+        groups.rows.append(slice(start, stop))
+        groups.voxels.append(vox)
+        start = stop
+    return groups, (torch.cat(perms) if mixing else None), (torch.cat(betas) if mixing else None)
+
+
+def step_loss(s: Stage1, plan: AnyPlan, epoch: int, batch: int, generator: torch.Generator) -> dict[str, Any]:
     """Losses of step ``batch`` of ``epoch``, computed on the global batch whatever the process count.
 
     Every process mixes the voxels of the whole global batch with the same generator (so BiMixCo partners do not
     depend on the process count), encodes its own share, and gathers predictions and targets for the losses.
+    A subject set's batch holds every subject's clips (:func:`batch_plan`); each goes through its own ridge.
     """
     t, acc = s.cfg.train, s.accelerator
     glob, mine = plan.batch_at(epoch, batch), plan.share(acc.process_index)
-    voxels = s.data.voxels("train", epoch)[glob].to(acc.device)  # (B, V), repeat epoch % R
+    slots, clips = plan.decode(glob)
     with torch.no_grad():
-        targets = gather_cat(acc, s.targets("train", glob[mine], target_frame(s.cfg, s.data, epoch)))  # (B, T, D)
-    captions = s.data.caption_embeddings("train")[glob].to(acc.device)  # (B, Dt)
+        targets = gather_cat(acc, s.targets("train", clips[mine], target_frame(s.cfg, s.data, epoch)))  # (B, T, D)
+    captions = s.data.caption_embeddings("train")[clips].to(acc.device)  # (B, Dt)
     mixing = epoch < t.mixup_pct * t.num_epochs
+    groups, perm, betas = batch_groups(s, slots, clips, epoch, mixing, generator)
+    preds = gather_cat(acc, groups.encode(s.model, mine))  # (B, T, D)
     labels = None
-    if mixing:
-        mixed = mixco(voxels, t.bimixco_beta, t.bimixco_prob, generator)
-        voxels = mixed.voxels
-        labels = mixco_soft_labels(mixed.perm, mixed.betas, t.mixco_self_partner_quirk).to(acc.device)
-    preds = gather_cat(acc, s.model.encode(voxels[mine]))  # (B, T, D)
-    if mixing:
-        image = mixco_nce(preds, targets, t.temp_image, mixed.perm, mixed.betas, True, t.mixco_self_partner_quirk)
+    if perm is not None and betas is not None:
+        labels = mixco_soft_labels(perm, betas, t.mixco_self_partner_quirk).to(acc.device)
+        image = mixco_nce(preds, targets, t.temp_image, perm, betas, True, t.mixco_self_partner_quirk)
     else:
         image = soft_clip_loss(preds, targets, softclip_temperature(epoch, t.num_epochs))
     text_labels = labels if (mixing and t.text_nce_soft_labels) else None  # hard labels upstream (defect 17)
@@ -129,16 +186,28 @@ def step_loss(s: Stage1, plan: BatchPlan, epoch: int, batch: int, generator: tor
 
 @torch.no_grad()
 def evaluate(s: Stage1, split: str = "val", chunk: int = 100) -> dict[str, float]:
-    """Retrieval within chunks of ``chunk`` clips (upstream used batches of 100): brain→image, image→brain top-1,
-    and caption top-5 from ``clipproj`` of the prediction."""
+    """Retrieval scores of every subject (:func:`evaluate_subject`); a subject set's are their mean over subjects
+    (the model selection's ``metric`` too), with each subject's as ``subj<k>/<score>``."""
+    per = {m.subject: evaluate_subject(s, slot, split, chunk) for slot, m in enumerate(s.subjects.members)}
+    if len(per) == 1:
+        return next(iter(per.values()))
+    scores = {k: float(np.mean([v[k] for v in per.values()])) for k in next(iter(per.values()))}
+    scores.update({f"subj{subj}/{k}": v for subj, sc in per.items() for k, v in sc.items() if k != "metric"})
+    return scores
+
+
+@torch.no_grad()
+def evaluate_subject(s: Stage1, slot: int, split: str = "val", chunk: int = 100) -> dict[str, float]:
+    """Retrieval within chunks of ``chunk`` clips (upstream used batches of 100) of the subject in ridge slot
+    ``slot``: brain→image, image→brain top-1, and caption top-5 from ``clipproj`` of the prediction."""
     model, device, frame = s.model, s.accelerator.device, s.cfg.train.target_frame
     model.eval()
     n = s.data.n_clips(split)
-    voxels = s.data.voxels(split)
+    voxels = s.subjects.members[slot].voxels(split)
     hits = {"fwd_top1": 0.0, "bwd_top1": 0.0, "text_top5": 0.0}
     for start in range(0, n, chunk):
         idx = list(range(start, min(start + chunk, n)))
-        preds = model.encode(voxels[idx].to(device))  # (b, T, D)
+        preds = model.encode(voxels[idx].to(device), slot)  # (b, T, D)
         targets = s.targets(split, idx, frame)  # (b, T, D)
         sims = F.normalize(preds.flatten(1), dim=-1) @ F.normalize(targets.flatten(1), dim=-1).T  # (b, b)
         truth = torch.arange(len(idx), device=device)
@@ -158,17 +227,22 @@ def train(cfg: Stage1Config) -> Path:
     """Run stage 1; returns the stage folder."""
     seed_everything(cfg.run.seed)  # before the model is built: its initialisation is seeded too
     s = setup(cfg)
-    BatchPlan(s.data.n_clips("train"), cfg.train.batch_size, s.accelerator.num_processes)  # refused before any write
+    plan = batch_plan(s)  # refused before any write
     _, recorder = begin_stage(cfg, "1")
     t, acc = cfg.train, s.accelerator
-    plan, opt, sched, metrics = prepare_training(cfg, "1", s.model, acc, s.data.n_clips("train"), s.out_dir)
+    plan, opt, sched, metrics = prepare_training(cfg, "1", s.model, acc, s.data.n_clips("train"), s.out_dir, plan)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
     select_on = selection_split(cfg.data)
     trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s, select_on), {"mixco": gen}, select_on)
-    log.info("stage 1: %d train clips, %d val, %d steps/epoch x %d epochs, %d processes; selection on %s",
+    log.info("stage 1: %s train clips, %d val, %d steps/epoch x %d epochs, %d processes; selection on %s",
              plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes,
              selection_note(cfg.data))  # fmt: skip
+    if isinstance(plan, SubjectBatchPlan):
+        log.info("stage 1: subjects %s, one ridge each; every global batch of %d clips holds %s (proportion %s); "
+                 "validation and selection on the mean over subjects", cfg.run.subj_text, plan.global_batch,
+                 ", ".join(f"{plan.per_subject} of subject {k}" for k in s.subjects.subjects),
+                 " / ".join(f"{p:.3f}" for p in plan.proportions.values()))  # fmt: skip
     try:
         fit(trainer, plan, opt, sched, metrics)
     finally:
@@ -180,37 +254,44 @@ def train(cfg: Stage1Config) -> Path:
 
 
 @torch.no_grad()
-def identification(s: Stage1, split: str, ways=(2, 50), seed: int = 0) -> dict[str, Any]:
-    """Clip identification from the predicted CLIP tokens (brain→image, correlation), as the ridge baseline and the
-    toy world's noise ceiling score it: each clip's prediction against its own and ``w-1`` other clips' targets."""
+def identification(s: Stage1, split: str, ways=(2, 50), seed: int = 0, slot: int = 0) -> dict[str, Any]:
+    """Clip identification from the predicted CLIP tokens of the subject in ridge slot ``slot`` (brain→image,
+    correlation), as the ridge baseline and the toy world's noise ceiling score it: each clip's prediction against
+    its own and ``w-1`` other clips' targets."""
     s.model.eval()
     preds, targets = [], []
-    voxels, frame = s.data.voxels(split), s.cfg.train.target_frame
+    voxels, frame = s.subjects.members[slot].voxels(split), s.cfg.train.target_frame
     for start in range(0, s.data.n_clips(split), 100):
         idx = list(range(start, min(start + 100, s.data.n_clips(split))))
-        preds.append(s.model.encode(voxels[idx].to(s.accelerator.device)).flatten(1).float().cpu())
+        preds.append(s.model.encode(voxels[idx].to(s.accelerator.device), slot).flatten(1).float().cpu())
         targets.append(s.targets(split, idx, frame).flatten(1).cpu())
     s.model.train()
     return identification_accuracy(torch.cat(preds).numpy(), torch.cat(targets).numpy(), ways, 200, seed)
 
 
 def report_identification(s: Stage1) -> Path:
-    """Score the ``best`` checkpoint on the validation and the test clips (reported, never used for selection)."""
+    """Score the ``best`` checkpoint on the validation and the test clips (reported, never used for selection).
+    One subject: ``{split: scores}``; a subject set: ``{"subjects": {"<k>": {split: scores}}}``."""
     load_checkpoint(s.out_dir / "checkpoints" / "best", s.accelerator.unwrap_model(s.model), s.cfg)
-    result = {split: identification(s, split) for split in ("val", "test") if s.data.n_clips(split)}
-    for split, scores in result.items():
-        log.info("best checkpoint, %s identification top-1: %s", split,
-                 ", ".join(f"{k} {v:.3f}" for k, v in scores["top1"].items()))  # fmt: skip
-    return atomic_write_json(s.out_dir / "identification.json", result)
+    splits = [split for split in ("val", "test") if s.data.n_clips(split)]
+    per = {m.subject: {split: identification(s, split, slot=slot) for split in splits}
+           for slot, m in enumerate(s.subjects.members)}  # fmt: skip
+    for subj, result in per.items():
+        for split, scores in result.items():
+            log.info("best checkpoint, subject %d, %s identification top-1: %s", subj, split,
+                     ", ".join(f"{k} {v:.3f}" for k, v in scores["top1"].items()))  # fmt: skip
+    out = next(iter(per.values())) if len(per) == 1 else {"subjects": {str(k): v for k, v in per.items()}}
+    return atomic_write_json(s.out_dir / "identification.json", out)
 
 
 def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
     curves = metrics.plot(s.out_dir / "curves.png")
-    recorder.add_inputs(s.data.opened_files)
+    recorder.add_inputs(s.subjects.opened_files)
     for name in ("best", "last"):
         recorder.add_output(s.out_dir / "checkpoints" / name / "model.safetensors")
     recorder.add_output(metrics.path)
     recorder.add_output(s.out_dir / "identification.json")
     recorder.add_output(curves)
-    recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train")})
+    recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train"),
+                           "subjects": list(s.subjects.subjects)})  # fmt: skip
     recorder.finish()

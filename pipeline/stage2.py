@@ -577,6 +577,7 @@ def train(cfg: Stage2Config) -> Path:
     _, recorder = begin_stage(cfg, "2", depends_on=("1",))
     t, acc = cfg.train, s.accelerator
     plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir)
+    assert isinstance(plan, BatchPlan)  # one subject (a set is refused by load_data)
     select_on = selection_split(cfg.data)
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,

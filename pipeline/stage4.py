@@ -122,7 +122,7 @@ def ground_truth_captions(cfg: Stage4Config, n: int) -> tuple[list[str], list[Pa
     """The first ``n`` test clips' ground-truth captions and the data files read for them, or ([], []) when the data
     lacks them."""
     try:
-        data = BrainVideoData(cfg.paths.data_root, cfg.run.subj, cfg.data)
+        data = BrainVideoData(cfg.paths.data_root, cfg.run.subject, cfg.data)
         refs = [str(x) for x in data.captions("test")[:n]]
     except (NeuronsError, OSError) as err:
         log.warning("no ground-truth test captions (%s): caption BLEU-4 is not scored", str(err).splitlines()[0])

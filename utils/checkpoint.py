@@ -41,7 +41,7 @@ IDENTITY_KEYS = ("subj", "model_size")
 def identity(cfg: SharedConfig) -> dict[str, str]:
     """What a checkpoint must agree on with the run that loads it (the profile may differ: a profile that
     ``extends:`` another one loads its checkpoints; a different model size or world shows up here or in the shapes)."""
-    return {"profile": str(cfg.run.profile), "subj": str(cfg.run.subj), "model_size": str(cfg.model.size)}
+    return {"profile": str(cfg.run.profile), "subj": cfg.run.subj_text, "model_size": str(cfg.model.size)}
 
 
 def save_checkpoint(

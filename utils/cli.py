@@ -31,7 +31,7 @@ from utils.errors import ConfigError, NeuronsError
 from utils.io import storage_error
 from utils.manifest import StageRecorder
 from utils.runs import RunPaths, config_record, run_lock, save_resolved_config, setup_logging, stage_log_path
-from utils.stage_configs import STAGE_CONFIGS, STAGE_KEY_OF, SharedConfig, Stage1Config
+from utils.stage_configs import STAGE_CONFIGS, STAGE_KEY_OF, SharedConfig, Stage1Config, parse_subjects
 from utils.stages import STAGE_BY_KEY
 
 log = logging.getLogger("neurons")
@@ -56,12 +56,23 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
                         help="override config keys (several per --set; --set may repeat)")  # fmt: skip
 
 
+def subject_arg(text: str) -> int | tuple[int, ...]:
+    """``--subj``: "2" or a set "1,2,3" (each of 1, 2, 3; distinct)."""
+    try:
+        subjects = parse_subjects(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1, 2 or 3, or a set such as 1,2,3") from None
+    if not all(s in (1, 2, 3) for s in (subjects if isinstance(subjects, tuple) else (subjects,))):
+        raise argparse.ArgumentTypeError(f"{text!r}: subjects are 1, 2 and 3")
+    return subjects
+
+
 def stage_parser(stage: str, description: str | None) -> OneLineParser:
     parser = OneLineParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, prog=Path(sys.argv[0]).name
     )
     parser.add_argument("--profile", default="paper", help="paper (default), toy, smoke, or a path to a YAML file")
-    parser.add_argument("--subj", type=int, choices=(1, 2, 3), help="subject (1, 2 or 3)")
+    parser.add_argument("--subj", type=subject_arg, help="subject (1, 2 or 3), or a subject set such as 1,2,3")
     parser.add_argument("--exp", help="experiment name: the run folder is <exp_root>/exp_<EXP>/subj_<SUBJ>/")
     parser.add_argument("--mode", choices=("enhance", "motion"), help="inference mode (stages 3-6, e)")
     add_set_argument(parser)

@@ -87,8 +87,13 @@ def _roots(keys: Iterable[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return ", or ".join(_type_name(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_type_name(args[0])}"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -389,8 +394,8 @@ def config_diff(cls: type[C], profile: str, other: str, overrides: Iterable[str]
 
 
 def run_dir(cfg: SharedConfig) -> Path:
-    """``<exp_root>/exp_<exp>/subj_<subj>``."""
-    return Path(cfg.paths.exp_root) / f"exp_{cfg.run.exp}" / f"subj_{cfg.run.subj}"
+    """``<exp_root>/exp_<exp>/subj_<subj>``; a subject set's folder names every subject: ``subj_1-2-3``."""
+    return Path(cfg.paths.exp_root) / f"exp_{cfg.run.exp}" / f"subj_{'-'.join(map(str, cfg.run.subjects))}"
 
 
 def all_stage_sections() -> set[str]:

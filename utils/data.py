@@ -563,6 +563,50 @@ class BrainVideoData:
         return names
 
 
+class SubjectSet:
+    """The data of a run's subjects in ridge order (``run.subjects``): one :class:`BrainVideoData` each.
+
+    cc2017's subjects watched the same clips, so clip i of a split is the same stimulus for every subject: frames,
+    captions, masks and CLIP targets are read from :attr:`stimuli` (the first subject's data), and only the fMRI
+    differs. The subjects' clip counts, and so their validation splits, must agree (checked here).
+    """
+
+    def __init__(self, root: str | os.PathLike, subjects: Sequence[int], config: DataConfig | None = None):
+        if not subjects:
+            raise DataError("no subjects given", "set run.subj to a subject or a set such as 1,2,3")
+        self.members = tuple(BrainVideoData(root, s, config) for s in subjects)
+        first = self.members[0]
+        for m in self.members[1:]:
+            for split in SPLITS:
+                if m.n_clips(split) != first.n_clips(split):
+                    raise DataError(
+                        f"subject {m.subject} has {m.n_clips(split)} {split} clips, subject {first.subject} "
+                        f"{first.n_clips(split)}: a subject set needs the same clips for every subject",
+                        "use the complete data of each subject (download_dataset.py --check)",
+                    )
+
+    @property
+    def subjects(self) -> tuple[int, ...]:
+        return tuple(m.subject for m in self.members)
+
+    @property
+    def stimuli(self) -> BrainVideoData:
+        """The data whose frames, captions, concepts and masks every subject shares."""
+        return self.members[0]
+
+    @property
+    def n_voxels(self) -> tuple[int, ...]:
+        return tuple(m.n_voxels for m in self.members)
+
+    @property
+    def opened_files(self) -> list[Path]:
+        return list(dict.fromkeys(f for m in self.members for f in m.opened_files))
+
+    def validate(self, fields: Sequence[str] = FIELDS) -> None:
+        for m in self.members:
+            m.validate(fields)
+
+
 class BrainVideoDataset(torch.utils.data.Dataset):
     """Items of one split as dicts. Requested fields are loaded (and checked) at construction.
 

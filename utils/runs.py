@@ -65,7 +65,7 @@ class RunPaths:
 def rerun_hint(cfg: SharedConfig) -> str:
     """Format string (``{stage}``) telling the user how to rerun a stage of this run."""
     r = cfg.run
-    return f"rerun stage {{stage}}: bash train_neurons.sh <GPU> {r.exp} {{stage}} {r.mode} {r.subj} {r.profile}"
+    return f"rerun stage {{stage}}: bash train_neurons.sh <GPU> {r.exp} {{stage}} {r.mode} {r.subj_text} {r.profile}"
 
 
 def save_resolved_config(cfg: SharedConfig, stage: str, paths: RunPaths) -> Path:

@@ -11,10 +11,23 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from utils.data import DataConfig
+from utils.errors import ConfigError
 from utils.stages import STAGES
 from utils.toy_world import ToyWorldConfig
 
 Mode = Literal["enhance", "motion"]
+
+
+Subject = Literal[1, 2, 3]
+
+
+def parse_subjects(text: str) -> int | tuple[int, ...]:
+    """"2" → 2, "1,2,3" → (1, 2, 3): the driver's SUBJ and ``--subj`` (checked by :class:`RunConfig`)."""
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"bad subject list {text!r}", "give a subject 1, 2 or 3, or a set such as 1,2,3") from None
+    return values[0] if len(values) == 1 else values
 
 
 @dataclass(frozen=True)
@@ -22,7 +35,9 @@ class RunConfig:
     """Identity of a run and how it executes."""
 
     exp: str = "neurons"
-    subj: Literal[1, 2, 3] = 1
+    # one subject, or a subject set (1,2,3): stages 1-2 then train one model with a ridge per subject (in this order:
+    # ridge.linears.<i> is subject subj[i]) and everything after the ridge shared
+    subj: Subject | tuple[Subject, ...] = 1
     mode: Mode = "enhance"
     profile: str = "paper"
     seed: int = 42
@@ -30,6 +45,35 @@ class RunConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     use_wandb: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.subj, tuple):
+            if len(set(self.subj)) != len(self.subj) or not self.subj:
+                raise ConfigError(f"run.subj {list(self.subj)} is empty or names a subject twice",
+                                  "give distinct subjects, e.g. 1,2,3")  # fmt: skip
+            if len(self.subj) == 1:  # one subject is a single-subject run: the same config (and hash) as subj=1
+                object.__setattr__(self, "subj", self.subj[0])
+
+    @property
+    def subjects(self) -> tuple[int, ...]:
+        """The subjects of the run, in ridge order: ``(subj,)`` for a single-subject run."""
+        return self.subj if isinstance(self.subj, tuple) else (int(self.subj),)
+
+    @property
+    def subject(self) -> int:
+        """The run's one subject (stages 2-6 decode one subject; a set is refused with its cause and fix)."""
+        if isinstance(self.subj, tuple):
+            raise ConfigError(
+                f"this step works on one subject; run.subj is the set {self.subj_text} (multi-subject training is "
+                "implemented for stage 1 so far, issue 18)",
+                "run it with one subject (SUBJ 1, 2 or 3)",
+            )
+        return int(self.subj)
+
+    @property
+    def subj_text(self) -> str:
+        """The driver's SUBJ: "2", or "1,2,3" for a set."""
+        return ",".join(map(str, self.subjects))
 
 
 @dataclass(frozen=True)

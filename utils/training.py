@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,6 +197,81 @@ class BatchPlan:
             batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             yield np.array_split(batch, self.num_processes)[rank]
 
+    def decode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ridge slots, clip indices) of the items ``ids`` of a batch: one subject, so slot 0 and the ids."""
+        return np.zeros(len(ids), dtype=np.int64), np.asarray(ids)
+
+
+@dataclass(frozen=True)
+class SubjectBatchPlan:
+    """:class:`BatchPlan` for a subject set: every global batch holds ``per_subject`` clips of each subject (ridge slot
+    k: ``n_items[k]`` training clips), slot by slot, each subject's from its own seeded permutation of its clips.
+
+    An item id is ``slot * stride + clip`` (:meth:`decode`); processes take contiguous shares of the global batch, as
+    with one subject. An epoch has as many steps as the subject with the fewest clips allows.
+    """
+
+    n_items: tuple[int, ...]
+    per_subject: int
+    num_processes: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for n in self.n_items:
+            BatchPlan(n, self.per_subject)  # the same checks per subject
+        if self.global_batch % self.num_processes:
+            raise ConfigError(
+                f"batch size {self.global_batch} does not split evenly over {self.num_processes} processes",
+                f"set train.batch_size to a multiple of {self.num_processes * len(self.n_items)}",
+            )
+
+    @classmethod
+    def equal_shares(cls, n_items: Sequence[int], batch_size: int, num_processes: int = 1, seed: int = 0
+                     ) -> SubjectBatchPlan:  # fmt: skip
+        """Every subject the same share of ``batch_size`` (MindEye2's multi-subject batches)."""
+        k = len(n_items)
+        if batch_size % k:
+            raise ConfigError(f"batch size {batch_size} does not split evenly over {k} subjects",
+                              f"set train.batch_size to a multiple of {k}")  # fmt: skip
+        return cls(tuple(int(n) for n in n_items), batch_size // k, num_processes, seed)
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_subject * len(self.n_items)
+
+    @property
+    def stride(self) -> int:
+        return max(self.n_items)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return min(n // self.per_subject for n in self.n_items)
+
+    @property
+    def proportions(self) -> dict[int, float]:
+        """Ridge slot → its share of every global batch."""
+        return {k: self.per_subject / self.global_batch for k in range(len(self.n_items))}
+
+    def batch_at(self, epoch: int, step: int) -> np.ndarray:
+        b = self.per_subject
+        perms = (np.random.default_rng([self.seed, epoch, k]).permutation(n) for k, n in enumerate(self.n_items))
+        return np.concatenate([k * self.stride + p[step * b : (step + 1) * b] for k, p in enumerate(perms)])
+
+    def decode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids)
+        return ids // self.stride, ids % self.stride
+
+    def share(self, rank: int) -> slice:
+        per = self.global_batch // self.num_processes
+        return slice(rank * per, (rank + 1) * per)
+
+    def batches(self, epoch: int, rank: int = 0) -> Iterator[np.ndarray]:
+        for step in range(self.steps_per_epoch):
+            yield self.batch_at(epoch, step)[self.share(rank)]
+
+
+AnyPlan = BatchPlan | SubjectBatchPlan  # what the training loop steps through
+
 
 class _GatherCat(torch.autograd.Function):
     """All-gather along dim 0 with a gradient: every process's copy of the loss sends its share back (summed)."""
@@ -231,12 +306,25 @@ def gather_cat(accelerator: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(accelerator: Any, parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Mean all-reduce of the gradients (the models are not DDP-wrapped: stages call several of their methods)."""
+    """Mean all-reduce of the gradients (the models are not DDP-wrapped: stages call several of their methods).
+
+    A parameter may have a gradient on some processes only (a subject set's ridge whose subject has no rows in this
+    process's share): it counts as zero where missing. One that has none on any process keeps none, as with one
+    process (AdamW then skips it).
+    """
     if accelerator.num_processes == 1:
         return
     import torch.distributed as dist
 
-    grads = [p.grad for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.requires_grad]
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    dist.all_reduce(present)
+    grads: list[torch.Tensor] = []
+    for p, anywhere in zip(params, present.tolist()):
+        if anywhere:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -255,7 +343,7 @@ def start_wandb(cfg: SharedConfig, stage: str, out_dir: Path) -> Any:
     import wandb  # optional: only runs with run.use_wandb need it
 
     os.environ.setdefault("WANDB_MODE", "offline")  # sync later with `wandb sync`; nothing needs a network here
-    name = f"stage{stage}--exp_{cfg.run.exp}--subj{cfg.run.subj}"
+    name = f"stage{stage}--exp_{cfg.run.exp}--subj{cfg.run.subj_text}"
     return wandb.init(project="neurons", name=name, dir=str(out_dir), config=to_dict(cfg), reinit=True)
 
 

@@ -1,0 +1,152 @@
+"""One brain model for a subject set (issue 18): the config and CLI of ``run.subj`` sets, the batch plan that draws
+every subject in a fixed proportion, and stage 1 trained on subjects 1-3 of the smoke world (one process and two)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.smoke_env import SmokeEnv, smoke_env
+
+REPO = Path(__file__).resolve().parents[1]
+SET = ["run.subj=[1,2,3]", "train.batch_size=6", "train.num_epochs=2", "train.log_every=1"]
+
+
+# ---- config and CLI ------------------------------------------------------------------------------------------------
+def test_subject_sets_in_the_config_and_on_the_command_line() -> None:
+    import argparse
+
+    from utils.cli import subject_arg
+    from utils.config import load_config, run_dir
+    from utils.errors import ConfigError
+    from utils.stage_configs import RunConfig, Stage1Config, parse_subjects
+
+    assert parse_subjects("2") == 2 and parse_subjects("1,2,3") == (1, 2, 3) and parse_subjects("3, 1") == (3, 1)
+    assert RunConfig(subj=(2,)) == RunConfig(subj=2), "a set of one is a single-subject run (same config and hash)"
+    run = RunConfig(subj=(1, 2, 3))
+    assert run.subjects == (1, 2, 3) and run.subj_text == "1,2,3"
+    with pytest.raises(ConfigError, match="one subject"):
+        _ = run.subject
+    with pytest.raises(ConfigError, match="twice"):
+        RunConfig(subj=(1, 1))
+    cfg = load_config(Stage1Config, "smoke", ["run.subj=[1,3]"], {"exp": "x"})
+    assert cfg.run.subjects == (1, 3) and run_dir(cfg).name == "subj_1-3"
+    assert run_dir(load_config(Stage1Config, "smoke", [], {"exp": "x"})).name == "subj_1", "unchanged for one subject"
+    assert subject_arg("1,2") == (1, 2) and subject_arg("3") == 3
+    for bad in ("4", "1,x", "1,4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            subject_arg(bad)
+
+
+def test_the_driver_accepts_a_subject_set_and_refuses_a_bad_one() -> None:
+    done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", "t", "1", "enhance", "1,4", "smoke"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and "1,4" in done.stderr and "1,2,3" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+
+
+# ---- batch plan ----------------------------------------------------------------------------------------------------
+def test_subject_batch_plan_draws_every_subject_in_a_fixed_proportion() -> None:
+    from utils.errors import ConfigError
+    from utils.training import SubjectBatchPlan
+
+    plan = SubjectBatchPlan.equal_shares((20, 14, 17), 6, num_processes=2, seed=3)
+    assert plan.per_subject == 2 and plan.global_batch == 6 and plan.steps_per_epoch == 7  # min(20, 14, 17) // 2
+    assert plan.proportions == {0: pytest.approx(1 / 3), 1: pytest.approx(1 / 3), 2: pytest.approx(1 / 3)}
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for step in range(plan.steps_per_epoch):
+        glob = plan.batch_at(0, step)
+        slots, clips = plan.decode(glob)
+        assert slots.tolist() == [0, 0, 1, 1, 2, 2], "the same share of every subject in every global batch"
+        assert all(c < n for c, n in zip(clips, np.repeat(plan.n_items, 2)))
+        for k in range(3):
+            seen[k] += clips[slots == k].tolist()
+        halves = [plan.batch_at(0, step)[plan.share(r)] for r in (0, 1)]
+        assert np.array_equal(np.concatenate(halves), glob), "the processes' shares tile the global batch"
+    assert all(len(set(v)) == len(v) for v in seen.values()), "no clip twice in an epoch"
+    assert np.array_equal(plan.batch_at(1, 0), SubjectBatchPlan.equal_shares((20, 14, 17), 6, 2, 3).batch_at(1, 0))
+    assert not np.array_equal(plan.batch_at(0, 0), plan.batch_at(1, 0)), "a new order each epoch"
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        SubjectBatchPlan.equal_shares((20, 20, 20), 8)
+
+
+# ---- stage 1 on subjects 1-3 ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(smoke_world: Path, tmp_path_factory) -> Iterator[SmokeEnv]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield smoke_env(smoke_world, tmp_path_factory.getbasetemp() / "stage_env")
+    torch.set_num_threads(threads)
+
+
+def records(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def driver_stage1(env: SmokeEnv, exp: str, nproc: int, *overrides: str) -> Path:
+    """Stage 1 of subjects 1-3 through ``train_neurons.py`` under torchrun with ``nproc`` CPU processes."""
+    args = ["--profile", str(env.profile), "--subj", "1,2,3", *(f"--set={o}" for o in (*SET[1:], *overrides))]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    done = subprocess.run([*launcher, str(REPO / "train_neurons.py"), *args, "--exp", exp], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return env.exp_root / f"exp_{exp}" / "subj_1-2-3" / "stage1"
+
+
+@pytest.fixture(scope="module")
+def set_run(env: SmokeEnv) -> Path:
+    return driver_stage1(env, "set1", 1, "model.backbone_dropout=0")
+
+
+def test_stage1_trains_one_ridge_per_subject_and_scores_each(env: SmokeEnv, set_run: Path) -> None:
+    from utils.checkpoint import read_weights
+    from utils.data import BrainVideoData
+    from utils.data_catalog import SOURCES, fmri_file
+    from utils.manifest import read_manifest
+
+    weights, _ = read_weights(set_run / "checkpoints" / "best")
+    ridges = sorted(k for k in weights if k.startswith("ridge.linears.") and k.endswith(".weight"))
+    assert ridges == [f"ridge.linears.{i}.weight" for i in range(3)], "one ridge per subject, MindEye2's key layout"
+    for slot, subj in enumerate((1, 2, 3)):
+        n_vox = BrainVideoData(env.world, subj).n_voxels
+        assert weights[f"ridge.linears.{slot}.weight"].shape[1] == n_vox, "slot k is subject subj[k]"
+    assert not any(k.startswith("ridge.linears.3") for k in weights)
+    ident = json.loads((set_run / "identification.json").read_text())
+    assert sorted(ident["subjects"]) == ["1", "2", "3"]
+    for scores in ident["subjects"].values():
+        assert set(scores) == {"val", "test"} and 0 <= scores["test"]["top1"]["2-way"] <= 1
+    val = [r for r in records(set_run) if r["split"] == "val"]
+    for r in val:  # selection on the mean over subjects, each subject's score beside it
+        per = [r[f"subj{k}/fwd_top1"] for k in (1, 2, 3)]
+        assert r["fwd_top1"] == pytest.approx(float(np.mean(per)))
+    manifest = read_manifest(set_run)
+    assert manifest["subjects"] == [1, 2, 3]
+    fmri = {str((env.world / fmri_file(k, s)).resolve()) for k in (1, 2, 3) for s in SOURCES}
+    assert fmri <= set(manifest["inputs"]), "every subject's fMRI is recorded as an input"
+    logs = list((set_run.parent / "logs").glob("stage1_*.log"))
+    assert logs and "(proportion 0.333 / 0.333 / 0.333)" in logs[-1].read_text(), "the proportion is logged"
+
+
+def test_stage1_of_a_subject_set_on_two_processes_follows_one_process(env: SmokeEnv, set_run: Path) -> None:
+    from utils.checkpoint import read_weights
+
+    two = driver_stage1(env, "set2", 2, "model.backbone_dropout=0")
+    a, b = records(set_run), records(two)
+    assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "image", "text", "metric"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra, rb)
+    w1, _ = read_weights(set_run / "checkpoints" / "last")
+    w2, _ = read_weights(two / "checkpoints" / "last")
+    for k in (f"ridge.linears.{i}.weight" for i in range(3)):
+        assert (w2[k] - w1[k]).abs().max() <= 1e-5 * w1[k].abs().max() + 1e-7, k
