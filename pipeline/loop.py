@@ -68,6 +68,8 @@ class Trainer:
     evaluate: EvalFn
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     eval_split: str = "val"  # the split evaluate() scores (metrics.jsonl "split"); "test" under test_upstream
+    # parameters an epoch leaves untouched (their gradients dropped before the step, so AdamW skips them entirely)
+    held: Callable[[int], list[torch.nn.Parameter]] = lambda _epoch: []  # noqa: E731
 
 
 def save(tr: Trainer, name: str, opt, sched, prog: Progress) -> None:
@@ -214,6 +216,8 @@ def train_epoch(tr: Trainer, plan: AnyPlan, opt, sched, prog: Progress, metrics:
         acc.backward(losses["loss"])  # under DeepSpeed the engine also reduces, clips and steps here
         if not uses_deepspeed(acc):
             average_gradients(acc, tr.model.parameters())
+            for p in tr.held(prog.epoch):
+                p.grad = None
             if t.grad_clip is not None:
                 acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
         opt.step()  # a no-op under DeepSpeed

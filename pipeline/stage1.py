@@ -34,9 +34,10 @@ from pipeline.common import (
 )
 from pipeline.loop import Trainer, fit, prepare_training
 from utils.baselines import identification_accuracy
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.data import SubjectSet, selection_note, selection_split
+from utils.errors import ConfigError, WeightsError
 from utils.io import atomic_write_json
 from utils.losses import mixco, mixco_nce, mixco_soft_labels, soft_clip_loss, softclip_temperature, symmetric_infonce
 from utils.runs import RunPaths
@@ -74,7 +75,8 @@ def setup(cfg: Stage1Config) -> Stage1:
     """Validate inputs and build the model (no output is touched here)."""
     subjects = load_subject_set(cfg, FIELDS)
     data = subjects.stimuli
-    if cfg.train.init_from_mindeye2:
+    source = init_source(cfg) if cfg.train.init_from else None
+    if cfg.train.init_from_mindeye2 and source is None:
         require_mindeye2(cfg.paths.weights_root)
     accelerator = build_accelerator(cfg)
     cached, impl = uses_clip_cache(cfg), foundation_impl(cfg.model.size)
@@ -88,9 +90,70 @@ def setup(cfg: Stage1Config) -> Stage1:
     targets = clip_targets(cfg, data, clip, accelerator.device, needs)
     model = NeuronsBrainModel(make_brain_config(cfg, data, dims, STAGE1_PARTS, subjects.n_voxels))
     model.clipproj.proj.data.copy_(data.tokens_proj((dims.clip_dim, dims.text_dim)))
-    if cfg.train.init_from_mindeye2:
+    if source is not None:
+        load_shared_parts(model, source, cfg)
+    elif cfg.train.init_from_mindeye2:
         load_mindeye2(cfg.paths.weights_root, model)
     return Stage1(cfg, data, subjects, clip, model, accelerator, RunPaths.from_config(cfg).stage_dir("1"), targets)
+
+
+# ---- new-subject adaptation (train.init_from) -----------------------------------------------------------------------
+SHARED_PARTS = tuple(p for p in STAGE1_PARTS if p != "ridge")  # what a subject set's model shares
+
+
+def init_source(cfg: Stage1Config) -> Path:
+    """The ``best`` stage-1 checkpoint of ``train.init_from`` (a run folder or its ``stage1/``), checked to be a
+    subject set's model that did not train on this run's subject."""
+    t, root = cfg.train, Path(cfg.train.init_from)
+    if not 0 <= t.adapt_ridge_epochs < t.num_epochs:
+        raise ConfigError(f"train.adapt_ridge_epochs {t.adapt_ridge_epochs} is not in [0, num_epochs {t.num_epochs})",
+                          "leave epochs after the ridge-only phase for training everything")  # fmt: skip
+    if len(cfg.run.subjects) != 1:
+        raise ConfigError("train.init_from adapts a model to ONE new subject", "set run.subj to that subject")
+    found = [f for f in (root / "stage1" / "checkpoints" / "best", root / "checkpoints" / "best")
+             if f.is_dir() or f.with_name("best.old").is_dir()]  # fmt: skip
+    if not found:
+        raise WeightsError(f"train.init_from: no stage-1 checkpoint under {root}",
+                           "give the run folder of a subject-set model (<exp_root>/exp_<EXP>/subj_1-2) whose stage 1 "
+                           "has finished")  # fmt: skip
+    folder = resolve_checkpoint(found[0])
+    _, meta = read_weights(folder)
+    subjects = [int(v) for v in meta.get("subj", "").split(",") if v]
+    if cfg.run.subject in subjects:
+        raise ConfigError(f"subject {cfg.run.subject} is one of the subjects {meta['subj']} that {folder} trained on",
+                          "adapt the model to a subject outside its set, or use it as it is")  # fmt: skip
+    if meta.get("model_size") != cfg.model.size:
+        raise WeightsError(f"{folder} is a model of size {meta.get('model_size')}, this run's is {cfg.model.size}",
+                           "use the profile (model.size) that trained it")  # fmt: skip
+    return folder
+
+
+def load_shared_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage1Config) -> None:
+    """Strictly load every part after the ridge (:data:`SHARED_PARTS`) from a subject set's stage-1 checkpoint.
+
+    Key map: ``<part>.<name>`` → the same key of this model, for every part but the ridge; the source's
+    ``ridge.linears.<k>`` (its subjects) are dropped, and this model's ridge (the new subject) keeps its fresh
+    initialisation: the only part not loaded.
+    """
+    tensors, meta = read_weights(folder)
+    for part in SHARED_PARTS:
+        prefix = f"{part}."
+        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        load_strict(getattr(model, part), sub, f"train.init_from {folder} ({part})")
+    extra = sorted(k for k in tensors if k.split(".")[0] not in STAGE1_PARTS)
+    if extra:
+        raise WeightsError(f"train.init_from {folder} has keys of no stage-1 part: {extra[:3]}",
+                           "give the run folder of a stage-1 model")  # fmt: skip
+    log.info("stage 1: %s and %s from %s (subjects %s); the ridge of subject %d is new", ", ".join(SHARED_PARTS[:-1]),
+             SHARED_PARTS[-1], folder, meta.get("subj"), cfg.run.subject)  # fmt: skip
+
+
+def held_parameters(s: Stage1, epoch: int) -> list[torch.nn.Parameter]:
+    """Parameters that epoch ``epoch`` leaves untouched: everything but the ridge during ``train.adapt_ridge_epochs``
+    of an adaptation, else none."""
+    if not s.cfg.train.init_from or epoch >= s.cfg.train.adapt_ridge_epochs:
+        return []
+    return [p for part in SHARED_PARTS for p in getattr(s.model, part).parameters()]
 
 
 def target_frame(cfg: Stage1Config, data: Any, epoch: int) -> int:
@@ -234,7 +297,8 @@ def train(cfg: Stage1Config) -> Path:
     gen = torch.Generator().manual_seed(cfg.run.seed)
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
     select_on = selection_split(cfg.data)
-    trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s, select_on), {"mixco": gen}, select_on)
+    trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s, select_on), {"mixco": gen}, select_on,
+                      lambda epoch: held_parameters(s, epoch))  # fmt: skip
     log.info("stage 1: %s train clips, %d val, %d steps/epoch x %d epochs, %d processes; selection on %s",
              plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes,
              selection_note(cfg.data))  # fmt: skip
@@ -294,4 +358,8 @@ def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
     recorder.add_output(curves)
     recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train"),
                            "subjects": list(s.subjects.subjects)})  # fmt: skip
+    if s.cfg.train.init_from:
+        t = s.cfg.train
+        recorder.extra.update({"init_from": str(init_source(s.cfg)), "adapt_ridge_epochs": t.adapt_ridge_epochs,
+                               "train_fraction": s.cfg.data.train_fraction})  # fmt: skip
     recorder.finish()

@@ -150,3 +150,80 @@ def test_stage1_of_a_subject_set_on_two_processes_follows_one_process(env: Smoke
     w2, _ = read_weights(two / "checkpoints" / "last")
     for k in (f"ridge.linears.{i}.weight" for i in range(3)):
         assert (w2[k] - w1[k]).abs().max() <= 1e-5 * w1[k].abs().max() + 1e-7, k
+
+
+# ---- a new subject from a subject set's model ----------------------------------------------------------------------
+def stage1_config(env: SmokeEnv, exp: str, *overrides: str):
+    from utils.config import load_config
+    from utils.stage_configs import Stage1Config
+
+    return load_config(Stage1Config, str(env.profile), [*SET[1:], *overrides], {"exp": exp})
+
+
+def test_train_fraction_keeps_whole_leading_segments() -> None:
+    from utils.data import contiguous_val_split, leading_segments
+    from utils.errors import DataError
+
+    train, _ = contiguous_val_split(720, 0.1, 20, 1, 0)
+    kept = leading_segments(train, 0.125, 30)
+    assert abs(len(kept) - 0.125 * len(train)) <= 30 and set(kept) <= set(train)
+    assert set(kept // 30) == set(range(kept.max() // 30 + 1)), "whole leading segments, none skipped"
+    assert all(set(train[train // 30 == seg]) <= set(kept) for seg in set(kept // 30)), "segments are whole"
+    assert len(leading_segments(train, 0.001, 30)) > 0 and np.array_equal(leading_segments(train, 1.0, 30), train)
+    with pytest.raises(DataError, match="train_fraction"):
+        leading_segments(train, 0.0, 30)
+
+
+def test_adaptation_starts_from_the_shared_weights_and_trains_the_new_ridge_first(
+    env: SmokeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import stage1
+    from utils.checkpoint import read_weights
+    from utils.errors import ConfigError
+    from utils.manifest import read_manifest
+
+    source_dir = stage1.train(stage1_config(env, "pair", "run.subj=[1,2]", "train.num_epochs=1"))
+    source, _ = read_weights(source_dir / "checkpoints" / "best")
+    adapt = ["run.subj=3", f"train.init_from={source_dir.parent}", "data.train_fraction=0.25",
+             "train.adapt_ridge_epochs=1"]  # fmt: skip
+    s = stage1.setup(stage1_config(env, "adapt", *adapt))
+    own = s.model.state_dict()
+    shared = [k for k in own if not k.startswith("ridge.")]
+    assert shared and all(torch.equal(own[k], source[k]) for k in shared), "shared parts start as the source's"
+    assert s.subjects.members[0].n_voxels == own["ridge.linears.0.weight"].shape[1]
+    assert "ridge.linears.1.weight" not in own, "one ridge: the new subject's"
+    assert s.data.n_clips("train") == 12, "a quarter of the 41 training clips, as two whole segments of 6"
+
+    after_ridge_phase: dict[str, bool] = {}
+    real_evaluate = stage1.evaluate
+
+    def watching(s1, split="val", chunk=100):
+        if not after_ridge_phase:  # end of epoch 0: only the ridge has moved
+            now = s1.model.state_dict()
+            after_ridge_phase["shared"] = all(torch.equal(now[k], source[k]) for k in shared)
+            after_ridge_phase["ridge"] = not torch.equal(now["ridge.linears.0.weight"], own["ridge.linears.0.weight"])
+        return real_evaluate(s1, split, chunk)
+
+    monkeypatch.setattr(stage1, "evaluate", watching)
+    out = stage1.train(stage1_config(env, "adapt", *adapt))
+    assert after_ridge_phase == {"shared": True, "ridge": True}
+    final, _ = read_weights(out / "checkpoints" / "last")
+    assert any(not torch.equal(final[k], source[k]) for k in shared), "then everything trains"
+    assert (out / "identification.json").is_file() and (out / "curves.png").is_file()
+    manifest = read_manifest(out)
+    assert manifest["init_from"].startswith(str(source_dir)) and manifest["train_fraction"] == 0.25
+    assert manifest["train_clips"] == 12
+    with pytest.raises(ConfigError, match="trained on"):
+        stage1.setup(stage1_config(env, "again", "run.subj=2", f"train.init_from={source_dir.parent}"))
+
+
+def test_init_from_on_the_command_line(env: SmokeEnv, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "train_neurons.py"), "--profile", str(env.profile), "--subj",
+                           "3", "--exp", "cli", "--init-from", str(tmp_path), "--print-config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"init_from: {tmp_path.resolve()}" in done.stdout
+    done = subprocess.run([sys.executable, str(REPO / "train_neurons.py"), "--profile", str(env.profile), "--subj",
+                           "3", "--exp", "cli", "--init-from", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "no stage-1 checkpoint under" in done.stderr

@@ -186,6 +186,8 @@ def run_stage(
     debug = getattr(args, "debug", False) or debug_requested()
     try:
         overrides = [*args.overrides, *(["train.resume=true"] if getattr(args, "resume", False) else [])]
+        if getattr(args, "init_from", None):
+            overrides.append(f"train.init_from={Path(args.init_from).resolve()}")
         cfg = load_config(config_class, args.profile, overrides, fixed_args(args))
         if args.print_config:
             print(to_yaml(cfg), end="")

@@ -162,6 +162,19 @@ def contiguous_val_split(n: int, fraction: float, block: int, guard: int, seed: 
     return train, np.flatnonzero(is_val)
 
 
+def leading_segments(rows: np.ndarray, fraction: float, segment: int) -> np.ndarray:
+    """The ``rows`` (source-file clip indices, ascending) of the leading whole segments (clip i is in segment
+    ``i // segment``) whose clip count is closest to ``fraction * len(rows)``; at least one segment, ties to fewer."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"data.train_fraction {fraction} is outside (0, 1]", "set data.train_fraction to e.g. 0.125")
+    if segment < 1:
+        raise DataError(f"data.train_segment_clips {segment} is below 1", "set data.train_segment_clips to e.g. 240")
+    rows = np.asarray(rows)
+    ids, counts = np.unique(rows // segment, return_counts=True)
+    n = 1 + int(np.argmin(np.abs(np.cumsum(counts) - fraction * len(rows))))
+    return rows[np.isin(rows // segment, ids[:n])]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # one subject's data
 
@@ -204,6 +217,10 @@ class DataConfig:
     val_block_clips: int = 20  # the validation split is made of whole blocks of contiguous clips ...
     val_guard_clips: int = 1  # ... with this many clips dropped on each side (neighbouring clips are correlated)
     val_seed: int = 0
+    # the share of the training clips (after the holdout) that training uses, as whole contiguous segments of
+    # ``train_segment_clips`` clips, the earliest first (a new subject scanned for less time; issue 18)
+    train_fraction: float = 1.0
+    train_segment_clips: int = 240  # cc2017: 18 training segments of 8 min, 240 clips each
     # model selection (defect 16): "holdout" picks the best epoch on the validation clips above; "test_upstream"
     # trains on every training clip (no holdout, the val_* keys unused) and picks it on the TEST clips, as upstream
     validation: Literal["holdout", "test_upstream"] = "holdout"
@@ -258,8 +275,16 @@ class BrainVideoData:
             log.warning("data.validation=test_upstream: training on all %d clips, model selection on the TEST clips "
                         "(upstream, defect 16)", self.n_source("train"))  # fmt: skip
             return np.arange(self.n_source("train")), np.arange(0)
-        return contiguous_val_split(self.n_source("train"), c.val_fraction, c.val_block_clips, c.val_guard_clips,
-                                    c.val_seed)  # fmt: skip
+        train, val = contiguous_val_split(self.n_source("train"), c.val_fraction, c.val_block_clips,
+                                          c.val_guard_clips, c.val_seed)  # fmt: skip
+        if c.train_fraction < 1.0:
+            kept = leading_segments(train, c.train_fraction, c.train_segment_clips)
+            segments = len(np.unique(kept // c.train_segment_clips))
+            log.info("subject %d: data.train_fraction=%g keeps %d of %d training clips (%d whole segments of %d)",
+                     self.subject, c.train_fraction, len(kept), len(train), segments,
+                     c.train_segment_clips)  # fmt: skip
+            train = kept
+        return train, val
 
     @property
     def opened_files(self) -> list[Path]:

@@ -126,6 +126,11 @@ class Stage1Train(OptimConfig):
     target_frame: int = 2  # CLIP target frame of a clip ...
     alternate_target_frame: bool = True  # ... alternating with the next one by epoch parity, as upstream
     init_from_mindeye2: bool = True  # start the backbone from MindEye2's subject-1 weights (weights_root/last.pth)
+    # new-subject adaptation (issue 18): the run folder of a subject-set model (or its stage1/ folder); every part
+    # after the ridge starts from its best stage-1 checkpoint (replacing init_from_mindeye2) and this run's subject,
+    # which must not be in that set, gets the only fresh part: its ridge
+    init_from: str = ""
+    adapt_ridge_epochs: int = 0  # with init_from: the first epochs train the new ridge alone, then everything
 
 
 @dataclass(frozen=True)
