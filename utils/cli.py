@@ -63,7 +63,7 @@ def subject_arg(text: str) -> int | tuple[int, ...]:
     except ConfigError:
         raise argparse.ArgumentTypeError(f"{text!r}: give 1, 2 or 3, or a set such as 1,2,3") from None
     if not all(s in (1, 2, 3) for s in (subjects if isinstance(subjects, tuple) else (subjects,))):
-        raise argparse.ArgumentTypeError(f"{text!r}: subjects are 1, 2 and 3")
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1, 2 or 3, or a set such as 1,2,3")
     return subjects
 
 
