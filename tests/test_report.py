@@ -188,7 +188,7 @@ def test_published_numbers_beside_the_neurons_protocol() -> None:
 
     m = {"protocol": "standard", "n_clips": N_CLIPS, "caption_source": "blip2",
          "protocols": {"standard": block(0.6), "neurons": block(0.7)}, **block(0.6)}  # fmt: skip
-    cfg = SimpleNamespace(run=SimpleNamespace(subj=1), model=SimpleNamespace(size="paper"))
+    cfg = SimpleNamespace(run=SimpleNamespace(subj=1, subject=1), model=SimpleNamespace(size="paper"))
     table = metrics_table(cfg, {"enhance": m}, None)  # type: ignore[arg-type]
     assert table.header[1:4] == ["ours (enhance, subj 1, standard)", "ours (enhance, subj 1, neurons)",
                                  "MinD-Video (mean of 3)"]  # fmt: skip
