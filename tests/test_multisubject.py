@@ -17,7 +17,7 @@ import torch
 from tests.smoke_env import SmokeEnv, smoke_env
 
 REPO = Path(__file__).resolve().parents[1]
-SET = ["run.subj=[1,2,3]", "train.batch_size=6", "train.num_epochs=2", "train.log_every=1"]
+SET = ["run.subj=[1,2,3]", "train.batch_size=6", "train.num_epochs=1", "train.log_every=1"]
 
 
 # ---- config and CLI ------------------------------------------------------------------------------------------------
@@ -182,10 +182,10 @@ def test_adaptation_starts_from_the_shared_weights_and_trains_the_new_ridge_firs
     from utils.errors import ConfigError
     from utils.manifest import read_manifest
 
-    source_dir = stage1.train(stage1_config(env, "pair", "run.subj=[1,2]", "train.num_epochs=1"))
+    source_dir = stage1.train(stage1_config(env, "pair", "run.subj=[1,2]"))
     source, _ = read_weights(source_dir / "checkpoints" / "best")
     adapt = ["run.subj=3", f"train.init_from={source_dir.parent}", "data.train_fraction=0.25",
-             "train.adapt_ridge_epochs=1"]  # fmt: skip
+             "train.adapt_ridge_epochs=1", "train.num_epochs=2"]  # fmt: skip
     s = stage1.setup(stage1_config(env, "adapt", *adapt))
     own = s.model.state_dict()
     shared = [k for k in own if not k.startswith("ridge.")]
