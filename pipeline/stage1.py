@@ -34,7 +34,7 @@ from pipeline.common import (
 )
 from pipeline.loop import Trainer, fit, prepare_training
 from utils.baselines import identification_accuracy
-from utils.checkpoint import load_checkpoint, load_strict, read_weights, resolve_checkpoint
+from utils.checkpoint import load_checkpoint, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.data import SubjectSet, selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
@@ -136,10 +136,7 @@ def load_shared_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage1Config)
     initialisation: the only part not loaded.
     """
     tensors, meta = read_weights(folder)
-    for part in SHARED_PARTS:
-        prefix = f"{part}."
-        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        load_strict(getattr(model, part), sub, f"train.init_from {folder} ({part})")
+    load_parts(model, tensors, SHARED_PARTS, f"train.init_from {folder}")
     extra = sorted(k for k in tensors if k.split(".")[0] not in STAGE1_PARTS)
     if extra:
         raise WeightsError(f"train.init_from {folder} has keys of no stage-1 part: {extra[:3]}",

@@ -62,7 +62,7 @@ from pipeline.common import (
     uses_clip_cache,
 )
 from pipeline.loop import Trainer, fit, prepare_training
-from utils.checkpoint import MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
+from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.data import selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
@@ -132,10 +132,7 @@ def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage2Config)
     """Strictly load the stage-1 parts (ridge, backbone, clipproj) from a stage-1 checkpoint of this run."""
     tensors, meta = read_weights(folder)
     check_identity(meta, cfg, folder)
-    for part in FROZEN_PARTS:
-        prefix = f"{part}."
-        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        load_strict(getattr(model, part), sub, f"stage-1 checkpoint {folder} ({part})")
+    load_parts(model, tensors, FROZEN_PARTS, f"stage-1 checkpoint {folder}")
     extra = sorted(k for k in tensors if k.split(".")[0] not in FROZEN_PARTS)
     if extra:
         raise WeightsError(f"stage-1 checkpoint {folder} has unexpected keys {extra[:3]}", "rerun stage 1")

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,14 @@ def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], so
             "check that the profile and model size match the ones that made the checkpoint",
         )
     module.load_state_dict(tensors, strict=True)
+
+
+def load_parts(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], parts: Iterable[str], source: str) -> None:
+    """Strictly load each submodule ``model.<part>`` from the ``<part>.``-prefixed ``tensors`` (load_strict)."""
+    for part in parts:
+        prefix = f"{part}."
+        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        load_strict(getattr(model, part), sub, f"{source} ({part})")
 
 
 def load_checkpoint(
