@@ -211,6 +211,7 @@ class NeuronsBrainModel(nn.Module):
         key_text: torch.Tensor | None = None,
         key_table: torch.Tensor | None = None,
         latent_size: int | None = None,
+        subj_idx: int = 0,
     ) -> BrainDecoding:
         """Brain-only decoding of B clips: voxels (B, R, V) or (B, V) → :class:`BrainDecoding`.
 
@@ -218,12 +219,13 @@ class NeuronsBrainModel(nn.Module):
         pass one generator per clip for batch-size-independent results. The heads (:meth:`decode_heads`) read the
         condition (``cfg.head_input="brain"``) or the sample (``"prior"``, upstream). The mask head is queried with
         ``key_text`` (B, Dt) when given, else with the row of ``key_table`` (C, Dt) of each clip's top concept.
-        Latents are nearest-resized to ``latent_size`` (default the VAE latent size).
+        Latents are nearest-resized to ``latent_size`` (default the VAE latent size). ``subj_idx``: the ridge slot
+        of the subject whose voxels these are.
         """
         if (key_text is None) == (key_table is None):
             raise ValueError("decode_voxels needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
         dtype = self.diffusion_prior.net.learned_query.dtype  # the weights' (float32): undoes autocast's bf16
-        cond = self.prior_condition(voxels).to(dtype)  # (B, T, D)
+        cond = self.prior_condition(voxels, subj_idx).to(dtype)  # (B, T, D)
         prior_tokens = self.diffusion_prior.sample(cond, generators, prior_steps).to(dtype)  # (B, T, D)
         heads_in = self.head_tokens(cond, prior_tokens)
         return self.decode_heads(heads_in, key_text, key_table, latent_size, prior_tokens=prior_tokens,

@@ -36,6 +36,11 @@ def load_subject_set(cfg: SharedConfig, fields: tuple[str, ...]) -> SubjectSet:
     return data
 
 
+def voxel_counts(cfg: SharedConfig) -> tuple[int, ...]:
+    """The voxel count of each subject of ``run.subj``, in ridge order (the brain model's ridge shapes)."""
+    return tuple(BrainVideoData(cfg.paths.data_root, k, cfg.data).n_voxels for k in cfg.run.subjects)
+
+
 def require_foundation(cfg: SharedConfig, roles: Sequence[str]) -> None:
     """Stage preflight: every weight file of ``roles`` is present (paper: all listed at once) and, for the toy
     roles, whole (the size its manifest records, a readable safetensors header), before any work or output."""
@@ -92,8 +97,6 @@ def foundation_dims(
                    gpt2.max_positions) if gpt2 is not None else GPT2Dims()  # fmt: skip
     latent_channels = vae.latent_channels if vae is not None else 4
     return FoundationDims(clip.num_tokens, clip.token_dim, clip.text_dim, latent_channels, latent_size, gpt)
-
-
 
 
 class ClipTargets:
@@ -153,4 +156,3 @@ def clip_targets(
     for source, frames in needs.items():
         cache.require(source, frames)
     return ClipTargets(data, clip, cache, device, vae)
-

@@ -277,7 +277,7 @@ def diagnose(cfg: DiagnosticsConfig) -> Path:
     results: dict[str, Any] = {
         "stage": "e",
         "mode": cfg.run.mode,
-        "subj": cfg.run.subj,
+        "subj": cfg.run.subject,
         "profile": cfg.run.profile,
         "n_clips": x.n,
         "clips": f"test clips 0..{x.n - 1}",

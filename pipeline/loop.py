@@ -29,6 +29,7 @@ from utils.training import (
     AnyPlan,
     BatchPlan,
     MetricsLog,
+    SubjectBatchPlan,
     autocast,
     average_gradients,
     build_optimizer,
@@ -233,6 +234,16 @@ def train_epoch(tr: Trainer, plan: AnyPlan, opt, sched, prog: Progress, metrics:
     bar.close()
 
 
+def subject_plan(cfg: TrainingConfig, n_train: tuple[int, ...], num_processes: int) -> AnyPlan:
+    """The batch plan of a run whose ridge slots have ``n_train`` training clips each: one subject, a
+    :class:`BatchPlan`; a subject set, a :class:`SubjectBatchPlan` whose every global batch holds the same number of
+    clips of each subject (refused when ``train.batch_size`` does not split evenly)."""
+    t = cfg.train
+    if len(n_train) == 1:
+        return BatchPlan(n_train[0], t.batch_size, num_processes, cfg.run.seed, t.drop_last)
+    return SubjectBatchPlan.equal_shares(n_train, t.batch_size, num_processes, cfg.run.seed)
+
+
 def prepare_training(
     cfg: TrainingConfig, stage: str, model: NeuronsBrainModel, accelerator: Any, n_train: int, out_dir: Path,
     plan: AnyPlan | None = None,
@@ -243,7 +254,7 @@ def prepare_training(
     are averaged explicitly after the backward pass (:func:`utils.training.average_gradients`).
     """
     t = cfg.train
-    if plan is None:  # ``plan``: a subject set's (``SubjectBatchPlan``)
+    if plan is None:  # ``plan``: a subject set's (:func:`subject_plan`)
         plan = BatchPlan(n_train, t.batch_size, accelerator.num_processes, cfg.run.seed, t.drop_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, t)  # train.adamw_impl

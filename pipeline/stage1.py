@@ -32,7 +32,7 @@ from pipeline.common import (
     require_foundation,
     uses_clip_cache,
 )
-from pipeline.loop import Trainer, fit, prepare_training
+from pipeline.loop import Trainer, fit, prepare_training, subject_plan
 from utils.baselines import identification_accuracy
 from utils.checkpoint import load_checkpoint, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
@@ -44,7 +44,6 @@ from utils.runs import RunPaths
 from utils.stage_configs import Stage1Config
 from utils.training import (
     AnyPlan,
-    BatchPlan,
     MetricsLog,
     SubjectBatchPlan,
     build_accelerator,
@@ -165,13 +164,9 @@ def target_frames(cfg: Stage1Config, data: Any) -> list[int]:
 
 
 def batch_plan(s: Stage1) -> AnyPlan:
-    """One subject: :class:`BatchPlan` over its training clips. A subject set: every global batch holds the same number
-    of clips of each subject (:class:`SubjectBatchPlan`)."""
-    t, procs = s.cfg.train, s.accelerator.num_processes
+    """The run's :func:`~pipeline.loop.subject_plan` over each subject's training clips."""
     n_train = tuple(m.n_clips("train") for m in s.subjects.members)
-    if len(n_train) == 1:
-        return BatchPlan(n_train[0], t.batch_size, procs, s.cfg.run.seed, t.drop_last)
-    return SubjectBatchPlan.equal_shares(n_train, t.batch_size, procs, s.cfg.run.seed)
+    return subject_plan(s.cfg, n_train, s.accelerator.num_processes)
 
 
 @dataclass

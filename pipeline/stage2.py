@@ -57,14 +57,14 @@ from pipeline.common import (
     ClipTargets,
     clip_targets,
     foundation_dims,
-    load_data,
+    load_subject_set,
     require_foundation,
     uses_clip_cache,
 )
-from pipeline.loop import Trainer, fit, prepare_training
+from pipeline.loop import Trainer, fit, prepare_training, subject_plan
 from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
-from utils.data import selection_note, selection_split
+from utils.data import SubjectSet, selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
 from utils.losses import (
     concept_bce,
@@ -82,7 +82,15 @@ from utils.metrics import concept_f1
 from utils.resize import resize_maps_nearest, resize_masks_majority
 from utils.runs import RunPaths, rerun_hint
 from utils.stage_configs import Stage2Config, UpstreamFlags
-from utils.training import BatchPlan, MetricsLog, build_accelerator, clip_seed, gather_cat, seed_everything
+from utils.training import (
+    AnyPlan,
+    MetricsLog,
+    SubjectBatchPlan,
+    build_accelerator,
+    clip_seed,
+    gather_cat,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +113,17 @@ class Stage2:
     """Everything one stage-2 run holds."""
 
     cfg: Stage2Config
-    data: Any
+    data: Any  # the stimuli (frames, captions, concepts, masks): the same clips for every subject
+    subjects: SubjectSet  # the fMRI of each subject, in ridge order (one subject: a set of one)
     clip: Any
     vae: Any
     model: NeuronsBrainModel
     accelerator: Any
     out_dir: Path
     stage1_ckpt: Path
-    # per split (train and the selection split, val or test): (n, V) train = repeat ``voxel_repeat``, else the mean
-    voxels: dict[str, torch.Tensor]
+    # per split (train and the selection split, val or test), one per ridge slot: (n, V_slot), train = repeat
+    # ``voxel_repeat``, else the mean of the repeats
+    voxels: dict[str, list[torch.Tensor]]
     captions: dict[str, Captions]  # per split (train and the selection split)
     key_text: dict[str, torch.Tensor]  # per split: (n, Dt) pooled text embedding of each clip's key-object name
     targets: ClipTargets  # CLIP image tokens and VAE latents of the frames (cached or computed)
@@ -138,9 +148,9 @@ def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage2Config)
         raise WeightsError(f"stage-1 checkpoint {folder} has unexpected keys {extra[:3]}", "rerun stage 1")
 
 
-def build_model(cfg: Stage2Config, data: Any, dims: Any, gpt2: Any, stage1: Path) -> NeuronsBrainModel:
+def build_model(cfg: Stage2Config, subjects: SubjectSet, dims: Any, gpt2: Any, stage1: Path) -> NeuronsBrainModel:
     up = cfg.upstream
-    bcfg = make_brain_config(cfg, data, dims, ALL_PARTS, **model_flags(up))
+    bcfg = make_brain_config(cfg, subjects.stimuli, dims, ALL_PARTS, subjects.n_voxels, **model_flags(up))
     model = NeuronsBrainModel(bcfg, gpt2=gpt2.model)
     if cfg.train.init_from_mindeye2:  # fills backbone and prior; the backbone is then replaced by stage 1's
         load_mindeye2(cfg.paths.weights_root, model)
@@ -211,7 +221,8 @@ def setup(cfg: Stage2Config) -> Stage2:
     unknown = sorted(set(cfg.train.selection) - set(SCORES))
     if unknown or not cfg.train.selection:
         raise ConfigError(f"bad train.selection {list(cfg.train.selection)}", f"sum some of {', '.join(SCORES)}")
-    data = load_data(cfg, FIELDS)
+    subjects = load_subject_set(cfg, FIELDS)
+    data = subjects.stimuli
     if cfg.train.init_from_mindeye2:
         require_mindeye2(cfg.paths.weights_root)
     accelerator = build_accelerator(cfg)
@@ -224,7 +235,7 @@ def setup(cfg: Stage2Config) -> Stage2:
     select_on = selection_split(cfg.data)
     needs = {"train": list(range(data.n_frames))} | ({"test": [cfg.train.target_frame]} if select_on == "test" else {})
     targets = clip_targets(cfg, data, clip, device, needs, vae)
-    model = build_model(cfg, data, dims, gpt2, stage1)
+    model = build_model(cfg, subjects, dims, gpt2, stage1)
     t, namer = cfg.train, concept_namer(cfg, data)
     captions = {
         split: caption_targets(clip, data.captions(split), t.caption_max_len, gpt2.max_positions, gpt2.vocab_size)
@@ -234,19 +245,21 @@ def setup(cfg: Stage2Config) -> Stage2:
         split: key_text_embeddings(clip, [namer.train_name(n) for n in data.key_object_names(split)], device)
         for split in ("train", select_on)
     }
-    voxels = {"train": data.voxels("train", t.voxel_repeat), select_on: data.voxels(select_on)}
+    voxels = {"train": [m.voxels("train", t.voxel_repeat) for m in subjects.members],
+              select_on: [m.voxels(select_on) for m in subjects.members]}  # fmt: skip
     out_dir = RunPaths.from_config(cfg).stage_dir("2")
-    return Stage2(cfg, data, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text, targets,
-                  frozen_parts(cfg))  # fmt: skip
+    return Stage2(cfg, data, subjects, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text,
+                  targets, frozen_parts(cfg))  # fmt: skip
 
 
 # ---- one training step ---------------------------------------------------------------------------------------------
 @dataclass
 class Batch:
-    """The tensors of one step on clips ``idx`` of a split (all on the device; the frames' CLIP tokens and VAE
-    latents come from :class:`~pipeline.common.ClipTargets`)."""
+    """The tensors of one step on clips ``idx`` of a split, for the subject in ridge slot ``slot`` (all on the
+    device; the frames' CLIP tokens and VAE latents come from :class:`~pipeline.common.ClipTargets`)."""
 
-    voxels: torch.Tensor  # (B, V)
+    slot: int
+    voxels: torch.Tensor  # (B, V_slot)
     caption_emb: torch.Tensor  # (B, Dt)
     concepts: torch.Tensor  # (B, C)
     masks: torch.Tensor  # (B, F, R, R)
@@ -255,12 +268,13 @@ class Batch:
     token_mask: torch.Tensor  # (B, L)
 
 
-def get_batch(s: Stage2, split: str, idx: Any) -> Batch:
+def get_batch(s: Stage2, split: str, idx: Any, slot: int = 0) -> Batch:
     d, dev = s.data, s.accelerator.device
     rows = torch.as_tensor(np.asarray(idx, dtype=np.int64))
     cap = s.captions[split]
     return Batch(
-        s.voxels[split][rows].to(dev),
+        slot,
+        s.voxels[split][slot][rows].to(dev),
         d.caption_embeddings(split)[rows].to(dev),
         d.concept_labels(split)[rows].to(dev),
         d.key_object_masks(split, idx).to(dev),
@@ -347,51 +361,62 @@ def multipliers(cfg: Stage2Config, epoch: int, batch: int, steps_per_epoch: int)
     return progressive_weights(epoch, batch, steps_per_epoch, starts, window, p.peak)
 
 
-def prior_generators(s: Stage2, epoch: int, idx: np.ndarray) -> list[torch.Generator]:
+def prior_generators(s: Stage2, epoch: int, idx: np.ndarray, slot: int = 0) -> list[torch.Generator]:
     """One generator per clip for the prior's timesteps, noise and condition dropout, seeded from the run seed, the
-    epoch and the clip, so that the draws do not depend on the batch size or the process count."""
+    epoch, the clip and (after the first) the ridge slot, so that the draws do not depend on the batch size or the
+    process count, and a subject set's subjects draw apart."""
     epoch_seed = clip_seed(s.cfg.run.seed, epoch)
-    return clip_generators([clip_seed(epoch_seed, int(r)) for r in s.data.indices("train")[idx]])
+    seeds = [clip_seed(epoch_seed, int(r)) for r in s.data.indices("train")[idx]]
+    return clip_generators([clip_seed(v, slot) if slot else v for v in seeds])
 
 
-def step_loss(s: Stage2, plan: BatchPlan, epoch: int, batch: int) -> dict[str, torch.Tensor | float]:
+def step_loss(s: Stage2, plan: AnyPlan, epoch: int, batch: int) -> dict[str, torch.Tensor | float]:
     """All stage-2 losses of step ``batch`` of ``epoch`` on the global batch, whatever the process count; the
     weighted total under ``loss`` and the multipliers as ``w_<task>``.
 
-    Each process runs the model on its share of the clips, then gathers the per-clip outputs and targets, so the
-    contrastive terms (video SoftCLIP, text InfoNCE), the batch Dice and the token-averaged caption loss see every
-    clip of the step. (Dropout masks are drawn per process; the upstream ``batch`` decoder modes, defects 14-15,
-    mix clips inside a process's share only.)
+    Each process runs the model on its share of the clips (a subject set's: each subject's through its own ridge,
+    :func:`share_outputs`), then gathers the per-clip outputs and targets, so the contrastive terms (video SoftCLIP,
+    text InfoNCE), the batch Dice and the token-averaged caption loss see every clip of the step. (Dropout masks are
+    drawn per process; the upstream ``batch`` decoder modes, defects 14-15, mix clips inside a process's share only.)
     """
-    t, acc = s.cfg.train, s.accelerator
-    model = acc.unwrap_model(s.model)
-    idx = plan.batch_at(epoch, batch)[plan.share(acc.process_index)]
-    b = get_batch(s, "train", idx)
-    with torch.no_grad():
-        cond = model.prior_condition(b.voxels).float()  # (b, T, D), frozen (upstream.prior_condition, defect 19)
-        targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
-        latents = s.targets.latents("train", idx)  # (b, F, C, s, s)
-    _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx))
-    motion = model.motion(model.head_tokens(cond, prior_tokens))  # (b, F, T, D) (upstream.head_input)
-    local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
-    local |= {"targets": targets, "latents": latents, "caption_emb": b.caption_emb, "concepts": b.concepts,
-              "masks": b.masks}  # fmt: skip
+    acc = s.accelerator
+    slots, clips = plan.decode(plan.batch_at(epoch, batch)[plan.share(acc.process_index)])
+    parts = [share_outputs(s, epoch, clips[slots == slot], slot) for slot in dict.fromkeys(slots.tolist())]
+    local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     losses, accuracy = head_losses(s, {k: gather_cat(acc, v) for k, v in local.items()}, epoch)
     mult = multipliers(s.cfg, epoch, batch, plan.steps_per_epoch)
     total, _ = total_loss(losses, s.cfg.loss_weights, mult)
     return {"loss": total, **losses, "caption_acc": accuracy, **{f"w_{k}": v for k, v in mult.items()}}
 
 
+def share_outputs(s: Stage2, epoch: int, idx: np.ndarray, slot: int) -> dict[str, torch.Tensor]:
+    """Per-clip outputs and targets (leading clip axis) of training clips ``idx`` of the subject in ridge slot
+    ``slot``: the prior's x0 from noised ground truth, the motion tokens and every head's output."""
+    t, model = s.cfg.train, s.accelerator.unwrap_model(s.model)
+    b = get_batch(s, "train", idx, slot)
+    with torch.no_grad():
+        cond = model.prior_condition(b.voxels, slot).float()  # (b, T, D), frozen (upstream.prior_condition)
+        targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
+        latents = s.targets.latents("train", idx)  # (b, F, C, s, s)
+    _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx, slot))
+    motion = model.motion(model.head_tokens(cond, prior_tokens))  # (b, F, T, D) (upstream.head_input)
+    local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
+    return local | {"targets": targets, "latents": latents, "caption_emb": b.caption_emb, "concepts": b.concepts,
+                    "masks": b.masks}  # fmt: skip
+
+
 # ---- validation ----------------------------------------------------------------------------------------------------
-def decode_val(s: Stage2, split: str, idx: np.ndarray) -> tuple[Batch, dict[str, Any]]:
-    """Brain-only outputs of clips ``idx`` (:meth:`~models.brain.NeuronsBrainModel.decode_voxels`, the mask queried
-    with each clip's key-object name), the teacher-forced caption logits and the targets they are scored against."""
+def decode_val(s: Stage2, split: str, idx: np.ndarray, slot: int = 0) -> tuple[Batch, dict[str, Any]]:
+    """Brain-only outputs of clips ``idx`` of the subject in ridge slot ``slot``
+    (:meth:`~models.brain.NeuronsBrainModel.decode_voxels`, the mask queried with each clip's key-object name), the
+    teacher-forced caption logits and the targets they are scored against."""
     model, t = s.accelerator.unwrap_model(s.model), s.cfg.train
-    b = get_batch(s, split, idx)
+    b = get_batch(s, split, idx, slot)
     rows = s.data.indices(split)[idx]
     gens = clip_generators([clip_seed(s.cfg.run.seed, int(r)) for r in rows], s.accelerator.device)
     latents = s.targets.latents(split, idx)  # (b, F, C, s, s)
-    dec = model.decode_voxels(b.voxels, gens, t.val_prior_steps, key_text=b.key_text, latent_size=latents.shape[-1])
+    dec = model.decode_voxels(b.voxels, gens, t.val_prior_steps, key_text=b.key_text, latent_size=latents.shape[-1],
+                              subj_idx=slot)  # fmt: skip
     logits, labels, _ = model.caption_logits(dec.caption_prefix, b.tokens, b.token_mask)
     return b, {
         "prior": dec.prior_tokens,
@@ -434,14 +459,26 @@ def chunk_scores(b: Batch, out: dict[str, Any], frame: int, up: UpstreamFlags) -
 
 @torch.no_grad()
 def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
-    """Brain-only validation scores (see the module docstring) and the selection ``metric``."""
+    """Brain-only validation scores (see the module docstring) and the selection ``metric``; a subject set's are
+    their mean over subjects (the ``metric`` too), with each subject's as ``subj<k>/<score>``."""
+    per = {m.subject: evaluate_subject(s, split, slot) for slot, m in enumerate(s.subjects.members)}
+    if len(per) == 1:
+        return next(iter(per.values()))
+    scores = {k: float(np.mean([v[k] for v in per.values()])) for k in next(iter(per.values()))}
+    scores.update({f"subj{subj}/{k}": v for subj, sc in per.items() for k, v in sc.items() if k != "metric"})
+    return scores
+
+
+@torch.no_grad()
+def evaluate_subject(s: Stage2, split: str = "val", slot: int = 0) -> dict[str, float]:
+    """:func:`evaluate`'s scores of the subject in ridge slot ``slot``."""
     model, t = s.accelerator.unwrap_model(s.model), s.cfg.train
     model.eval()
     n = s.data.n_clips(split)
     sums: dict[str, float] = {}
     for start in range(0, n, t.val_chunk):
         idx = np.arange(start, min(start + t.val_chunk, n))
-        b, out = decode_val(s, split, idx)
+        b, out = decode_val(s, split, idx, slot)
         for k, v in chunk_scores(b, out, t.target_frame, s.cfg.upstream).items():
             sums[k] = sums.get(k, 0.0) + v
     set_train_mode(model, s.frozen, s.cfg.train.backbone_mode)
@@ -464,7 +501,7 @@ def add_split(s: Stage2, split: str) -> None:
     namer = concept_namer(s.cfg, d)
     own = key_object_classes(d.concept_labels(split), d.key_object_names(split), d.concept_classes)
     namer = replace(namer, key_object_to_class={**own, **namer.key_object_to_class})
-    s.voxels[split] = d.voxels(split)
+    s.voxels[split] = [m.voxels(split) for m in s.subjects.members]
     s.captions[split] = caption_targets(s.clip, d.captions(split), s.cfg.train.caption_max_len, lm.n_positions,
                                         lm.vocab_size)  # fmt: skip
     names = [namer.train_name(n) for n in d.key_object_names(split)]
@@ -570,11 +607,10 @@ def train(cfg: Stage2Config) -> Path:
     """Run stage 2; returns the stage folder."""
     seed_everything(cfg.run.seed)  # before the model is built: the fresh heads' initialisation is seeded too
     s = setup(cfg)
-    BatchPlan(s.data.n_clips("train"), cfg.train.batch_size, s.accelerator.num_processes)  # refused before any write
-    _, recorder = begin_stage(cfg, "2", depends_on=("1",))
+    plan = subject_plan(cfg, tuple(m.n_clips("train") for m in s.subjects.members), s.accelerator.num_processes)
+    _, recorder = begin_stage(cfg, "2", depends_on=("1",))  # the plan is refused (batch size) before any write
     t, acc = cfg.train, s.accelerator
-    plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir)
-    assert isinstance(plan, BatchPlan)  # one subject (a set is refused by load_data)
+    plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir, plan)
     select_on = selection_split(cfg.data)
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,
@@ -586,6 +622,9 @@ def train(cfg: Stage2Config) -> Path:
     log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters; selection on %s; "
              "progressive windows %s", plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs,
              trainable, selection_note(cfg.data), progressive_windows(cfg))  # fmt: skip
+    if isinstance(plan, SubjectBatchPlan):
+        log.info("stage 2: subjects %s; every global batch holds %d clips of each; validation and selection on the "
+                 "mean over subjects", cfg.run.subj_text, plan.per_subject)  # fmt: skip
     try:
         fit(trainer, plan, opt, sched, metrics)
     finally:
@@ -597,7 +636,7 @@ def train(cfg: Stage2Config) -> Path:
 
 def finish_stage(s: Stage2, recorder, metrics: MetricsLog) -> None:
     curves = metrics.plot(s.out_dir / "curves.png")
-    recorder.add_inputs(s.data.opened_files)
+    recorder.add_inputs(s.subjects.opened_files)
     recorder.add_input(s.stage1_ckpt / MODEL_FILE)
     for name in ("best", "last"):
         recorder.add_output(s.out_dir / "checkpoints" / name / MODEL_FILE)
@@ -605,6 +644,6 @@ def finish_stage(s: Stage2, recorder, metrics: MetricsLog) -> None:
     recorder.add_output(curves)
     starts, window = progressive_windows(s.cfg)
     recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train"),
-                           "backbone_mode": s.cfg.train.backbone_mode,
+                           "backbone_mode": s.cfg.train.backbone_mode, "subjects": list(s.subjects.subjects),
                            "progressive_windows": {"starts": starts, "window_epochs": window}})  # fmt: skip
     recorder.finish()

@@ -56,6 +56,7 @@ from pipeline.common import (
     foundation_dims,
     load_data,
     require_foundation,
+    voxel_counts,
 )
 from utils.checkpoint import CONFIG_FILE, MODEL_FILE, check_identity, load_strict, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
@@ -171,7 +172,7 @@ def load_model(
 ) -> NeuronsBrainModel:
     """The full brain model as stage 2 built it, loaded strictly from ``folder`` (identity-checked)."""
     up = cfg2.upstream
-    bcfg = make_brain_config(cfg2, data, dims, ALL_PARTS, **model_flags(up))
+    bcfg = make_brain_config(cfg2, data, dims, ALL_PARTS, voxel_counts(cfg), **model_flags(up))
     model = NeuronsBrainModel(bcfg, gpt2=gpt2.model)
     tensors, meta = read_weights(folder)  # the weights only: the optimizer state in state.pt is not needed
     check_identity(meta, cfg, folder)
@@ -245,6 +246,7 @@ def decode_batch(s: Stage3, idx: np.ndarray) -> dict[str, Any]:
     gens = clip_generators([clip_seed(s.cfg.run.seed, int(i)) for i in idx], s.device)
     with autocast(s.accelerator, s.cfg):
         dec = s.model.decode_voxels(s.voxels[torch.as_tensor(idx)].to(s.device), gens, sp.prior_steps,
+                                    subj_idx=s.cfg.run.slot,
                                     key_table=s.name_table, latent_size=s.latent_size)  # fmt: skip
     dec = ladder_rung(s, idx, dec)
     masks = torch.sigmoid(dec.mask_logits)  # (B, F, S, S)
@@ -421,7 +423,7 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def save_outputs(s: Stage3, out: Outputs, recorder: Any) -> None:
-    meta = {"stage": "3", "mode": s.cfg.run.mode, "subj": str(s.cfg.run.subj)}
+    meta = {"stage": "3", "mode": s.cfg.run.mode, "subj": str(s.cfg.run.subject)}
     for name, tensor in out.tensors.items():
         path = atomic_save_safetensors(s.out_dir / f"{name}.safetensors", {name: tensor}, meta)
         recorder.add_output(path, tensor.shape, tensor.dtype)

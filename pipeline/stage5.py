@@ -293,7 +293,7 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def save_outputs(s: Stage5, videos: torch.Tensor, recorder: StageRecorder) -> None:
-    meta = {"stage": "5", "mode": s.cfg.run.mode, "subj": str(s.cfg.run.subj), "caption_source": s.caption_source}
+    meta = {"stage": "5", "mode": s.cfg.run.mode, "subj": str(s.cfg.run.subject), "caption_source": s.caption_source}
     path = atomic_save_safetensors(s.out_dir / VIDEOS_FILE, {"videos": videos}, meta)
     recorder.add_output(path, videos.shape, videos.dtype)
     prompts = {

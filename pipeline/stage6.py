@@ -400,6 +400,13 @@ def evaluate(cfg: Stage6Config) -> Path:
     return paths.metrics_file
 
 
+def stage1_identification(path: Path, subject: int) -> dict[str, Any] | None:
+    """Stage 1's test identification of ``subject`` from its ``identification.json`` (a subject set's holds one entry
+    per subject)."""
+    scores = json.loads(path.read_text())
+    return scores.get("subjects", {}).get(str(subject), {}).get("test") if "subjects" in scores else scores.get("test")
+
+
 def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: StageRecorder,
                   results: dict[Protocol, tuple[dict[str, Any], dict[str, Any]]]) -> None:  # fmt: skip
     """``metrics_<mode>.json``, the manifest and the report (main process). ``results``: protocol → (metrics, chance
@@ -408,14 +415,14 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
     ev, out_path = cfg.eval, paths.metrics_file
     metrics, chance = results[ev.protocol]
     ident_file = paths.stage_dir("1") / "identification.json"
-    identification = json.loads(ident_file.read_text()).get("test") if ident_file.is_file() else None
+    identification = stage1_identification(ident_file, cfg.run.subject) if ident_file.is_file() else None
     inputs = {k: str(p.resolve()) for k, p in x.files.items()}
     if x.gif_files:
         inputs["gif_grid"] = str(x.gif_files[0].parent.resolve())
     report = {
         "stage": "6",
         "mode": cfg.run.mode,
-        "subj": cfg.run.subj,
+        "subj": cfg.run.subject,
         "profile": cfg.run.profile,
         "config_hash": config_hash(cfg),
         "protocol": ev.protocol,

@@ -227,3 +227,36 @@ def test_init_from_on_the_command_line(env: SmokeEnv, tmp_path: Path) -> None:
                            "3", "--exp", "cli", "--init-from", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "no stage-1 checkpoint under" in done.stderr
+
+
+# ---- every stage of a subject set through the driver ---------------------------------------------------------------
+def test_the_driver_runs_every_stage_for_a_subject_set(env: SmokeEnv, tmp_path: Path) -> None:
+    """``bash train_neurons.sh cpu t 123456 enhance 1,2,3``: stages 1-2 train one model for the set, stages 3-6
+    decode and score each subject from its own test fMRI (``subj_1-2-3/subj_<k>/``), and the report has a column
+    per subject and their mean."""
+    from safetensors.torch import load_file
+
+    from tests.test_driver import FAST_PIPELINE
+    from utils.manifest import read_manifest
+
+    profile = tmp_path / "set.yaml"
+    profile.write_text(f"extends: {env.profile}\npaths:\n  exp_root: {tmp_path / 'EXP'}\n")
+    sets = f"{FAST_PIPELINE} stage1.train.batch_size=6 stage2.train.batch_size=6"
+    done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", "t", "123456", "enhance", "1,2,3",
+                           str(profile)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable, "NEURONS_SET": sets,
+                               "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "EXP" / "exp_t" / "subj_1-2-3"
+    assert read_manifest(run / "stage2")["subjects"] == [1, 2, 3]
+    val = [r for r in records(run / "stage2") if r["split"] == "val"]
+    assert val and all(r["dice"] == pytest.approx(np.mean([r[f"subj{k}/dice"] for k in (1, 2, 3)])) for r in val)
+    ident = json.loads((run / "stage1" / "identification.json").read_text())["subjects"]
+    tokens = {}
+    for k in (1, 2, 3):
+        metrics = json.loads((run / f"subj_{k}" / "metrics_enhance.json").read_text())
+        assert metrics["n_clips"] == 4 and metrics["brain_identification"] == ident[str(k)]["test"]
+        assert read_manifest(run / f"subj_{k}" / "stage5_enhance") is not None
+        tokens[k] = load_file(run / f"subj_{k}" / "stage3_enhance" / "prior_tokens.safetensors")
+    assert not torch.equal(tokens[1]["prior_tokens"], tokens[2]["prior_tokens"]), "each subject's own fMRI"
+    assert not (run / "stage3_enhance").exists(), "no decoding outside the subjects' folders"

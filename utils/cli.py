@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -171,6 +172,29 @@ def print_profile_diff(profile: str, other: str, overrides: Sequence[str], cli: 
             print(f"stage{key} {name}: {a!r} -> {b!r}")
 
 
+def decoding_passes(cfg: C, stage: str) -> list[C]:
+    """The configs that ``stage`` runs under: ``cfg``, or for a per-subject stage (3 to 6, e) of a subject set, one
+    per subject with ``run.decode_subj`` set (each decodes its own test fMRI into ``subj_<set>/subj_<k>/``)."""
+    run = cfg.run
+    if not isinstance(run.subj, tuple) or run.decode_subj or not STAGE_BY_KEY[stage].mode_dependent:
+        return [cfg]
+    return [dataclasses.replace(cfg, run=dataclasses.replace(run, decode_subj=k)) for k in run.subjects]  # type: ignore[type-var]
+
+
+def run_pass(cfg: C, stage: str, main: Callable[[C], None]) -> None:
+    """Logging, the run lock and ``main(cfg)`` for one run folder."""
+    paths = RunPaths.from_config(cfg)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch
+    if main_process:
+        setup_logging(cfg.run.log_level, None if os.environ.get(DRIVER_LOG_ENV) else stage_log_path(paths, stage))
+    else:
+        setup_logging("WARNING")
+    log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_BY_KEY[stage].name, paths.root,
+             cfg.run.profile, config_hash(cfg))  # fmt: skip
+    with sigterm_as_interrupt(), run_lock(paths.root, stage) if main_process else contextlib.nullcontext():
+        main(cfg)
+
+
 def run_stage(
     config_class: type[C],
     main: Callable[[C], None],
@@ -196,16 +220,8 @@ def run_stage(
             print_profile_diff(args.profile, args.diff, overrides, fixed_args(args))
             return 0
         check_device(cfg)
-        paths = RunPaths.from_config(cfg)
-        main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch
-        if main_process:
-            setup_logging(cfg.run.log_level, None if os.environ.get(DRIVER_LOG_ENV) else stage_log_path(paths, stage))
-        else:
-            setup_logging("WARNING")
-        log.info("stage %s (%s), run %s, profile %s, config %s", stage, STAGE_BY_KEY[stage].name, paths.root,
-                 cfg.run.profile, config_hash(cfg))  # fmt: skip
-        with sigterm_as_interrupt(), run_lock(paths.root, stage) if main_process else contextlib.nullcontext():
-            main(cfg)
+        for one in decoding_passes(cfg, stage):
+            run_pass(one, stage, main)
         return 0
     except NeuronsError as err:
         return report_error(err, debug)

@@ -394,8 +394,10 @@ def config_diff(cls: type[C], profile: str, other: str, overrides: Iterable[str]
 
 
 def run_dir(cfg: SharedConfig) -> Path:
-    """``<exp_root>/exp_<exp>/subj_<subj>``; a subject set's folder names every subject: ``subj_1-2-3``."""
-    return Path(cfg.paths.exp_root) / f"exp_{cfg.run.exp}" / f"subj_{'-'.join(map(str, cfg.run.subjects))}"
+    """``<exp_root>/exp_<exp>/subj_<subj>``; a subject set's folder names every subject: ``subj_1-2-3``, and a set's
+    decoding pass of subject k (``run.decode_subj``) has its own folder inside it, ``subj_1-2-3/subj_k``."""
+    root = Path(cfg.paths.exp_root) / f"exp_{cfg.run.exp}" / f"subj_{'-'.join(map(str, cfg.run.subjects))}"
+    return root / f"subj_{cfg.run.decode_subj}" if cfg.run.decode_subj else root
 
 
 def all_stage_sections() -> set[str]:

@@ -23,7 +23,7 @@ from utils.config import config_hash, run_dir, to_dict, to_yaml
 from utils.errors import RunLockedError
 from utils.io import atomic_write_text
 from utils.stage_configs import SharedConfig
-from utils.stages import STAGE_BY_KEY
+from utils.stages import STAGE_BY_KEY, STAGES
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Output files that a later stage, the report or bench/ reads too (writer → readers).
@@ -31,19 +31,23 @@ VIDEOS_FILE = "videos.safetensors"  # stage 5 → stage 6, the report
 PROMPTS_FILE = "prompts.json"  # stage 5 → stage 6, the report
 DIAGNOSTICS_FILE = "diagnostics.json"  # stage e → the report
 TOY_QUALITY_FILE = "toy_quality.json"  # run root: bench/toy_quality.py → the report
+BRAIN_STAGES = tuple(s.key for s in STAGES if not s.mode_dependent)  # a subject set trains these once, for all
 
 
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
     mode: str
+    brain_root: Path | None = None  # where stages 1-2 live when not in ``root``: a subject set's decoding pass
 
     @classmethod
     def from_config(cls, cfg: SharedConfig) -> RunPaths:
-        return cls(run_dir(cfg), cfg.run.mode)
+        root = run_dir(cfg)
+        return cls(root, cfg.run.mode, root.parent if cfg.run.decode_subj else None)
 
     def stage_dir(self, stage: str) -> Path:
-        return self.root / STAGE_BY_KEY[stage].folder_name(self.mode)
+        root = self.brain_root if self.brain_root is not None and stage in BRAIN_STAGES else self.root
+        return root / STAGE_BY_KEY[stage].folder_name(self.mode)
 
     def stage_dirs(self) -> dict[str, Path]:
         return {key: self.stage_dir(key) for key in STAGE_BY_KEY}

@@ -38,6 +38,9 @@ class RunConfig:
     # one subject, or a subject set (1,2,3): stages 1-2 then train one model with a ridge per subject (in this order:
     # ridge.linears.<i> is subject subj[i]) and everything after the ridge shared
     subj: Subject | tuple[Subject, ...] = 1
+    # stages 3-6 of a subject set decode each subject apart: this pass's subject (0: the run's only subject). The
+    # stage entry point sets it, one pass per subject (utils.cli.run_stage); its outputs go to subj_<set>/subj_<k>/
+    decode_subj: int = 0
     mode: Mode = "enhance"
     profile: str = "paper"
     seed: int = 42
@@ -53,6 +56,10 @@ class RunConfig:
                                   "give distinct subjects, e.g. 1,2,3")  # fmt: skip
             if len(self.subj) == 1:  # one subject is a single-subject run: the same config (and hash) as subj=1
                 object.__setattr__(self, "subj", self.subj[0])
+        if self.decode_subj and (not isinstance(self.subj, tuple) or self.decode_subj not in self.subj):
+            raise ConfigError(f"run.decode_subj {self.decode_subj} is not a member of a subject set "
+                              f"(run.subj {self.subj_text})",
+                              "leave run.decode_subj at 0; the stages set it")  # fmt: skip
 
     @property
     def subjects(self) -> tuple[int, ...]:
@@ -61,14 +68,20 @@ class RunConfig:
 
     @property
     def subject(self) -> int:
-        """The run's one subject (stages 2-6 decode one subject; a set is refused with its cause and fix)."""
+        """The subject whose fMRI this step decodes: the run's one subject, or a set's ``decode_subj`` (a set
+        without it is refused with its cause and fix)."""
+        if self.decode_subj:
+            return self.decode_subj
         if isinstance(self.subj, tuple):
-            raise ConfigError(
-                f"this step works on one subject; run.subj is the set {self.subj_text} (multi-subject training is "
-                "implemented for stage 1 so far, issue 18)",
-                "run it with one subject (SUBJ 1, 2 or 3)",
-            )
+            raise ConfigError(f"this step works on one subject at a time; run.subj is the set {self.subj_text}",
+                              "run it through its stage entry point (train_neurons.sh), which decodes each subject "
+                              "of a set in turn, or give one subject")  # fmt: skip
         return int(self.subj)
+
+    @property
+    def slot(self) -> int:
+        """The ridge slot of :attr:`subject` in the run's brain model (0 for a single-subject run)."""
+        return self.subjects.index(self.subject)
 
     @property
     def subj_text(self) -> str:
