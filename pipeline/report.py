@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from safetensors import safe_open
 
 from pipeline.captions import CAPTIONS_FILE
 from utils.baselines import ridge_baseline
-from utils.cli import OneLineParser, fixed_args, report_error
+from utils.cli import OneLineParser, fixed_args, report_error, subject_arg
 from utils.config import load_config
 from utils.data import BrainVideoData
 from utils.data_catalog import CEILING_FILE, RIDGE_BASELINE_FILE, subject_name
@@ -558,6 +558,60 @@ def stages_table(paths: RunPaths) -> Table:
                                                                   "config"], rows)  # fmt: skip
 
 
+# ---- a subject set: one column per subject and their mean ------------------------------------------------------
+def is_subject_set(cfg: SharedConfig) -> bool:
+    """A subject set's own folder (its per-subject decoding passes have ``run.decode_subj`` set)."""
+    return isinstance(cfg.run.subj, tuple) and not cfg.run.decode_subj
+
+
+def subject_passes(cfg: SharedConfig) -> dict[int, RunPaths]:
+    """Subject → the run paths of its decoding pass (``subj_<set>/subj_<k>/``)."""
+    return {k: RunPaths.from_config(replace(cfg, run=replace(cfg.run, decode_subj=k))) for k in cfg.run.subjects}
+
+
+def mean_value(entry: Any) -> float | None:
+    """The number of a metrics-JSON entry ({"mean", ...} or a bare number)."""
+    value = entry.get("mean") if isinstance(entry, dict) else entry
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def subject_set_table(cfg: SharedConfig, mode: str) -> Table | None:
+    """Stage 6's headline metrics of every subject of the set (each against its own test fMRI) and their mean."""
+    scored = {k: scored_modes(p).get(mode) for k, p in subject_passes(cfg).items()}
+    done = {k: m for k, m in scored.items() if m}
+    if not done:
+        return None
+    keys = list(dict.fromkeys(key for m in done.values() for key in m["metrics"]))
+    rows = []
+    for key in keys:
+        values = [mean_value(done[k]["metrics"].get(key)) if k in done else None for k in scored]
+        present = [v for v in values if v is not None]
+        mean = fmt(sum(present) / len(present)) if len(present) == len(values) else "n/a"
+        first = {mode: next(iter(done.values()))}  # the analytic chance is the same for every subject
+        rows.append([key, *(cell(done[k]["metrics"].get(key), 3) if k in done else "n/a" for k in scored), mean,
+                     chance_of(first, key)])
+    header = ["metric", *(f"subj {k}" for k in scored), f"mean of {len(scored)}", "chance"]
+    notes = [f"one brain model for subjects {cfg.run.subj_text}; each subject decoded from its own test fMRI "
+             f"({mode}); subjects not scored yet: {', '.join(str(k) for k in scored if k not in done) or 'none'}"]
+    return Table(f"Subject set {cfg.run.subj_text}, stage-6 metrics ({mode})", header, rows, notes)
+
+
+def write_set_report(cfg: SharedConfig) -> Path:
+    """``subj_<set>/report.html``: the per-subject table of every scored mode, and links to each subject's report."""
+    paths = RunPaths.from_config(cfg)
+    tables_ = [t for mode in MODES if (t := subject_set_table(cfg, mode)) is not None]
+    links = "".join(f'<li><a href="subj_{k}/{REPORT_FILE}">subject {k}</a></li>' for k in cfg.run.subjects)
+    parts = [f"<h1>NEURONS run report: {esc(cfg.run.exp)}, subjects {esc(cfg.run.subj_text)}</h1>",
+             f'<p class="note">run folder {esc(paths.root.resolve())}; profile {esc(cfg.run.profile)}; written '
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+             *([t.html() for t in tables_] or ['<p class="warn">stage 6 has scored no subject of this set yet</p>']),
+             curves_section(paths), f"<h2>Each subject's report</h2><ul>{links}</ul>"]  # fmt: skip
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>NEURONS report {esc(cfg.run.exp)} '
+            f"subjects {esc(cfg.run.subj_text)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body>"
+            "</html>\n")  # fmt: skip
+    return atomic_write_text(report_path(paths), page)
+
+
 # ---- the page ------------------------------------------------------------------------------------------------------
 def report_path(paths: RunPaths) -> Path:
     return paths.root / REPORT_FILE
@@ -582,7 +636,12 @@ def samples_count(paths: RunPaths, mode: str) -> int:
 
 
 def write_report(cfg: SharedConfig) -> Path:
-    """(Re)build ``<run>/report.html`` from whatever this run holds; returns its path."""
+    """(Re)build ``<run>/report.html`` from whatever this run holds; returns its path. A subject set's decoding
+    pass also rebuilds the set's page (:func:`write_set_report`)."""
+    if is_subject_set(cfg):
+        return write_set_report(cfg)
+    if cfg.run.decode_subj:
+        write_set_report(replace(cfg, run=replace(cfg.run, decode_subj=0)))
     paths = RunPaths.from_config(cfg)
     scored = scored_modes(paths)
     r = cfg.run
@@ -611,6 +670,9 @@ def write_report(cfg: SharedConfig) -> Path:
 def summary_markdown(cfg: SharedConfig) -> str:
     """The report's tables as markdown (what ``make demo`` prints at the end)."""
     paths = RunPaths.from_config(cfg)
+    if is_subject_set(cfg):
+        return "\n\n".join(t.markdown() for mode in MODES if (t := subject_set_table(cfg, mode)) is not None) or (
+            f"no subject of {paths.root} is scored yet (run stage 6)")
     body = "\n\n".join([*selection_warnings(paths), *(t.markdown() for t in tables(cfg, paths))])
     return body or f"no metrics in {paths.root} yet (run stage 6)"
 
@@ -618,7 +680,7 @@ def summary_markdown(cfg: SharedConfig) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(description="Print a run's metrics tables and its report path (--write: rebuild it).")
     parser.add_argument("--profile", default="paper")
-    parser.add_argument("--subj", type=int, choices=(1, 2, 3), default=1)
+    parser.add_argument("--subj", type=subject_arg, default=1, help="1, 2, 3 or a subject set such as 1,2,3")
     parser.add_argument("--exp", required=True)
     parser.add_argument("--mode", choices=MODES, default="enhance")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")

@@ -260,3 +260,15 @@ def test_the_driver_runs_every_stage_for_a_subject_set(env: SmokeEnv, tmp_path: 
         tokens[k] = load_file(run / f"subj_{k}" / "stage3_enhance" / "prior_tokens.safetensors")
     assert not torch.equal(tokens[1]["prior_tokens"], tokens[2]["prior_tokens"]), "each subject's own fMRI"
     assert not (run / "stage3_enhance").exists(), "no decoding outside the subjects' folders"
+    summary = subprocess.run([sys.executable, "-m", "pipeline.report", "--profile", str(profile), "--exp", "t",
+                              "--subj", "1,2,3"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert summary.returncode == 0, summary.stderr
+    header = next(line for line in summary.stdout.splitlines() if line.startswith("| metric"))
+    assert header.split("|")[2:6] == [" subj 1 ", " subj 2 ", " subj 3 ", " mean of 3 "]
+    row = next(line for line in summary.stdout.splitlines() if line.startswith("| video_2way |")).split("|")
+    per = [float(json.loads((run / f"subj_{k}" / "metrics_enhance.json").read_text())["metrics"]["video_2way"]
+                 ["mean"]) for k in (1, 2, 3)]  # fmt: skip
+    assert float(row[5]) == pytest.approx(np.mean(per), abs=1e-3), "the mean column is the mean of the subjects"
+    page = (run / "report.html").read_text()
+    assert all(f'href="subj_{k}/report.html"' in page for k in (1, 2, 3)) and "mean of 3" in page
