@@ -362,6 +362,8 @@ def parameter_counts(model: NeuronsBrainModel) -> dict[str, int]:
     if hasattr(model, "backbone"):
         for sub in ("mixer_blocks1", "mixer_blocks2", "backbone_linear", "clip_proj"):
             counts[f"backbone.{sub}"] = _count(getattr(model.backbone, sub))
+    if hasattr(model, "ridge") and len(model.ridge.linears) > 1:  # a subject set: one ridge per subject
+        counts.update({f"ridge.linears.{i}": _count(lin) for i, lin in enumerate(model.ridge.linears)})
     counts["total"] = _count(model)
     return counts
 

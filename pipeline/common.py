@@ -14,9 +14,10 @@ import torch
 from models.foundation import foundation_impl, require_roles, role_fingerprint
 from models.foundation.toy.common import read_manifest, role_dir
 from models.sizes import PAPER_FOUNDATION_DIMS, FoundationDims, GPT2Dims
+from utils.checkpoint import read_weights, resolve_checkpoint
 from utils.clip_target_cache import ClipTargetCache
 from utils.data import BrainVideoData, SubjectSet
-from utils.errors import WeightsError
+from utils.errors import ConfigError, WeightsError
 from utils.stage_configs import SharedConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,30 @@ def load_subject_set(cfg: SharedConfig, fields: tuple[str, ...]) -> SubjectSet:
 def voxel_counts(cfg: SharedConfig) -> tuple[int, ...]:
     """The voxel count of each subject of ``run.subj``, in ridge order (the brain model's ridge shapes)."""
     return tuple(BrainVideoData(cfg.paths.data_root, k, cfg.data).n_voxels for k in cfg.run.subjects)
+
+
+def adaptation_source(cfg: SharedConfig, stage: str) -> Path:
+    """The ``best`` checkpoint of stage ``stage`` ("1" or "2") of ``train.init_from`` (a subject set's run folder,
+    or its stage folder), checked to be a model of this size that did not train on this run's one subject."""
+    root, folder_name = Path(cfg.train.init_from), f"stage{stage}"  # type: ignore[attr-defined]
+    if len(cfg.run.subjects) != 1:
+        raise ConfigError("train.init_from adapts a model to ONE new subject", "set run.subj to that subject")
+    found = [f for f in (root / folder_name / "checkpoints" / "best", root / "checkpoints" / "best")
+             if (f.is_dir() or f.with_name("best.old").is_dir()) and f.parent.parent.name == folder_name]  # fmt: skip
+    if not found:
+        raise WeightsError(f"train.init_from: no stage-{stage} checkpoint under {root}",
+                           "give the run folder of a subject-set model (<exp_root>/exp_<EXP>/subj_1-2) whose stage "
+                           f"{stage} has finished")  # fmt: skip
+    folder = resolve_checkpoint(found[0])
+    _, meta = read_weights(folder)
+    subjects = [int(v) for v in meta.get("subj", "").split(",") if v]
+    if cfg.run.subject in subjects:
+        raise ConfigError(f"subject {cfg.run.subject} is one of the subjects {meta['subj']} that {folder} trained on",
+                          "adapt the model to a subject outside its set, or use it as it is")  # fmt: skip
+    if meta.get("model_size") != cfg.model.size:
+        raise WeightsError(f"{folder} is a model of size {meta.get('model_size')}, this run's is {cfg.model.size}",
+                           "use the profile (model.size) that trained it")  # fmt: skip
+    return folder
 
 
 def require_foundation(cfg: SharedConfig, roles: Sequence[str]) -> None:

@@ -71,6 +71,8 @@ class Trainer:
     eval_split: str = "val"  # the split evaluate() scores (metrics.jsonl "split"); "test" under test_upstream
     # parameters an epoch leaves untouched (their gradients dropped before the step, so AdamW skips them entirely)
     held: Callable[[int], list[torch.nn.Parameter]] = lambda _epoch: []  # noqa: E731
+    # a multiplier of the scheduled LR by epoch (stage 1's ridge-only adaptation epochs: train.adapt_ridge_lr)
+    lr_scale: Callable[[int], float] = lambda _epoch: 1.0  # noqa: E731
 
 
 def save(tr: Trainer, name: str, opt, sched, prog: Progress) -> None:
@@ -221,6 +223,7 @@ def train_epoch(tr: Trainer, plan: AnyPlan, opt, sched, prog: Progress, metrics:
                 p.grad = None
             if t.grad_clip is not None:
                 acc.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+        scale_lr(opt, tr.lr_scale(prog.epoch))  # this step only: the scheduler's next step sets its own LR again
         opt.step()  # a no-op under DeepSpeed
         sched.step()
         prog.batch, prog.step, prog.rng = i + 1, prog.step + 1, None
@@ -230,8 +233,18 @@ def train_epoch(tr: Trainer, plan: AnyPlan, opt, sched, prog: Progress, metrics:
         bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{plan.global_batch * rate:.1f}", refresh=False)
         if acc.is_main_process and (prog.step % t.log_every == 0 or prog.batch == plan.steps_per_epoch):
             record = {"split": "train", "step": prog.step, "epoch": prog.epoch, "lr": sched.get_last_lr()[0]}
+            if tr.lr_scale(prog.epoch) != 1.0:  # the scheduled LR times this epoch's multiplier
+                record["lr_scale"] = tr.lr_scale(prog.epoch)
             metrics.write({**record, **_record(losses)})
     bar.close()
+
+
+def scale_lr(opt, scale: float) -> None:
+    """Multiply every parameter group's LR by ``scale`` (1: nothing). The schedules recompute the LR from the step
+    count (OneCycleLR, LambdaLR), so the scaling lasts until the next ``sched.step()``."""
+    if scale != 1.0:
+        for group in opt.param_groups:
+            group["lr"] *= scale
 
 
 def subject_plan(cfg: TrainingConfig, n_train: tuple[int, ...], num_processes: int) -> AnyPlan:

@@ -26,6 +26,7 @@ from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import STAGE1_PARTS
 from pipeline.common import (
     ClipTargets,
+    adaptation_source,
     clip_targets,
     foundation_dims,
     load_subject_set,
@@ -34,7 +35,7 @@ from pipeline.common import (
 )
 from pipeline.loop import Trainer, fit, prepare_training, subject_plan
 from utils.baselines import identification_accuracy
-from utils.checkpoint import load_checkpoint, load_parts, read_weights, resolve_checkpoint
+from utils.checkpoint import load_checkpoint, load_parts, read_weights
 from utils.cli import begin_stage
 from utils.data import SubjectSet, selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
@@ -101,30 +102,12 @@ SHARED_PARTS = tuple(p for p in STAGE1_PARTS if p != "ridge")  # what a subject 
 
 
 def init_source(cfg: Stage1Config) -> Path:
-    """The ``best`` stage-1 checkpoint of ``train.init_from`` (a run folder or its ``stage1/``), checked to be a
-    subject set's model that did not train on this run's subject."""
-    t, root = cfg.train, Path(cfg.train.init_from)
+    """The ``best`` stage-1 checkpoint of ``train.init_from`` (:func:`~pipeline.common.adaptation_source`)."""
+    t = cfg.train
     if not 0 <= t.adapt_ridge_epochs < t.num_epochs:
         raise ConfigError(f"train.adapt_ridge_epochs {t.adapt_ridge_epochs} is not in [0, num_epochs {t.num_epochs})",
                           "leave epochs after the ridge-only phase for training everything")  # fmt: skip
-    if len(cfg.run.subjects) != 1:
-        raise ConfigError("train.init_from adapts a model to ONE new subject", "set run.subj to that subject")
-    found = [f for f in (root / "stage1" / "checkpoints" / "best", root / "checkpoints" / "best")
-             if f.is_dir() or f.with_name("best.old").is_dir()]  # fmt: skip
-    if not found:
-        raise WeightsError(f"train.init_from: no stage-1 checkpoint under {root}",
-                           "give the run folder of a subject-set model (<exp_root>/exp_<EXP>/subj_1-2) whose stage 1 "
-                           "has finished")  # fmt: skip
-    folder = resolve_checkpoint(found[0])
-    _, meta = read_weights(folder)
-    subjects = [int(v) for v in meta.get("subj", "").split(",") if v]
-    if cfg.run.subject in subjects:
-        raise ConfigError(f"subject {cfg.run.subject} is one of the subjects {meta['subj']} that {folder} trained on",
-                          "adapt the model to a subject outside its set, or use it as it is")  # fmt: skip
-    if meta.get("model_size") != cfg.model.size:
-        raise WeightsError(f"{folder} is a model of size {meta.get('model_size')}, this run's is {cfg.model.size}",
-                           "use the profile (model.size) that trained it")  # fmt: skip
-    return folder
+    return adaptation_source(cfg, "1")
 
 
 def load_shared_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage1Config) -> None:
@@ -142,6 +125,15 @@ def load_shared_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage1Config)
                            "give the run folder of a stage-1 model")  # fmt: skip
     log.info("stage 1: %s and %s from %s (subjects %s); the ridge of subject %d is new", ", ".join(SHARED_PARTS[:-1]),
              SHARED_PARTS[-1], folder, meta.get("subj"), cfg.run.subject)  # fmt: skip
+
+
+def lr_scale(s: Stage1, epoch: int) -> float:
+    """The LR multiplier of ``epoch``: ``adapt_ridge_lr / max_lr`` in the ridge-only epochs of an adaptation, else
+    1."""
+    t = s.cfg.train
+    if not t.init_from or epoch >= t.adapt_ridge_epochs or t.adapt_ridge_lr is None:
+        return 1.0
+    return t.adapt_ridge_lr / t.max_lr
 
 
 def held_parameters(s: Stage1, epoch: int) -> list[torch.nn.Parameter]:
@@ -290,7 +282,7 @@ def train(cfg: Stage1Config) -> Path:
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
     select_on = selection_split(cfg.data)
     trainer = Trainer(cfg, s.model, acc, s.out_dir, step, lambda: evaluate(s, select_on), {"mixco": gen}, select_on,
-                      lambda epoch: held_parameters(s, epoch))  # fmt: skip
+                      lambda epoch: held_parameters(s, epoch), lambda epoch: lr_scale(s, epoch))  # fmt: skip
     log.info("stage 1: %s train clips, %d val, %d steps/epoch x %d epochs, %d processes; selection on %s",
              plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs, acc.num_processes,
              selection_note(cfg.data))  # fmt: skip

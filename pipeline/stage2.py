@@ -55,6 +55,7 @@ from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import ALL_PARTS, STAGE1_PARTS
 from pipeline.common import (
     ClipTargets,
+    adaptation_source,
     clip_targets,
     foundation_dims,
     load_subject_set,
@@ -96,6 +97,7 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("voxel", "frames", "caption", "caption_emb", "concepts", "key_obj_mask", "key_obj_cls")
 FROZEN_PARTS = STAGE1_PARTS  # ridge, backbone, clipproj
+HEAD_PARTS = tuple(p for p in ALL_PARTS if p not in FROZEN_PARTS)  # what stage 2 trains
 FREEZABLE = ("diffusion_prior", "motion_proj", "classifier", "text_seg_dec", "text_dec", "text_dec.decoder")
 SCORES = ("fwd_top1", "bwd_top1", "prior_fwd_top1", "caption_acc", "concept_f1", "dice")  # validation scores
 
@@ -148,13 +150,25 @@ def load_stage1_parts(model: NeuronsBrainModel, folder: Path, cfg: Stage2Config)
         raise WeightsError(f"stage-1 checkpoint {folder} has unexpected keys {extra[:3]}", "rerun stage 1")
 
 
+def load_head_parts(model: NeuronsBrainModel, folder: Path) -> None:
+    """Strictly load the prior and every head (all parts after stage 1's) from a subject set's stage-2 checkpoint
+    (``train.init_from``): key map ``<part>.<name>`` → the same key; the source's stage-1 parts are not read (this
+    run's adapted stage 1 supplies them)."""
+    tensors, meta = read_weights(folder)
+    load_parts(model, tensors, HEAD_PARTS, f"train.init_from {folder}")
+    log.info("stage 2: the prior and heads from %s (subjects %s)", folder, meta.get("subj"))
+
+
 def build_model(cfg: Stage2Config, subjects: SubjectSet, dims: Any, gpt2: Any, stage1: Path) -> NeuronsBrainModel:
     up = cfg.upstream
     bcfg = make_brain_config(cfg, subjects.stimuli, dims, ALL_PARTS, subjects.n_voxels, **model_flags(up))
     model = NeuronsBrainModel(bcfg, gpt2=gpt2.model)
-    if cfg.train.init_from_mindeye2:  # fills backbone and prior; the backbone is then replaced by stage 1's
+    if cfg.train.init_from_mindeye2 and not cfg.train.init_from:  # fills backbone and prior; the backbone is then
+        # replaced by stage 1's
         load_mindeye2(cfg.paths.weights_root, model)
     load_stage1_parts(model, stage1, cfg)
+    if cfg.train.init_from:
+        load_head_parts(model, adaptation_source(cfg, "2"))
     for part in frozen_parts(cfg):
         model.get_submodule(part).requires_grad_(False)
     set_train_mode(model, frozen_parts(cfg), cfg.train.backbone_mode)
@@ -221,9 +235,11 @@ def setup(cfg: Stage2Config) -> Stage2:
     unknown = sorted(set(cfg.train.selection) - set(SCORES))
     if unknown or not cfg.train.selection:
         raise ConfigError(f"bad train.selection {list(cfg.train.selection)}", f"sum some of {', '.join(SCORES)}")
+    if cfg.train.init_from:
+        adaptation_source(cfg, "2")  # refused before any work
     subjects = load_subject_set(cfg, FIELDS)
     data = subjects.stimuli
-    if cfg.train.init_from_mindeye2:
+    if cfg.train.init_from_mindeye2 and not cfg.train.init_from:
         require_mindeye2(cfg.paths.weights_root)
     accelerator = build_accelerator(cfg)
     impl, root, device = foundation_impl(cfg.model.size), cfg.paths.weights_root, accelerator.device

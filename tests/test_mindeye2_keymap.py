@@ -160,3 +160,24 @@ def test_mindeye2_total_is_reproduced(state_dict):
     assert sum(p.numel() for p in ours.ridge.parameters()) == header["numel[ridge]"]
     backbone = sum(p.numel() for p in ours.backbone.parameters()) + sum(p.numel() for p in blurry.parameters())
     assert backbone == header["numel[backbone]"]
+
+
+def test_paper_parameter_counts_of_a_three_subject_model(state_dict):
+    """One model for subjects 1-3 at paper scale (issue 18): three ridges (13,447 / 14,828 / 9,114 voxels, MindEye2's
+    ``ridge.linears.<k>`` layout) and one shared backbone, prior and heads; MindEye2's ``last.pth`` still fills the
+    subject-1 slot's model parts."""
+    from utils.data_catalog import VOXELS
+
+    with torch.device("meta"):
+        model = NeuronsBrainModel(brain_config("paper", n_voxels=tuple(VOXELS[k] for k in (1, 2, 3)), n_classes=51))
+    counts, single = parameter_counts(model), parameter_counts(paper_model())
+    assert counts["ridge"] == sum((VOXELS[k] + 1) * 4096 for k in (1, 2, 3)) == 153_157_632
+    assert counts["ridge.linears.1"] == (14_828 + 1) * 4096 and counts["ridge.linears.2"] == (9_114 + 1) * 4096
+    shared = {k: v for k, v in counts.items() if not k.startswith("ridge") and k != "total"}
+    assert shared == {k: v for k, v in single.items() if not k.startswith("ridge") and k != "total"}, "the rest"
+    assert counts["total"] - single["total"] == counts["ridge"] - single["ridge"] == 98_074_624
+    assert [k for k in model.state_dict() if k.startswith("ridge.")] == [
+        f"ridge.linears.{i}.{p}" for i in range(3) for p in ("weight", "bias")
+    ]
+    report = load_mindeye2_backbone_prior(state_dict, model, assign=True)
+    assert report.missing == {"backbone": [], "diffusion_prior": []}

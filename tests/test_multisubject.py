@@ -46,6 +46,21 @@ def test_subject_sets_in_the_config_and_on_the_command_line() -> None:
             subject_arg(bad)
 
 
+def test_the_paper_multisubject_profile() -> None:
+    """``configs/paper_multisubject.yaml``: the paper's recipe for subjects 1-3, with batch sizes that split evenly."""
+    from utils.config import load_config, run_dir
+    from utils.stage_configs import STAGE_CONFIGS
+    from utils.training import SubjectBatchPlan
+
+    profile = str(REPO / "configs" / "paper_multisubject.yaml")
+    for key, cls in STAGE_CONFIGS.items():
+        cfg = load_config(cls, profile, [], {"exp": "shared"})
+        assert cfg.run.subjects == (1, 2, 3) and cfg.model.size == "paper" and run_dir(cfg).name == "subj_1-2-3"
+        if key in ("1", "2"):
+            plan = SubjectBatchPlan.equal_shares((3888,) * 3, cfg.train.batch_size)  # 4320 less validation
+            assert plan.per_subject * 3 == cfg.train.batch_size == {"1": 120, "2": 12}[key]
+
+
 def test_the_driver_accepts_a_subject_set_and_refuses_a_bad_one() -> None:
     done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", "t", "1", "enhance", "1,4", "smoke"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -272,3 +287,52 @@ def test_the_driver_runs_every_stage_for_a_subject_set(env: SmokeEnv, tmp_path: 
     assert float(row[5]) == pytest.approx(np.mean(per), abs=1e-3), "the mean column is the mean of the subjects"
     page = (run / "report.html").read_text()
     assert all(f'href="subj_{k}/report.html"' in page for k in (1, 2, 3)) and "mean of 3" in page
+
+
+def test_a_new_subject_adapts_through_every_stage(env: SmokeEnv, tmp_path: Path) -> None:
+    """Subject 3 from a subjects-1-2 model on a quarter of its training clips, through the driver: stage 1 trains
+    the new ridge alone (at its own LR), then everything; stage 2 starts its prior and heads from the set's; stages
+    3-6 write every output. The shared parts start out equal to the source's."""
+    from pipeline import stage2
+    from tests.test_driver import FAST_PIPELINE
+    from utils.checkpoint import read_weights
+    from utils.config import load_config
+    from utils.manifest import read_manifest
+    from utils.stage_configs import Stage1Config, Stage2Config
+
+    profile = tmp_path / "adapt.yaml"
+    profile.write_text(f"extends: {env.profile}\npaths:\n  exp_root: {tmp_path / 'EXP'}\n")
+    base = f"{FAST_PIPELINE} stage1.train.batch_size=6 stage2.train.batch_size=6"
+
+    def drive(stages: str, subj: str, exp: str, sets: str) -> None:
+        done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", exp, stages, "enhance", subj,
+                               str(profile)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHON": sys.executable, "NEURONS_SET": sets,
+                                   "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    drive("12", "1,2", "pair", base)
+    source = tmp_path / "EXP" / "exp_pair" / "subj_1-2"
+    adapt = (f"data.train_fraction=0.25 stage1.train.init_from={source} stage2.train.init_from={source} "
+             "stage1.train.num_epochs=2 stage1.train.adapt_ridge_epochs=1 "
+             "stage1.train.adapt_ridge_lr=1e-2")  # fmt: skip
+    drive("123456", "3", "adapt", f"{base} {adapt}")
+    run = tmp_path / "EXP" / "exp_adapt" / "subj_3"
+    assert read_manifest(run / "stage1")["train_clips"] == 12
+    assert json.loads((run / "metrics_enhance.json").read_text())["n_clips"] == 4
+    assert read_manifest(run / "stage5_enhance") is not None and (run / "report.html").is_file()
+    train = [r for r in records(run / "stage1") if r["split"] == "train"]
+    max_lr = load_config(Stage1Config, str(profile), [], {"exp": "x"}).train.max_lr
+    assert {r["epoch"] for r in train} == {0, 1}
+    for r in train:  # the ridge-only epoch at adapt_ridge_lr, then the schedule's own LR
+        assert r.get("lr_scale", 1.0) == (pytest.approx(1e-2 / max_lr) if r["epoch"] == 0 else 1.0), r
+
+    cfg = load_config(Stage2Config, str(profile), ["run.subj=3", f"train.init_from={source}",
+                                                   "data.train_fraction=0.25"], {"exp": "adapt"})  # fmt: skip
+    s = stage2.setup(cfg)
+    heads, _ = read_weights(source / "stage2" / "checkpoints" / "best")
+    own = s.model.state_dict()
+    keys = [k for k in own if k.split(".")[0] in stage2.HEAD_PARTS]
+    assert keys and all(torch.equal(own[k], heads[k]) for k in keys), "the prior and heads start as the set's"
+    stage1, _ = read_weights(run / "stage1" / "checkpoints" / "best")
+    assert torch.equal(own["ridge.linears.0.weight"], stage1["ridge.linears.0.weight"]), "stage 1 is this run's"

@@ -160,7 +160,8 @@ def test_validation_decodes_through_the_models_brain_only_path(
     monkeypatch.setattr(NeuronsBrainModel, "decode_voxels", spy)
     scores = stage2.evaluate(s)
     assert sum(n for n, _, _ in calls) == s.data.n_clips("val")
-    assert {(steps, tuple(kw)) for _, steps, kw in calls} == {(cfg.train.val_prior_steps, ("key_text", "latent_size"))}
+    kwargs = ("key_text", "latent_size", "subj_idx")
+    assert {(steps, tuple(kw)) for _, steps, kw in calls} == {(cfg.train.val_prior_steps, kwargs)}
     logged = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in logged if r["split"] == "val"][-1]
     assert {k: scores[k] for k in stage2.SCORES} == pytest.approx({k: last_val[k] for k in stage2.SCORES})

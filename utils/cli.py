@@ -178,7 +178,7 @@ def decoding_passes(cfg: C, stage: str) -> list[C]:
     run = cfg.run
     if not isinstance(run.subj, tuple) or run.decode_subj or not STAGE_BY_KEY[stage].mode_dependent:
         return [cfg]
-    return [dataclasses.replace(cfg, run=dataclasses.replace(run, decode_subj=k)) for k in run.subjects]  # type: ignore[type-var]
+    return [dataclasses.replace(cfg, run=dataclasses.replace(run, decode_subj=k)) for k in run.subjects]
 
 
 def run_pass(cfg: C, stage: str, main: Callable[[C], None]) -> None:

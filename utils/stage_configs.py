@@ -144,6 +144,7 @@ class Stage1Train(OptimConfig):
     # which must not be in that set, gets the only fresh part: its ridge
     init_from: str = ""
     adapt_ridge_epochs: int = 0  # with init_from: the first epochs train the new ridge alone, then everything
+    adapt_ridge_lr: float | None = None  # the peak LR of those ridge-only epochs (None: max_lr, as the rest)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,9 @@ class Stage2Train(OptimConfig):
     # the frozen stage-1 parts (ridge, backbone, clipproj) while training: "eval" (no dropout: the condition the
     # prior sees is the one stage 3 gives it); "train" is upstream's model.train(): the backbone's dropout stays on
     backbone_mode: Literal["eval", "train"] = "eval"
+    # new-subject adaptation (issue 18): the run folder of a subject-set model; the prior and every head start from
+    # its best stage-2 checkpoint (replacing init_from_mindeye2), on top of this run's adapted stage 1
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
