@@ -211,6 +211,9 @@ def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_fact
     assert (run / "diagnostics_enhance" / "manifest.json").exists()
     assert "Diagnostics (stage e, enhance)" in (run / "report.html").read_text()
     assert sorted(p.name.split("_")[0] for p in (run / "logs").iterdir()) == [f"stage{k}" for k in "123456e"]
+    from utils.manifest import read_manifest
+
+    assert read_manifest(run / "stage2")["depends_on"] == ["1"]
     summary = subprocess.run(
         [sys.executable, "-m", "pipeline.report", "--profile", str(profile), "--exp", "all", "--subj", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -225,6 +228,8 @@ def test_driver_runs_every_stage_at_smoke_scale(smoke_world: Path, tmp_path_fact
     result = drive("cpu", "all", "3456", "motion", "1", str(profile), env=env_vars, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((run / "metrics_motion.json").read_text())["mode"] == "motion"
+    stage3 = read_manifest(run / "stage3_motion")  # motion mode reads the same stage 2
+    assert stage3["depends_on"] == ["2"] and stage3["outputs"]["keyframes.safetensors"]["shape"][0] == 4
     first = load_file(run / "stage5_motion" / "videos.safetensors")["videos"]
     assert first.shape[0] == 4 and first.ndim == 5  # (clips, frames, 3, H, W)
     result = drive("cpu", "all", "5", "motion", "1", str(profile), env=env_vars, timeout=600)

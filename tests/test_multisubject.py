@@ -189,15 +189,43 @@ def test_train_fraction_keeps_whole_leading_segments() -> None:
         leading_segments(train, 0.0, 30)
 
 
+def drive(profile: Path, exp: str, stages: str, subj: str, sets: str = "") -> Path:
+    """``bash train_neurons.sh cpu <exp> <stages> enhance <subj> <profile>`` with the fast pipeline settings (batches
+    of 6: two or three subjects share them evenly) plus ``sets``; returns the run folder."""
+    from tests.test_driver import FAST_PIPELINE
+
+    overrides = f"{FAST_PIPELINE} stage1.train.batch_size=6 stage2.train.batch_size=6 {sets}"
+    done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", exp, stages, "enhance", subj, str(profile)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable, "NEURONS_SET": overrides,
+                               "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return profile.parent / "EXP" / f"exp_{exp}" / f"subj_{subj.replace(',', '-')}"
+
+
+@pytest.fixture(scope="module")
+def drive_profile(env: SmokeEnv, tmp_path_factory) -> Path:
+    """The smoke env's profile with an exp_root of this module's own (beside the profile)."""
+    profile = tmp_path_factory.mktemp("sets") / "sets.yaml"
+    profile.write_text(f"extends: {env.profile}\npaths:\n  exp_root: {profile.parent / 'EXP'}\n")
+    return profile
+
+
+@pytest.fixture(scope="module")
+def pair(drive_profile: Path) -> Path:
+    """Stages 1-2 of one model for subjects 1 and 2 (the source of the adaptations to subject 3)."""
+    return drive(drive_profile, "pair", "12", "1,2")
+
+
 def test_adaptation_starts_from_the_shared_weights_and_trains_the_new_ridge_first(
-    env: SmokeEnv, monkeypatch: pytest.MonkeyPatch
+    env: SmokeEnv, pair: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline import stage1
     from utils.checkpoint import read_weights
     from utils.errors import ConfigError
     from utils.manifest import read_manifest
 
-    source_dir = stage1.train(stage1_config(env, "pair", "run.subj=[1,2]"))
+    source_dir = pair / "stage1"
     source, _ = read_weights(source_dir / "checkpoints" / "best")
     adapt = ["run.subj=3", f"train.init_from={source_dir.parent}", "data.train_fraction=0.25",
              "train.adapt_ridge_epochs=1", "train.num_epochs=2"]  # fmt: skip
@@ -245,24 +273,15 @@ def test_init_from_on_the_command_line(env: SmokeEnv, tmp_path: Path) -> None:
 
 
 # ---- every stage of a subject set through the driver ---------------------------------------------------------------
-def test_the_driver_runs_every_stage_for_a_subject_set(env: SmokeEnv, tmp_path: Path) -> None:
+def test_the_driver_runs_every_stage_for_a_subject_set(drive_profile: Path) -> None:
     """``bash train_neurons.sh cpu t 123456 enhance 1,2,3``: stages 1-2 train one model for the set, stages 3-6
     decode and score each subject from its own test fMRI (``subj_1-2-3/subj_<k>/``), and the report has a column
     per subject and their mean."""
     from safetensors.torch import load_file
 
-    from tests.test_driver import FAST_PIPELINE
     from utils.manifest import read_manifest
 
-    profile = tmp_path / "set.yaml"
-    profile.write_text(f"extends: {env.profile}\npaths:\n  exp_root: {tmp_path / 'EXP'}\n")
-    sets = f"{FAST_PIPELINE} stage1.train.batch_size=6 stage2.train.batch_size=6"
-    done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", "t", "123456", "enhance", "1,2,3",
-                           str(profile)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHON": sys.executable, "NEURONS_SET": sets,
-                               "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run = tmp_path / "EXP" / "exp_t" / "subj_1-2-3"
+    run = drive(drive_profile, "t", "123456", "1,2,3")
     assert read_manifest(run / "stage2")["subjects"] == [1, 2, 3]
     val = [r for r in records(run / "stage2") if r["split"] == "val"]
     assert val and all(r["dice"] == pytest.approx(np.mean([r[f"subj{k}/dice"] for k in (1, 2, 3)])) for r in val)
@@ -275,7 +294,7 @@ def test_the_driver_runs_every_stage_for_a_subject_set(env: SmokeEnv, tmp_path: 
         tokens[k] = load_file(run / f"subj_{k}" / "stage3_enhance" / "prior_tokens.safetensors")
     assert not torch.equal(tokens[1]["prior_tokens"], tokens[2]["prior_tokens"]), "each subject's own fMRI"
     assert not (run / "stage3_enhance").exists(), "no decoding outside the subjects' folders"
-    summary = subprocess.run([sys.executable, "-m", "pipeline.report", "--profile", str(profile), "--exp", "t",
+    summary = subprocess.run([sys.executable, "-m", "pipeline.report", "--profile", str(drive_profile), "--exp", "t",
                               "--subj", "1,2,3"], cwd=REPO, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert summary.returncode == 0, summary.stderr
@@ -289,35 +308,21 @@ def test_the_driver_runs_every_stage_for_a_subject_set(env: SmokeEnv, tmp_path: 
     assert all(f'href="subj_{k}/report.html"' in page for k in (1, 2, 3)) and "mean of 3" in page
 
 
-def test_a_new_subject_adapts_through_every_stage(env: SmokeEnv, tmp_path: Path) -> None:
+def test_a_new_subject_adapts_through_every_stage(env: SmokeEnv, drive_profile: Path, pair: Path) -> None:
     """Subject 3 from a subjects-1-2 model on a quarter of its training clips, through the driver: stage 1 trains
     the new ridge alone (at its own LR), then everything; stage 2 starts its prior and heads from the set's; stages
     3-6 write every output. The shared parts start out equal to the source's."""
     from pipeline import stage2
-    from tests.test_driver import FAST_PIPELINE
     from utils.checkpoint import read_weights
     from utils.config import load_config
     from utils.manifest import read_manifest
     from utils.stage_configs import Stage1Config, Stage2Config
 
-    profile = tmp_path / "adapt.yaml"
-    profile.write_text(f"extends: {env.profile}\npaths:\n  exp_root: {tmp_path / 'EXP'}\n")
-    base = f"{FAST_PIPELINE} stage1.train.batch_size=6 stage2.train.batch_size=6"
-
-    def drive(stages: str, subj: str, exp: str, sets: str) -> None:
-        done = subprocess.run(["bash", str(REPO / "train_neurons.sh"), "cpu", exp, stages, "enhance", subj,
-                               str(profile)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "PYTHON": sys.executable, "NEURONS_SET": sets,
-                                   "OMP_NUM_THREADS": "1"})  # fmt: skip
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    drive("12", "1,2", "pair", base)
-    source = tmp_path / "EXP" / "exp_pair" / "subj_1-2"
+    profile, source = drive_profile, pair
     adapt = (f"data.train_fraction=0.25 stage1.train.init_from={source} stage2.train.init_from={source} "
              "stage1.train.num_epochs=2 stage1.train.adapt_ridge_epochs=1 "
              "stage1.train.adapt_ridge_lr=1e-2")  # fmt: skip
-    drive("123456", "3", "adapt", f"{base} {adapt}")
-    run = tmp_path / "EXP" / "exp_adapt" / "subj_3"
+    run = drive(profile, "adapt", "123456", "3", adapt)
     assert read_manifest(run / "stage1")["train_clips"] == 12
     assert json.loads((run / "metrics_enhance.json").read_text())["n_clips"] == 4
     assert read_manifest(run / "stage5_enhance") is not None and (run / "report.html").is_file()

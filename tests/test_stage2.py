@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.smoke_env import REPO, SmokeEnv, smoke_env
+from tests.smoke_env import SmokeEnv, smoke_env
 from utils.data_catalog import key_objects_masks_file
 
 # 5 steps per epoch on the smoke world; written progressive windows (derived ones are all 1 under 5 epochs)
@@ -331,10 +329,6 @@ def test_dice_targets_are_the_area_majority_of_the_gt_masks_or_upstreams_nearest
     assert not torch.equal(nearest, resize_masks_majority(masks, 5))
 
 
-def _env_vars() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-
-
 def test_script_refuses_without_stage1_in_one_line(env: SmokeEnv, capsys: pytest.CaptureFixture[str]) -> None:
     import train_decoupler
     from utils.cli import run_stage
@@ -344,19 +338,3 @@ def test_script_refuses_without_stage1_in_one_line(env: SmokeEnv, capsys: pytest
     assert run_stage(Stage2Config, train_decoupler.main, train_decoupler.__doc__, argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: StageOrderError") and "stage 1" in last and "train_neurons.sh" in last
-
-
-@pytest.mark.slow
-def test_driver_runs_stages_1_and_2_as_standalone_scripts(env: SmokeEnv) -> None:
-    from utils.manifest import read_manifest
-
-    vars_ = {**_env_vars(), "NEURONS_SET": "train.num_epochs=1 train.batch_size=8"}
-    proc = subprocess.run(
-        ["bash", "train_neurons.sh", "cpu", "drv", "12", "enhance", "1", str(env.profile)],
-        cwd=REPO, env=vars_, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run = env.exp_root / "exp_drv" / "subj_1"
-    assert read_manifest(run / "stage1")["stage"] == "1"
-    assert read_manifest(run / "stage2")["depends_on"] == ["1"]
-    assert len(list((run / "logs").glob("stage2_*.log"))) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.smoke_env import REPO, SmokeEnv, copy_stages, smoke_env
+from tests.smoke_env import SmokeEnv, copy_stages, smoke_env
 from tests.smoke_env import run_paths as paths
 from tests.smoke_env import stage_config as config
 from utils.data_catalog import fmri_file
@@ -400,22 +399,3 @@ def test_script_refuses_without_stage2_in_one_line(env: SmokeEnv, capsys: pytest
     assert run_stage(Stage3Config, recon_decoupled.main, recon_decoupled.__doc__, argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: StageOrderError") and "stage 2" in last and "train_neurons.sh" in last
-
-
-@pytest.mark.slow
-def test_driver_runs_stage3_as_a_standalone_script(env: SmokeEnv, stage2_run: Path) -> None:
-    """``train_neurons.sh ... 3 ...`` on a run whose stages 1 and 2 are done (stages 1 → 2 through the driver are
-    tested in test_stage2; each extra process costs ~10 s of imports here)."""
-    from utils.manifest import read_manifest
-
-    run = env.exp_root / "exp_drv3" / "subj_1"
-    copy_stages(stage2_run, run)
-    vars_ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        ["bash", "train_neurons.sh", "cpu", "drv3", "3", "motion", "1", str(env.profile)],
-        cwd=REPO, env=vars_, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    manifest = read_manifest(run / "stage3_motion")
-    assert manifest["depends_on"] == ["2"] and manifest["outputs"]["keyframes.safetensors"]["shape"][0] == 4
-    assert len(list((run / "logs").glob("stage3_*.log"))) == 1
