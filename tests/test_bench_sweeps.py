@@ -312,3 +312,25 @@ def test_sweep_replot_gives_one_seed_its_bootstrap_interval(tmp_path: Path, caps
     text = out.with_suffix(".md").read_text()
     assert "| snr0.01 | 0.01 | 48 | NEURONS enhance | — | 0.160 |" in text and "incomplete" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+# ---- bench/multisubject.py -----------------------------------------------------------------------------------------
+def test_multisubject_bench_plans_the_pair_before_its_adaptations_and_summarises_seeds() -> None:
+    from bench.multisubject import plan, summarise, table
+
+    runs = plan("ms", [0, 1, 2], 0.125, 10, 32)
+    rows = [r.row for r in runs]
+    assert rows.index("pair") < rows.index("adapt") and rows.count("adapt") == rows.count("scratch") == 3
+    shared = next(r for r in runs if r.row == "shared")
+    assert "run.subj=[1,2,3]" in shared.overrides and "train.batch_size=96" in shared.overrides, "32 per subject"
+    adapt = [r for r in runs if r.row == "adapt"]
+    assert all("data.train_fraction=0.125" in r.overrides and "train.adapt_ridge_epochs=10" in r.overrides
+               for r in adapt)  # fmt: skip
+    scratch = [r for r in runs if r.row == "scratch"]
+    assert all(not any("adapt" in o for o in r.overrides) for r in scratch)
+    records = [{"row": "adapt", "seed": s, "scores": {"3": {"2-way": v, "50-way": v / 4}}}
+               for s, v in enumerate((0.8, 0.9, 0.7))]  # fmt: skip
+    summary = summarise(records)
+    cell = summary["adapt subj 3"]["2-way"]
+    assert cell["n"] == 3 and cell["mean"] == pytest.approx(0.8) and cell["std"] == pytest.approx(0.1)
+    assert "| adapt subj 3 | 0.800 ± 0.100 |" in table(summary, {"2-way": 0.5, "50-way": 0.02})

@@ -1,0 +1,160 @@
+"""One brain model for several subjects, and a new subject from little data, on a toy world (issue 18): stage-1 test
+identification of each row, per subject.
+
+    python bench/multisubject.py --profile toy --exp ms                 # every row (about 25 min on 2 cores)
+    python bench/multisubject.py --profile toy --exp ms --dry-run       # the plan
+    python bench/multisubject.py --profile smoke --exp t --seeds 0      # a quick check of the plumbing
+
+Rows (stage 1 only, the profile's recipe; ``--seeds`` are values of ``run.seed``):
+
+* ``single``: one model per subject on all its training clips (subjects 1, 2, 3; the first seed only);
+* ``shared``: one model for subjects 1-3 (the first seed only); every global batch holds ``batch_size`` clips of each
+  subject, so each subject's share of a step is its single-subject batch;
+* ``adapt``: subject 3 from a model of subjects 1 and 2 (``pair``, the first seed), on ``--fraction`` of its training
+  clips (whole leading segments): ``--ridge-epochs`` epochs of the new ridge alone, then everything (every seed);
+* ``scratch``: subject 3 from scratch on the same clips, same epochs (every seed).
+
+The score is stage 1's test identification (``identification.json``: brain→image by correlation of the predicted and
+the true CLIP tokens of each test clip, 2-way and 50-way top-1, 200 draws). The stage-6 video metrics of each row
+need stages 2-6 (minutes per run); they are not part of this bench. Writes
+``bench/results/multisubject_<profile>.json`` after every run and prints a markdown table (mean ± std over seeds,
+ddof 1, where a row has several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils.config import load_config, run_dir  # noqa: E402
+from utils.io import atomic_write_json  # noqa: E402
+from utils.stage_configs import Stage1Config  # noqa: E402
+
+log = logging.getLogger("bench.multisubject")
+WAYS = ("2-way", "50-way")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One stage-1 run of the bench: its row, seed, run name and config overrides."""
+
+    row: str
+    seed: int
+    exp: str
+    overrides: tuple[str, ...]
+
+
+def plan(exp: str, seeds: list[int], fraction: float, ridge_epochs: int, batch: int) -> list[Run]:
+    """Every run in order (the pair before the adaptations that start from it)."""
+    first = seeds[0]
+    runs = [Run("single", first, f"{exp}_single", (f"run.subj={k}", f"run.seed={first}")) for k in (1, 2, 3)]
+    runs.append(Run("shared", first, f"{exp}_shared", ("run.subj=[1,2,3]", f"run.seed={first}",
+                                                        f"train.batch_size={3 * batch}")))  # fmt: skip
+    runs.append(Run("pair", first, f"{exp}_pair", ("run.subj=[1,2]", f"run.seed={first}",
+                                                    f"train.batch_size={2 * batch}")))  # fmt: skip
+    few = (f"data.train_fraction={fraction}",)
+    for seed in seeds:
+        adapt = ("run.subj=3", f"run.seed={seed}", *few, f"train.adapt_ridge_epochs={ridge_epochs}")
+        runs.append(Run("adapt", seed, f"{exp}_adapt_s{seed}", adapt))
+        runs.append(Run("scratch", seed, f"{exp}_scratch_s{seed}", ("run.subj=3", f"run.seed={seed}", *few)))
+    return runs
+
+
+def config(profile: str, run: Run, pair_dir: Path | None) -> Stage1Config:
+    extra = (f"train.init_from={pair_dir}",) if run.row == "adapt" and pair_dir is not None else ()
+    return load_config(Stage1Config, profile, [*run.overrides, *extra], {"exp": run.exp})
+
+
+def scores(stage_dir: Path, subjects: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Subject → {N-way: test top-1} from a stage-1 ``identification.json`` (one subject or a set)."""
+    ident = json.loads((stage_dir / "identification.json").read_text())
+    per = ident.get("subjects", {str(subjects[0]): ident})
+    return {str(k): {w: float(v["test"]["top1"][w]) for w in WAYS} for k, v in per.items()}
+
+
+def train_one(cfg: Stage1Config) -> Path:
+    """Stage 1 of ``cfg`` (or its finished outputs, read as they are)."""
+    from pipeline.stage1 import train
+
+    out = run_dir(cfg) / "stage1"
+    if (out / "identification.json").is_file() and (out / "manifest.json").is_file():
+        log.info("kept %s (already trained)", out)
+        return out
+    return train(cfg)
+
+
+def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """``"<row> subj <k>"`` → N-way → {mean, std (ddof 1, 0 for one seed), n}."""
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
+    for rec in records:
+        for subj, sc in rec["scores"].items():
+            key = f"{rec['row']} subj {subj}"
+            for w in WAYS:
+                out.setdefault(key, {}).setdefault(w, {"values": []})["values"].append(sc[w])  # type: ignore[union-attr]
+    for cells in out.values():
+        for cell in cells.values():
+            v = np.asarray(cell["values"], dtype=float)
+            cell.update(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, n=len(v))
+    return out
+
+
+def table(summary: dict, chance: dict[str, float]) -> str:
+    lines = ["| row | " + " | ".join(f"test {w} top-1" for w in WAYS) + " | seeds |", "|---|---|---|---|"]
+    for key, cells in summary.items():
+        n = cells[WAYS[0]]["n"]
+        vals = [f"{c['mean']:.3f} ± {c['std']:.3f}" if n > 1 else f"{c['mean']:.3f}" for c in cells.values()]
+        lines.append(f"| {key} | " + " | ".join(vals) + f" | {n} |")
+    lines.append("| chance | " + " | ".join(f"{chance[w]:.3f}" for w in WAYS) + " | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="toy")
+    p.add_argument("--exp", default="ms")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--fraction", type=float, default=0.125, help="subject 3's share of its clips (adapt, scratch)")
+    p.add_argument("--ridge-epochs", type=int, default=10, help="adapt: epochs of the new ridge alone")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    batch = load_config(Stage1Config, args.profile).train.batch_size
+    runs = plan(args.exp, args.seeds, args.fraction, args.ridge_epochs, batch)
+    if args.dry_run:
+        for r in runs:
+            print(r.row, r.seed, r.exp, " ".join(r.overrides))
+        return 0
+    out_file = REPO / "bench" / "results" / f"multisubject_{args.profile}.json"
+    records: list[dict] = []
+    pair_dir: Path | None = None
+    for r in runs:
+        start = time.time()
+        cfg = config(args.profile, r, pair_dir)
+        stage_dir = train_one(cfg)
+        pair_dir = stage_dir.parent if r.row == "pair" else pair_dir
+        records.append({"row": r.row, "seed": r.seed, "exp": r.exp, "overrides": list(r.overrides),
+                        "scores": scores(stage_dir, cfg.run.subjects),
+                        "seconds": round(time.time() - start, 1)})  # fmt: skip
+        atomic_write_json(out_file, {"profile": args.profile, "complete": False, "records": records,
+                                     "fraction": args.fraction, "ridge_epochs": args.ridge_epochs})  # fmt: skip
+    summary = summarise([r for r in records if r["row"] != "pair"] + [r for r in records if r["row"] == "pair"])
+    chance = {w: 1.0 / int(w.split("-")[0]) for w in WAYS}
+    atomic_write_json(out_file, {"profile": args.profile, "complete": True, "records": records, "summary": summary,
+                                 "fraction": args.fraction, "ridge_epochs": args.ridge_epochs})  # fmt: skip
+    print(table(summary, chance))
+    print(f"\n{out_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
