@@ -7,12 +7,15 @@ identification of each row, per subject.
 
 Rows (stage 1 only, the profile's recipe; ``--seeds`` are values of ``run.seed``):
 
-* ``single``: one model per subject on all its training clips (subjects 1, 2, 3; the first seed only);
-* ``shared``: one model for subjects 1-3 (the first seed only); every global batch holds ``batch_size`` clips of each
-  subject, so each subject's share of a step is its single-subject batch;
+* ``single``: one model per subject on all its training clips (subjects 1, 2, 3; every seed);
+* ``shared``: one model for subjects 1-3 (every seed); every global batch holds ``batch_size`` clips of each subject,
+  so each subject's share of a step is its single-subject batch;
 * ``adapt``: subject 3 from a model of subjects 1 and 2 (``pair``, the first seed), on ``--fraction`` of its training
   clips (whole leading segments): ``--ridge-epochs`` epochs of the new ridge alone, then everything (every seed);
 * ``scratch``: subject 3 from scratch on the same clips, same epochs (every seed).
+
+``--few-epochs E`` gives the adapt and scratch rows E epochs (results in ``multisubject_<profile>_e<E>.json``): on
+1/8 of the clips, 8x the profile's epochs is the full-data run's number of optimiser steps.
 
 The score is stage 1's test identification (``identification.json``: brain→image by correlation of the predicted and
 the true CLIP tokens of each test clip, 2-way and 50-way top-1, 200 draws). The stage-6 video metrics of each row
@@ -54,19 +57,24 @@ class Run:
     overrides: tuple[str, ...]
 
 
-def plan(exp: str, seeds: list[int], fraction: float, ridge_epochs: int, batch: int) -> list[Run]:
-    """Every run in order (the pair before the adaptations that start from it)."""
-    first = seeds[0]
-    runs = [Run("single", first, f"{exp}_single", (f"run.subj={k}", f"run.seed={first}")) for k in (1, 2, 3)]
-    runs.append(Run("shared", first, f"{exp}_shared", ("run.subj=[1,2,3]", f"run.seed={first}",
-                                                        f"train.batch_size={3 * batch}")))  # fmt: skip
+def plan(exp: str, seeds: list[int], fraction: float, ridge_epochs: int, batch: int, few_epochs: int = 0
+         ) -> list[Run]:  # fmt: skip
+    """Every run in order (the pair before the adaptations that start from it). ``few_epochs``: the epochs of the
+    adapt and scratch rows (0: the profile's)."""
+    first, runs = seeds[0], []
+    for seed in seeds:
+        single = f"{exp}_single_s{seed}"  # one exp, a run folder per subject
+        runs += [Run("single", seed, single, (f"run.subj={k}", f"run.seed={seed}")) for k in (1, 2, 3)]
+        runs.append(Run("shared", seed, f"{exp}_shared_s{seed}", ("run.subj=[1,2,3]", f"run.seed={seed}",
+                                                                   f"train.batch_size={3 * batch}")))  # fmt: skip
     runs.append(Run("pair", first, f"{exp}_pair", ("run.subj=[1,2]", f"run.seed={first}",
                                                     f"train.batch_size={2 * batch}")))  # fmt: skip
-    few = (f"data.train_fraction={fraction}",)
+    few = (f"data.train_fraction={fraction}", *((f"train.num_epochs={few_epochs}",) if few_epochs else ()))
+    tag = f"_e{few_epochs}" if few_epochs else ""
     for seed in seeds:
         adapt = ("run.subj=3", f"run.seed={seed}", *few, f"train.adapt_ridge_epochs={ridge_epochs}")
-        runs.append(Run("adapt", seed, f"{exp}_adapt_s{seed}", adapt))
-        runs.append(Run("scratch", seed, f"{exp}_scratch_s{seed}", ("run.subj=3", f"run.seed={seed}", *few)))
+        runs.append(Run("adapt", seed, f"{exp}_adapt{tag}_s{seed}", adapt))
+        runs.append(Run("scratch", seed, f"{exp}_scratch{tag}_s{seed}", ("run.subj=3", f"run.seed={seed}", *few)))
     return runs
 
 
@@ -125,16 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fraction", type=float, default=0.125, help="subject 3's share of its clips (adapt, scratch)")
     p.add_argument("--ridge-epochs", type=int, default=10, help="adapt: epochs of the new ridge alone")
+    p.add_argument("--few-epochs", type=int, default=0, help="epochs of the adapt and scratch rows (0: the profile's)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     batch = load_config(Stage1Config, args.profile).train.batch_size
-    runs = plan(args.exp, args.seeds, args.fraction, args.ridge_epochs, batch)
+    runs = plan(args.exp, args.seeds, args.fraction, args.ridge_epochs, batch, args.few_epochs)
     if args.dry_run:
         for r in runs:
             print(r.row, r.seed, r.exp, " ".join(r.overrides))
         return 0
-    out_file = REPO / "bench" / "results" / f"multisubject_{args.profile}.json"
+    tag = f"_e{args.few_epochs}" if args.few_epochs else ""
+    out_file = REPO / "bench" / "results" / f"multisubject_{args.profile}{tag}.json"
     records: list[dict] = []
     pair_dir: Path | None = None
     for r in runs:
@@ -146,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                         "scores": scores(stage_dir, cfg.run.subjects),
                         "seconds": round(time.time() - start, 1)})  # fmt: skip
         atomic_write_json(out_file, {"profile": args.profile, "complete": False, "records": records,
-                                     "fraction": args.fraction, "ridge_epochs": args.ridge_epochs})  # fmt: skip
+                                     "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
+                                     "few_epochs": args.few_epochs})  # fmt: skip
     summary = summarise([r for r in records if r["row"] != "pair"] + [r for r in records if r["row"] == "pair"])
     chance = {w: 1.0 / int(w.split("-")[0]) for w in WAYS}
     atomic_write_json(out_file, {"profile": args.profile, "complete": True, "records": records, "summary": summary,
-                                 "fraction": args.fraction, "ridge_epochs": args.ridge_epochs})  # fmt: skip
+                                 "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
+                                     "few_epochs": args.few_epochs})  # fmt: skip
     print(table(summary, chance))
     print(f"\n{out_file}")
     return 0

@@ -321,6 +321,7 @@ def test_multisubject_bench_plans_the_pair_before_its_adaptations_and_summarises
     runs = plan("ms", [0, 1, 2], 0.125, 10, 32)
     rows = [r.row for r in runs]
     assert rows.index("pair") < rows.index("adapt") and rows.count("adapt") == rows.count("scratch") == 3
+    assert rows.count("single") == 9 and rows.count("shared") == 3 and rows.count("pair") == 1
     shared = next(r for r in runs if r.row == "shared")
     assert "run.subj=[1,2,3]" in shared.overrides and "train.batch_size=96" in shared.overrides, "32 per subject"
     adapt = [r for r in runs if r.row == "adapt"]
