@@ -343,33 +343,42 @@ sys.exit(run_stage(Stage2Config, stage2.train, None))
 
 
 @pytest.mark.slow
-def test_stage2_on_two_processes_follows_one_process(env: SmokeEnv, stage1_exp: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("subj", ["1", "1,2,3"])
+def test_stage2_on_two_processes_follows_one_process(env: SmokeEnv, stage1_exp: str, tmp_path: Path, subj: str
+                                                     ) -> None:  # fmt: skip
     """torchrun, 2 CPU processes (gloo), the same global batch: the contrastive terms, Dice and caption loss are
     computed on the gathered global batch and the prior draws from per-clip generators, so the losses and the final
-    weights match 1 process. Dropout is off (masks are drawn per process)."""
+    weights match 1 process. Dropout is off (masks are drawn per process). Subjects 1-3: batches of 24 (8 clips of
+    each), so each process's share spans two subjects' ridges."""
     import json
     import subprocess
     import sys
 
+    from pipeline import stage1
     from utils.checkpoint import read_weights
     from utils.runs import RunPaths
 
     repo = Path(__file__).resolve().parents[1]
     entry = tmp_path / "stage2_no_dropout.py"
     entry.write_text(NO_DROPOUT_ENTRY)
-    overrides = ["train.batch_size=8", "train.num_epochs=1", "train.log_every=1", "train.val_prior_steps=2"]
+    batch = "train.batch_size=8" if subj == "1" else "train.batch_size=24"  # 5 steps: float drift stays below 1e-5
+    overrides = [batch, "train.num_epochs=1", "train.log_every=1", "train.val_prior_steps=2"]
+    subjects = f"run.subj=[{subj}]"
     environ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
-    src = RunPaths.from_config(config(env, "1", stage1_exp)).stage_dir("1")
+    if subj == "1":
+        src = RunPaths.from_config(config(env, "1", stage1_exp)).stage_dir("1")
+    else:
+        src = stage1.train(config(env, "1", "s2set_src", subjects, batch, "train.num_epochs=1"))
     runs = {}
     for n in (1, 2):
-        exp = f"s2ddp{n}"
-        shutil.copytree(src, RunPaths.from_config(config(env, "1", exp)).stage_dir("1"))  # mtimes kept
+        exp = f"s2ddp{n}_{subj.replace(',', '')}"
+        shutil.copytree(src, RunPaths.from_config(config(env, "1", exp, subjects)).stage_dir("1"))  # mtimes kept
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-        args = ["--profile", str(env.profile), "--exp", exp, *(f"--set={o}" for o in overrides)]
+        args = ["--profile", str(env.profile), "--exp", exp, "--subj", subj, *(f"--set={o}" for o in overrides)]
         done = subprocess.run([*launcher, str(entry), *args], cwd=repo, env=environ, capture_output=True, text=True,
                               timeout=400)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[n] = RunPaths.from_config(config(env, "2", exp)).stage_dir("2")
+        runs[n] = RunPaths.from_config(config(env, "2", exp, subjects)).stage_dir("2")
     one, two = ([json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in (1, 2))
     assert [(r["split"], r["step"]) for r in one] == [(r["split"], r["step"]) for r in two]
     for a, b in zip(one, two):
