@@ -60,7 +60,7 @@ from utils.config import config_hash, load_config, to_dict  # noqa: E402
 from utils.data_catalog import CEILING_FILE, WORLD_FILE, subject_name  # noqa: E402
 from utils.errors import NeuronsError  # noqa: E402
 from utils.manifest import read_manifest, stale_reasons  # noqa: E402
-from utils.runs import TOY_QUALITY_FILE, RunPaths  # noqa: E402
+from utils.runs import TOY_QUALITY_FILE, RunPaths, read_identification  # noqa: E402
 from utils.stage_configs import (  # noqa: E402
     STAGE_CONFIGS,
     SharedConfig,
@@ -141,7 +141,7 @@ def pipeline(profile: str, exp: str, mode: str, overrides: list[str]) -> dict[st
         "stages_run": stages or "none (all current)",
         "wall_s": round(wall, 1),
         "metrics": json.loads(paths.metrics_file.read_text())["metrics"],
-        "identification": json.loads((paths.stage_dir("1") / "identification.json").read_text())["test"],
+        "identification": (read_identification(paths, cfg6.run.subject) or {})["test"],
     }
 
 

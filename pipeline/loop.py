@@ -239,6 +239,17 @@ def train_epoch(tr: Trainer, plan: AnyPlan, opt, sched, prog: Progress, metrics:
     bar.close()
 
 
+def mean_over_subjects(per: Mapping[int, dict[str, float]]) -> dict[str, float]:
+    """Validation scores of a run from each subject's (subject → scores): one subject's as they are; a subject
+    set's mean over subjects (the selection ``metric`` too), with each subject's beside it as ``subj<k>/<score>``."""
+    if len(per) == 1:
+        return dict(next(iter(per.values())))
+    first = next(iter(per.values()))
+    scores = {k: sum(v[k] for v in per.values()) / len(per) for k in first}
+    scores.update({f"subj{subj}/{k}": v for subj, sc in per.items() for k, v in sc.items() if k != "metric"})
+    return scores
+
+
 def scale_lr(opt, scale: float) -> None:
     """Multiply every parameter group's LR by ``scale`` (1: nothing). The schedules recompute the LR from the step
     count (OneCycleLR, LambdaLR), so the scaling lasts until the next ``sched.step()``."""

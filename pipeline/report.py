@@ -51,7 +51,15 @@ from utils.io import atomic_write_text
 from utils.manifest import MANIFEST, read_manifest, stale_reasons
 from utils.metrics import dice_per_sample, is_above_chance, wilson_interval
 from utils.resize import resize_frames_bilinear, resize_masks_majority
-from utils.runs import DIAGNOSTICS_FILE, PROMPTS_FILE, TOY_QUALITY_FILE, VIDEOS_FILE, RunPaths, setup_logging
+from utils.runs import (
+    DIAGNOSTICS_FILE,
+    PROMPTS_FILE,
+    TOY_QUALITY_FILE,
+    VIDEOS_FILE,
+    RunPaths,
+    read_identification,
+    setup_logging,
+)
 from utils.stage_configs import SharedConfig, Stage6Config
 from utils.video_io import side_by_side, to_uint8
 
@@ -352,7 +360,7 @@ def toy_identification(cfg: SharedConfig, paths: RunPaths, toy_quality: dict[str
     subj = subject_name(cfg.run.subject)
     root = Path(cfg.paths.data_root)
     cols: list[tuple[str, dict[str, Any]]] = []  # (name, {"top1", "n_candidates", ...})
-    ours = read_json(paths.stage_dir("1") / "identification.json")
+    ours = read_identification(paths, cfg.run.subject)
     if ours and "test" in ours:
         cols.append(("ours: stage 1 (brain → CLIP tokens)", ours["test"]))
     if toy_quality and toy_quality.get("ridge_tokens_identification"):
@@ -583,11 +591,11 @@ def subject_set_table(cfg: SharedConfig, mode: str) -> Table | None:
         return None
     keys = list(dict.fromkeys(key for m in done.values() for key in m["metrics"]))
     rows = []
+    first = {mode: next(iter(done.values()))}  # the analytic chance is the same for every subject
     for key in keys:
         values = [mean_value(done[k]["metrics"].get(key)) if k in done else None for k in scored]
         present = [v for v in values if v is not None]
         mean = fmt(sum(present) / len(present)) if len(present) == len(values) else "n/a"
-        first = {mode: next(iter(done.values()))}  # the analytic chance is the same for every subject
         rows.append([key, *(cell(done[k]["metrics"].get(key), 3) if k in done else "n/a" for k in scored), mean,
                      chance_of(first, key)])
     header = ["metric", *(f"subj {k}" for k in scored), f"mean of {len(scored)}", "chance"]

@@ -33,7 +33,7 @@ from pipeline.common import (
     require_foundation,
     uses_clip_cache,
 )
-from pipeline.loop import Trainer, fit, prepare_training, subject_plan
+from pipeline.loop import Trainer, fit, mean_over_subjects, prepare_training, subject_plan
 from utils.baselines import identification_accuracy
 from utils.checkpoint import load_checkpoint, load_parts, read_weights
 from utils.cli import begin_stage
@@ -236,11 +236,7 @@ def evaluate(s: Stage1, split: str = "val", chunk: int = 100) -> dict[str, float
     """Retrieval scores of every subject (:func:`evaluate_subject`); a subject set's are their mean over subjects
     (the model selection's ``metric`` too), with each subject's as ``subj<k>/<score>``."""
     per = {m.subject: evaluate_subject(s, slot, split, chunk) for slot, m in enumerate(s.subjects.members)}
-    if len(per) == 1:
-        return next(iter(per.values()))
-    scores = {k: float(np.mean([v[k] for v in per.values()])) for k in next(iter(per.values()))}
-    scores.update({f"subj{subj}/{k}": v for subj, sc in per.items() for k, v in sc.items() if k != "metric"})
-    return scores
+    return mean_over_subjects(per)
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ from pipeline.common import (
     require_foundation,
     uses_clip_cache,
 )
-from pipeline.loop import Trainer, fit, prepare_training, subject_plan
+from pipeline.loop import Trainer, fit, mean_over_subjects, prepare_training, subject_plan
 from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.data import SubjectSet, selection_note, selection_split
@@ -478,11 +478,7 @@ def evaluate(s: Stage2, split: str = "val") -> dict[str, float]:
     """Brain-only validation scores (see the module docstring) and the selection ``metric``; a subject set's are
     their mean over subjects (the ``metric`` too), with each subject's as ``subj<k>/<score>``."""
     per = {m.subject: evaluate_subject(s, split, slot) for slot, m in enumerate(s.subjects.members)}
-    if len(per) == 1:
-        return next(iter(per.values()))
-    scores = {k: float(np.mean([v[k] for v in per.values()])) for k in next(iter(per.values()))}
-    scores.update({f"subj{subj}/{k}": v for subj, sc in per.items() for k, v in sc.items() if k != "metric"})
-    return scores
+    return mean_over_subjects(per)
 
 
 @torch.no_grad()

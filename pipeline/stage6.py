@@ -89,7 +89,7 @@ from utils.metrics import (
     summarise,
 )
 from utils.resize import resize_frames_bilinear, resize_masks_majority
-from utils.runs import PROMPTS_FILE, VIDEOS_FILE, RunPaths, rerun_hint
+from utils.runs import IDENTIFICATION_FILE, PROMPTS_FILE, VIDEOS_FILE, RunPaths, read_identification, rerun_hint
 from utils.sharding import gather_values, my_clips
 from utils.stage_configs import Stage6Config, Stage6Eval
 from utils.training import build_accelerator
@@ -400,13 +400,6 @@ def evaluate(cfg: Stage6Config) -> Path:
     return paths.metrics_file
 
 
-def stage1_identification(path: Path, subject: int) -> dict[str, Any] | None:
-    """Stage 1's test identification of ``subject`` from its ``identification.json`` (a subject set's holds one entry
-    per subject)."""
-    scores = json.loads(path.read_text())
-    return scores.get("subjects", {}).get(str(subject), {}).get("test") if "subjects" in scores else scores.get("test")
-
-
 def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: StageRecorder,
                   results: dict[Protocol, tuple[dict[str, Any], dict[str, Any]]]) -> None:  # fmt: skip
     """``metrics_<mode>.json``, the manifest and the report (main process). ``results``: protocol → (metrics, chance
@@ -414,8 +407,7 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
     at the top level (``metrics``, ``chance_levels``), where readers of one-protocol files find them."""
     ev, out_path = cfg.eval, paths.metrics_file
     metrics, chance = results[ev.protocol]
-    ident_file = paths.stage_dir("1") / "identification.json"
-    identification = stage1_identification(ident_file, cfg.run.subject) if ident_file.is_file() else None
+    identification = (read_identification(paths, cfg.run.subject) or {}).get("test")
     inputs = {k: str(p.resolve()) for k, p in x.files.items()}
     if x.gif_files:
         inputs["gif_grid"] = str(x.gif_files[0].parent.resolve())
@@ -456,7 +448,7 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
     atomic_write_text(out_path, json.dumps(finite_or_none(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
     recorder.add_inputs([*x.files.values(), *x.data_files, *x.gif_files])
     if identification is not None:
-        recorder.add_input(ident_file)
+        recorder.add_input(paths.stage_dir("1") / IDENTIFICATION_FILE)
     recorder.add_output(out_path)
     recorder.extra.update({"n_clips": x.n, "protocol": ev.protocol, "metrics_file": str(out_path.resolve()),
                            "report": str(report_path(paths).resolve())})  # fmt: skip

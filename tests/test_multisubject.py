@@ -306,6 +306,7 @@ def test_the_driver_runs_every_stage_for_a_subject_set(drive_profile: Path) -> N
     assert float(row[5]) == pytest.approx(np.mean(per), abs=1e-3), "the mean column is the mean of the subjects"
     page = (run / "report.html").read_text()
     assert all(f'href="subj_{k}/report.html"' in page for k in (1, 2, 3)) and "mean of 3" in page
+    assert "ours: stage 1" in (run / "subj_2" / "report.html").read_text(), "each subject's stage-1 identification"
 
 
 def test_a_new_subject_adapts_through_every_stage(env: SmokeEnv, drive_profile: Path, pair: Path) -> None:

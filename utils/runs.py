@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sys
@@ -31,6 +32,7 @@ VIDEOS_FILE = "videos.safetensors"  # stage 5 → stage 6, the report
 PROMPTS_FILE = "prompts.json"  # stage 5 → stage 6, the report
 DIAGNOSTICS_FILE = "diagnostics.json"  # stage e → the report
 TOY_QUALITY_FILE = "toy_quality.json"  # run root: bench/toy_quality.py → the report
+IDENTIFICATION_FILE = "identification.json"  # stage 1 → stage 6, the report, bench/
 BRAIN_STAGES = tuple(s.key for s in STAGES if not s.mode_dependent)  # a subject set trains these once, for all
 
 
@@ -64,6 +66,16 @@ class RunPaths:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+
+def read_identification(paths: RunPaths, subject: int) -> dict[str, Any] | None:
+    """Stage 1's identification scores of ``subject`` ({split: scores}), or None before stage 1 has written them. A
+    subject set's file holds one entry per subject (``{"subjects": {"<k>": {split: scores}}}``)."""
+    path = paths.stage_dir("1") / IDENTIFICATION_FILE
+    if not path.is_file():
+        return None
+    scores = json.loads(path.read_text())
+    return scores.get("subjects", {}).get(str(subject)) if "subjects" in scores else scores
 
 
 def rerun_hint(cfg: SharedConfig) -> str:
