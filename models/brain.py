@@ -222,10 +222,25 @@ class NeuronsBrainModel(nn.Module):
         Latents are nearest-resized to ``latent_size`` (default the VAE latent size). ``subj_idx``: the ridge slot
         of the subject whose voxels these are.
         """
+        cond = self.prior_condition(voxels, subj_idx)  # (B, T, D)
+        return self.decode_condition(cond, generators, prior_steps, key_text, key_table, latent_size)
+
+    @torch.no_grad()
+    def decode_condition(
+        self,
+        cond: torch.Tensor,
+        generators: Generators,
+        prior_steps: int | None = None,
+        key_text: torch.Tensor | None = None,
+        key_table: torch.Tensor | None = None,
+        latent_size: int | None = None,
+    ) -> BrainDecoding:
+        """:meth:`decode_voxels` from the prior's condition (B, T, D) (:meth:`prior_condition` of the voxels, e.g.
+        read from stage 2's condition cache) → :class:`BrainDecoding`."""
         if (key_text is None) == (key_table is None):
-            raise ValueError("decode_voxels needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
+            raise ValueError("brain-only decoding needs exactly one of key_text (B, Dt) and key_table (C, Dt)")
         dtype = self.diffusion_prior.net.learned_query.dtype  # the weights' (float32): undoes autocast's bf16
-        cond = self.prior_condition(voxels, subj_idx).to(dtype)  # (B, T, D)
+        cond = cond.to(dtype)
         prior_tokens = self.diffusion_prior.sample(cond, generators, prior_steps).to(dtype)  # (B, T, D)
         heads_in = self.head_tokens(cond, prior_tokens)
         return self.decode_heads(heads_in, key_text, key_table, latent_size, prior_tokens=prior_tokens,

@@ -270,12 +270,14 @@ def subject_plan(cfg: TrainingConfig, n_train: tuple[int, ...], num_processes: i
 
 def prepare_training(
     cfg: TrainingConfig, stage: str, model: NeuronsBrainModel, accelerator: Any, n_train: int, out_dir: Path,
-    plan: AnyPlan | None = None,
+    plan: AnyPlan | None = None, on_cpu: tuple[str, ...] = (),
 ) -> tuple[AnyPlan, Any, torch.optim.lr_scheduler.LRScheduler, MetricsLog]:  # fmt: skip
     """The batch plan, AdamW over the trainable parameters, the LR schedule and the metrics log of a stage.
 
-    The model is moved to the device but not DDP-wrapped: stages call several of its methods per step, so gradients
-    are averaged explicitly after the backward pass (:func:`utils.training.average_gradients`).
+    The model is moved to the device, except its parts named in ``on_cpu`` (frozen parts that no step runs, e.g.
+    stage 2's ridge and backbone under its condition cache; a DeepSpeed engine moves everything). It is not
+    DDP-wrapped: stages call several of its methods per step, so gradients are averaged explicitly after the backward
+    pass (:func:`utils.training.average_gradients`).
     """
     t = cfg.train
     if plan is None:  # ``plan``: a subject set's (:func:`subject_plan`)
@@ -285,7 +287,11 @@ def prepare_training(
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     sched = one_cycle(opt, t, plan.steps_per_epoch * t.num_epochs)
-    model.to(accelerator.device)
+    for name, child in model.named_children():
+        if name not in on_cpu:
+            child.to(accelerator.device)
+    for tensor in [*model.parameters(recurse=False), *model.buffers(recurse=False)]:
+        tensor.data = tensor.data.to(accelerator.device)
     wandb_run = start_wandb(cfg, stage, out_dir) if accelerator.is_main_process else None
     if uses_deepspeed(accelerator):  # the engine wraps the model; the stages keep calling the module's methods
         _, opt, sched = prepare_deepspeed(accelerator, model, opt, sched, plan.global_batch, t)

@@ -38,6 +38,7 @@ selection; the scores are still brain-only, not upstream's noised-ground-truth s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +63,7 @@ from pipeline.common import (
     require_foundation,
     uses_clip_cache,
 )
+from pipeline.condition_cache import PARKED, ConditionCache, stage1_identity
 from pipeline.loop import Trainer, fit, mean_over_subjects, prepare_training, subject_plan
 from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
@@ -87,6 +89,7 @@ from utils.training import (
     AnyPlan,
     MetricsLog,
     SubjectBatchPlan,
+    autocast,
     build_accelerator,
     clip_seed,
     gather_cat,
@@ -130,6 +133,7 @@ class Stage2:
     key_text: dict[str, torch.Tensor]  # per split: (n, Dt) pooled text embedding of each clip's key-object name
     targets: ClipTargets  # CLIP image tokens and VAE latents of the frames (cached or computed)
     frozen: tuple[str, ...] = FROZEN_PARTS  # parts kept frozen and in eval mode
+    conditions: ConditionCache | None = None  # train.condition_cache: the prior's condition of every clip, cached
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
@@ -237,6 +241,11 @@ def setup(cfg: Stage2Config) -> Stage2:
         raise ConfigError(f"bad train.selection {list(cfg.train.selection)}", f"sum some of {', '.join(SCORES)}")
     if cfg.train.init_from:
         adaptation_source(cfg, "2")  # refused before any work
+    if cfg.train.condition_cache != "compute" and cfg.train.backbone_mode != "eval":
+        raise ConfigError("train.condition_cache needs train.backbone_mode=eval (with the backbone's dropout on, "
+                          "every step gives a new condition)", "set train.condition_cache=off")  # fmt: skip
+    if cfg.train.micro_batch < 0:
+        raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}", "give 0 (no micro batches) or a clip count")
     subjects = load_subject_set(cfg, FIELDS)
     data = subjects.stimuli
     if cfg.train.init_from_mindeye2 and not cfg.train.init_from:
@@ -264,8 +273,44 @@ def setup(cfg: Stage2Config) -> Stage2:
     voxels = {"train": [m.voxels("train", t.voxel_repeat) for m in subjects.members],
               select_on: [m.voxels(select_on) for m in subjects.members]}  # fmt: skip
     out_dir = RunPaths.from_config(cfg).stage_dir("2")
-    return Stage2(cfg, data, subjects, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text,
-                  targets, frozen_parts(cfg))  # fmt: skip
+    s = Stage2(cfg, data, subjects, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text,
+               targets, frozen_parts(cfg))  # fmt: skip
+    if cfg.train.condition_cache != "compute":
+        identity = {"stage1": stage1_identity(stage1), "prior_condition": cfg.upstream.prior_condition,
+                    "mixed_precision": cfg.run.mixed_precision}  # fmt: skip
+        s.conditions = ConditionCache(out_dir / "condition_cache", cfg.train.condition_cache, identity)
+        if accelerator.is_main_process:  # one writer; the others read what it wrote
+            cache_conditions(s, voxels)
+        accelerator.wait_for_everyone()
+        cache_conditions(s, voxels)
+    return s
+
+
+def cache_conditions(s: Stage2, voxels: dict[str, list[torch.Tensor]]) -> None:
+    """Make the condition cache hold every split of ``voxels``, computing what is missing with the frozen stage-1
+    parts brought to the device for the while: the training split under the step's autocast (as the uncached step
+    computes it), the others in full precision (as validation does)."""
+    model, acc = s.accelerator.unwrap_model(s.model), s.accelerator
+    parts = [model.get_submodule(p) for p in FROZEN_PARTS]
+    homes = [next(p.parameters()).device for p in parts]
+    for part in parts:
+        part.to(acc.device)
+    try:
+        for split, per_slot in voxels.items():
+            precision = autocast(acc, s.cfg) if split == "train" else contextlib.nullcontext()
+            with precision:
+                s.conditions.ensure({split: per_slot}, model.prior_condition, acc.device)
+    finally:
+        for part, home in zip(parts, homes, strict=True):
+            part.to(home)
+
+
+def condition(s: Stage2, split: str, idx: Any, slot: int, voxels: torch.Tensor) -> torch.Tensor:
+    """The prior's condition (b, T, D) of clips ``idx`` of ``split`` (their voxels (b, V)) of ridge slot ``slot``:
+    read from the condition cache, or computed by the frozen stage-1 parts."""
+    if s.conditions is not None:
+        return s.conditions.read(split, slot, idx, s.accelerator.device)
+    return s.accelerator.unwrap_model(s.model).prior_condition(voxels, slot)
 
 
 # ---- one training step ---------------------------------------------------------------------------------------------
@@ -397,8 +442,12 @@ def step_loss(s: Stage2, plan: AnyPlan, epoch: int, batch: int) -> dict[str, tor
     """
     acc = s.accelerator
     slots, clips = plan.decode(plan.batch_at(epoch, batch)[plan.share(acc.process_index)])
-    parts = [share_outputs(s, epoch, clips[slots == slot], slot) for slot in dict.fromkeys(slots.tolist())]
-    local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    chunks = micro_batches(slots, clips, s.cfg.train.micro_batch)
+    if len(chunks) > 1 and s.cfg.train.micro_batch and torch.is_grad_enabled():
+        local = replayed_outputs(s, epoch, chunks)
+    else:
+        parts = [share_outputs(s, epoch, idx, slot) for slot, idx in chunks]
+        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     losses, accuracy = head_losses(s, {k: gather_cat(acc, v) for k, v in local.items()}, epoch)
     mult = multipliers(s.cfg, epoch, batch, plan.steps_per_epoch)
     total, _ = total_loss(losses, s.cfg.loss_weights, mult)
@@ -411,7 +460,7 @@ def share_outputs(s: Stage2, epoch: int, idx: np.ndarray, slot: int) -> dict[str
     t, model = s.cfg.train, s.accelerator.unwrap_model(s.model)
     b = get_batch(s, "train", idx, slot)
     with torch.no_grad():
-        cond = model.prior_condition(b.voxels, slot).float()  # (b, T, D), frozen (upstream.prior_condition)
+        cond = condition(s, "train", idx, slot, b.voxels).float()  # (b, T, D), frozen (upstream.prior_condition)
         targets = s.targets("train", idx, range(s.data.n_frames))  # (b, F, T, D)
         latents = s.targets.latents("train", idx)  # (b, F, C, s, s)
     _, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], prior_generators(s, epoch, idx, slot))
@@ -419,6 +468,80 @@ def share_outputs(s: Stage2, epoch: int, idx: np.ndarray, slot: int) -> dict[str
     local = {"prior_tokens": prior_tokens, "motion": motion, **head_outputs(s, b, motion, latents.shape[-1])}
     return local | {"targets": targets, "latents": latents, "caption_emb": b.caption_emb, "concepts": b.concepts,
                     "masks": b.masks}  # fmt: skip
+
+
+# ---- micro batches: the whole batch's loss, a micro batch's activations (train.micro_batch) -------------------------
+DIFFERENTIABLE = ("prior_tokens", "motion", "text", "mask_logits", "concept_logits", "pred_latents", "token_loss")
+
+
+def micro_batches(slots: np.ndarray, clips: np.ndarray, size: int) -> list[tuple[int, np.ndarray]]:
+    """(ridge slot, clip indices) of each forward pass of a process's share: one per slot, cut into pieces of at most
+    ``size`` clips when ``size`` > 0."""
+    out = []
+    for slot in dict.fromkeys(slots.tolist()):
+        idx = clips[slots == slot]
+        step = size if size > 0 else len(idx)
+        out += [(int(slot), idx[a:a + step]) for a in range(0, len(idx), step)]
+    return out
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class _GradientCache(torch.autograd.Function):
+    """The per-clip outputs of every micro batch, concatenated, computed without keeping activations; the backward
+    pass reruns each micro batch with gradients (its RNG state replayed, so its dropout draws are the same) and
+    back-propagates the slice of the incoming gradients that belongs to it (a gradient cache, Gao et al. 2021: the
+    parameters' gradients are those of the loss on the whole batch)."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, runs: list, device: torch.device, rest: dict) -> tuple[torch.Tensor, ...]:
+        ctx.runs, ctx.device, ctx.states, outs = runs, device, [], []
+        for run in runs:
+            ctx.states.append(rng_state(device))
+            outs.append(run())
+        ctx.sizes = [len(o["motion"]) for o in outs]
+        rest.update({k: torch.cat([o[k] for o in outs]) for k in outs[0] if k not in DIFFERENTIABLE})
+        return tuple(torch.cat([o[k] for o in outs]) for k in DIFFERENTIABLE)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:
+        after = rng_state(ctx.device)
+        start = 0
+        for run, state, n in zip(ctx.runs, ctx.states, ctx.sizes, strict=True):
+            set_rng_state(state, ctx.device)
+            with torch.enable_grad():
+                out = run()
+            pairs = [(out[k], g[start:start + n]) for k, g in zip(DIFFERENTIABLE, grads, strict=True)
+                     if g is not None and out[k].requires_grad]  # fmt: skip
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+            start += n
+        set_rng_state(after, ctx.device)
+        return None, None, None, None
+
+
+def replayed_outputs(s: Stage2, epoch: int, chunks: list[tuple[int, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """:func:`share_outputs` of the micro batches ``chunks``, concatenated, through :class:`_GradientCache`."""
+    acc = s.accelerator
+
+    def run_for(slot: int, idx: np.ndarray):
+        def run() -> dict[str, torch.Tensor]:
+            with autocast(acc, s.cfg):  # the backward pass runs outside the step's autocast
+                return share_outputs(s, epoch, idx, slot)
+        return run
+
+    rest: dict[str, torch.Tensor] = {}
+    anchor = torch.zeros((), requires_grad=True)  # makes the outputs part of the graph
+    outs = _GradientCache.apply(anchor, [run_for(slot, idx) for slot, idx in chunks], acc.device, rest)
+    return dict(zip(DIFFERENTIABLE, outs, strict=True)) | rest
 
 
 # ---- validation ----------------------------------------------------------------------------------------------------
@@ -431,8 +554,12 @@ def decode_val(s: Stage2, split: str, idx: np.ndarray, slot: int = 0) -> tuple[B
     rows = s.data.indices(split)[idx]
     gens = clip_generators([clip_seed(s.cfg.run.seed, int(r)) for r in rows], s.accelerator.device)
     latents = s.targets.latents(split, idx)  # (b, F, C, s, s)
-    dec = model.decode_voxels(b.voxels, gens, t.val_prior_steps, key_text=b.key_text, latent_size=latents.shape[-1],
-                              subj_idx=slot)  # fmt: skip
+    if s.conditions is None:
+        dec = model.decode_voxels(b.voxels, gens, t.val_prior_steps, key_text=b.key_text,
+                                  latent_size=latents.shape[-1], subj_idx=slot)  # fmt: skip
+    else:
+        dec = model.decode_condition(condition(s, split, idx, slot, b.voxels), gens, t.val_prior_steps,
+                                     key_text=b.key_text, latent_size=latents.shape[-1])  # fmt: skip
     logits, labels, _ = model.caption_logits(dec.caption_prefix, b.tokens, b.token_mask)
     return b, {
         "prior": dec.prior_tokens,
@@ -514,6 +641,8 @@ def add_split(s: Stage2, split: str) -> None:
     own = key_object_classes(d.concept_labels(split), d.key_object_names(split), d.concept_classes)
     namer = replace(namer, key_object_to_class={**own, **namer.key_object_to_class})
     s.voxels[split] = [m.voxels(split) for m in s.subjects.members]
+    if s.conditions is not None:
+        cache_conditions(s, {split: s.voxels[split]})
     s.captions[split] = caption_targets(s.clip, d.captions(split), s.cfg.train.caption_max_len, lm.n_positions,
                                         lm.vocab_size)  # fmt: skip
     names = [namer.train_name(n) for n in d.key_object_names(split)]
@@ -622,7 +751,9 @@ def train(cfg: Stage2Config) -> Path:
     plan = subject_plan(cfg, tuple(m.n_clips("train") for m in s.subjects.members), s.accelerator.num_processes)
     _, recorder = begin_stage(cfg, "2", depends_on=("1",))  # the plan is refused (batch size) before any write
     t, acc = cfg.train, s.accelerator
-    plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir, plan)
+    on_cpu = PARKED if s.conditions is not None else ()  # never run: the cache gives their output
+    plan, opt, sched, metrics = prepare_training(cfg, "2", s.model, acc, s.data.n_clips("train"), s.out_dir, plan,
+                                                 on_cpu)  # fmt: skip
     select_on = selection_split(cfg.data)
     trainer = Trainer(
         cfg, s.model, acc, s.out_dir,
@@ -657,5 +788,6 @@ def finish_stage(s: Stage2, recorder, metrics: MetricsLog) -> None:
     starts, window = progressive_windows(s.cfg)
     recorder.extra.update({"selected_on": selection_note(s.cfg.data), "train_clips": s.data.n_clips("train"),
                            "backbone_mode": s.cfg.train.backbone_mode, "subjects": list(s.subjects.subjects),
+                           "condition_cache": s.cfg.train.condition_cache, "micro_batch": s.cfg.train.micro_batch,
                            "progressive_windows": {"starts": starts, "window_epochs": window}})  # fmt: skip
     recorder.finish()

@@ -139,8 +139,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
 def test_validation_decodes_through_the_models_brain_only_path(
     env: SmokeEnv, run_a: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Validation is ``NeuronsBrainModel.decode_voxels`` (the path of stage 3 and the model tests) with
-    ``val_prior_steps`` and each clip's key-object text; on the ``last`` weights it reproduces the logged scores."""
+    """Validation is ``NeuronsBrainModel.decode_condition`` (the path of stage 3's ``decode_voxels`` and the model
+    tests; here from the condition cache) with ``val_prior_steps`` and each clip's key-object text; on the ``last``
+    weights it reproduces the logged scores."""
     from models.brain import NeuronsBrainModel
     from pipeline import stage2
     from utils.checkpoint import load_strict, read_weights
@@ -149,16 +150,16 @@ def test_validation_decodes_through_the_models_brain_only_path(
     s = stage2.setup(cfg)
     assert not any(m.training for m in s.model.backbone.modules()), "the frozen backbone is in eval mode by default"
     load_strict(s.model, read_weights(run_a / "checkpoints" / "last")[0], "last")
-    calls, real = [], NeuronsBrainModel.decode_voxels
+    calls, real = [], NeuronsBrainModel.decode_condition
 
-    def spy(model, voxels, generators, prior_steps=None, **kwargs):
-        calls.append((len(voxels), prior_steps, sorted(kwargs)))
-        return real(model, voxels, generators, prior_steps, **kwargs)
+    def spy(model, cond, generators, prior_steps=None, **kwargs):
+        calls.append((len(cond), prior_steps, sorted(kwargs)))
+        return real(model, cond, generators, prior_steps, **kwargs)
 
-    monkeypatch.setattr(NeuronsBrainModel, "decode_voxels", spy)
+    monkeypatch.setattr(NeuronsBrainModel, "decode_condition", spy)
     scores = stage2.evaluate(s)
     assert sum(n for n, _, _ in calls) == s.data.n_clips("val")
-    kwargs = ("key_text", "latent_size", "subj_idx")
+    kwargs = ("key_text", "latent_size")
     assert {(steps, tuple(kw)) for _, steps, kw in calls} == {(cfg.train.val_prior_steps, kwargs)}
     logged = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in logged if r["split"] == "val"][-1]
@@ -191,7 +192,8 @@ def test_upstream_selection_on_test_clips_and_backbone_in_train_mode(
 
     monkeypatch.setattr(stage2, "step_loss", spy_step)
     monkeypatch.setattr(stage2, "evaluate", lambda s, split="val": scored.append(split) or real_eval(s, split))
-    out = stage2.train(config(env, "2", "up", *up, "train.backbone_mode=train", "progressive.windows=from_epochs",
+    out = stage2.train(config(env, "2", "up", *up, "train.backbone_mode=train", "train.condition_cache=compute",
+                                "progressive.windows=from_epochs",
                               "train.batch_size=7"))  # fmt: skip
     assert steps and all(modes and all(modes) for modes in steps), "backbone dropout is active in every step"
     assert scored == ["test", "test"]
@@ -338,3 +340,150 @@ def test_script_refuses_without_stage1_in_one_line(env: SmokeEnv, capsys: pytest
     assert run_stage(Stage2Config, train_decoupler.main, train_decoupler.__doc__, argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: StageOrderError") and "stage 1" in last and "train_neurons.sh" in last
+
+
+# ---- issue 19: the condition cache and micro batches ---------------------------------------------------------------
+def with_stage1_of(run: Path, exp: str, env: SmokeEnv) -> None:
+    """A new run ``exp`` whose stage 1 is a copy of ``run``'s (same bytes and mtimes)."""
+    from utils.runs import RunPaths
+
+    dest = RunPaths.from_config(config(env, "2", exp)).stage_dir("1")
+    if not dest.exists():
+        shutil.copytree(run.parent / "stage1", dest)
+
+
+def train_log(run: Path, split: str) -> list[dict[str, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def test_condition_cache_trains_as_the_uncached_stage_without_running_the_backbone(
+    env: SmokeEnv, run_a: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.condition_cache=fp32``: every logged loss and validation score of the whole stage equals the uncached
+    run's (float tolerance), the backbone runs only to build the cache (never in a step or in validation), the
+    manifest records the option, and a second setup reuses the cache until the stage-1 checkpoint changes."""
+    from models.brain import MindEyeBackbone
+    from pipeline import stage2
+
+    with_stage1_of(run_a, "cache32", env)
+    calls = {"n": 0}
+    real = MindEyeBackbone.forward
+
+    def counted(self, x):
+        calls["n"] += 1
+        return real(self, x)
+
+    monkeypatch.setattr(MindEyeBackbone, "forward", counted)
+    out = stage2.train(config(env, "2", "cache32", "train.condition_cache=fp32"))
+    built = calls["n"]
+    assert built == 2, "one pass per cached split (train, val), chunks of 64 clips; none in a step or validation"
+    with_stage1_of(run_a, "nocache", env)
+    reference = stage2.train(config(env, "2", "nocache", "train.condition_cache=compute"))
+    assert calls["n"] > built + 10, "without the cache the backbone runs in every step"
+    got, want = train_log(out, "train"), train_log(reference, "train")
+    losses = [k for k in want[0] if k.startswith(("loss", "prior", "video", "text", "dice", "concepts", "caption",
+                                                   "latent"))]  # fmt: skip
+    assert len(got) == len(want) == 10
+    assert [r[k] for r in got for k in losses] == pytest.approx([r[k] for r in want for k in losses], rel=1e-4)
+    val, val_ref = train_log(out, "val"), train_log(reference, "val")
+    assert [r[k] for r in val for k in stage2.SCORES] == pytest.approx(
+        [r[k] for r in val_ref for k in stage2.SCORES], rel=1e-4)
+    assert json.loads((out / "manifest.json").read_text())["condition_cache"] == "fp32"
+    cache = out / "condition_cache"
+    arrays = json.loads((cache / "manifest.json").read_text())["arrays"]
+    assert sorted(arrays) == ["train_slot0.npy", "val_slot0.npy"]
+    n = calls["n"]
+    stage2.setup(config(env, "2", "cache32", "train.condition_cache=fp32"))
+    assert calls["n"] == n, "a current cache is read, not rebuilt"
+
+
+def test_condition_cache_rebuilds_what_its_inputs_no_longer_match(tmp_path: Path) -> None:
+    """A cache array is recomputed when its voxels change (that array only) or when the identity (stage-1
+    checkpoint, flags, precision) changes (all of them); what it reads back is what the condition gave, in its
+    dtype."""
+    from pipeline.condition_cache import ConditionCache
+
+    calls: list[int] = []
+
+    def cond(x: torch.Tensor, slot: int) -> torch.Tensor:
+        calls.append(len(x))
+        return (x[:, :6] * (slot + 1)).reshape(len(x), 2, 3)  # (b, T=2, D=3)
+
+    voxels = {"train": [torch.randn(5, 8), torch.randn(5, 7)], "val": [torch.randn(3, 8), torch.randn(3, 7)]}
+    ConditionCache(tmp_path, "fp32", {"stage1": "a"}).ensure(voxels, cond, "cpu", chunk=2)
+    assert sum(calls) == 16 and len(calls) == 3 + 3 + 2 + 2
+    cache = ConditionCache(tmp_path, "fp32", {"stage1": "a"})
+    cache.ensure(voxels, cond, "cpu", chunk=2)
+    assert sum(calls) == 16, "current: read, not recomputed"
+    torch.testing.assert_close(cache.read("train", 1, [4, 0], "cpu"), cond(voxels["train"][1][[4, 0]], 1))
+    voxels["val"][0] = voxels["val"][0] + 1
+    calls.clear()
+    cache.ensure(voxels, cond, "cpu", chunk=2)
+    assert calls == [2, 1], "only the changed array"
+    torch.testing.assert_close(cache.read("val", 0, [2], "cpu"), cond(voxels["val"][0][[2]], 0))
+    calls.clear()
+    half = ConditionCache(tmp_path, "fp16", {"stage1": "a"})
+    half.ensure(voxels, cond, "cpu", chunk=8)
+    assert sum(calls) == 16, "another dtype: everything rebuilt"
+    assert half.read("train", 0, [0], "cpu").dtype == torch.float32
+    calls.clear()
+    ConditionCache(tmp_path, "fp16", {"stage1": "b"}).ensure(voxels, cond, "cpu", chunk=8)
+    assert sum(calls) == 16, "another stage-1 checkpoint: everything rebuilt"
+
+
+def test_condition_cache_refuses_a_backbone_in_train_mode(env: SmokeEnv, run_a: Path) -> None:
+    from pipeline import stage2
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backbone_mode=eval"):
+        stage2.setup(config(env, "2", "a", "train.condition_cache=fp16", "train.backbone_mode=train"))
+
+
+def step_and_grads(s, plan, seed: int = 0) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    from pipeline import stage2
+
+    s.model.zero_grad(set_to_none=True)
+    stage2.set_train_mode(s.model, s.frozen, s.cfg.train.backbone_mode)
+    torch.manual_seed(seed)
+    losses = stage2.step_loss(s, plan, 0, 1)
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in s.model.named_parameters() if p.grad is not None}
+    return {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in losses.items()}, grads
+
+
+def no_dropout(s):
+    for m in s.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return s
+
+
+@pytest.mark.parametrize("cache", ["compute", "fp16"])
+def test_micro_batches_give_the_whole_batch_loss_and_gradients(env: SmokeEnv, run_a: Path, cache: str) -> None:
+    """``train.micro_batch=3`` on a batch of 8 (passes of 3, 3 and 2 clips): the same losses and parameter gradients
+    as one pass, contrastive terms included (dropout off, whose draws differ with the pass sizes); with the fp16
+    condition cache too, whose losses match the uncached step to fp16 precision."""
+    from pipeline import stage2
+    from utils.data import SubjectSet
+    from utils.training import BatchPlan, seed_everything
+
+    with_stage1_of(run_a, f"micro_{cache}", env)
+    runs = {}
+    for micro in (0, 3):
+        cfg = config(env, "2", f"micro_{cache}", f"train.micro_batch={micro}", f"train.condition_cache={cache}")
+        seed_everything(cfg.run.seed)  # the fresh heads' initialisation, as stage2.train
+        s = no_dropout(stage2.setup(cfg))
+        assert isinstance(s.subjects, SubjectSet)
+        plan = BatchPlan(s.data.n_clips("train"), 8, 1, s.cfg.run.seed, True)
+        runs[micro] = step_and_grads(s, plan)
+    (l0, g0), (l3, g3) = runs[0], runs[3]
+    assert l3 == pytest.approx(l0, rel=1e-5, abs=1e-7)
+    assert sorted(g3) == sorted(g0) and g0
+    for name in g0:
+        torch.testing.assert_close(g3[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    if cache == "fp16":
+        seed_everything(cfg.run.seed)
+        reference, _ = step_and_grads(no_dropout(stage2.setup(config(env, "2", "a", "train.condition_cache=compute"))),
+                                      plan)  # fmt: skip
+        assert l0 == pytest.approx(reference, rel=2e-3, abs=1e-4)

@@ -172,6 +172,16 @@ class Stage2Train(OptimConfig):
     # new-subject adaptation (issue 18): the run folder of a subject-set model; the prior and every head start from
     # its best stage-2 checkpoint (replacing init_from_mindeye2), on top of this run's adapted stage 1
     init_from: str = ""
+    # issue 19, stage 2 without the backbone on the device: the prior's condition of every clip (the frozen stage-1
+    # model's output) computed once into <run>/stage2/condition_cache and read in every step and validation, so the
+    # ridge and the backbone stay on the CPU: "compute" (run them every step), "fp16" or "fp32" (stored dtype);
+    # needs backbone_mode=eval (a backbone with dropout on gives a new condition every step)
+    condition_cache: Literal["compute", "fp16", "fp32"] = "compute"
+    # clips per forward/backward pass of a process's share (0: the whole share at once). The loss stays that of the
+    # whole global batch, contrastive terms included (a gradient cache: every micro batch first runs without
+    # gradients, the loss's gradients with respect to the per-clip outputs are taken, then each micro batch runs again
+    # with its dropout draws replayed and back-propagates its slice); costs one more forward pass of the heads
+    micro_batch: int = 0
 
 
 @dataclass(frozen=True)
