@@ -273,6 +273,19 @@ def aggregate(values: list[float | None]) -> dict[str, Any]:
     return {"values": values, "n": n, "mean": mean, "std": std}
 
 
+def merged_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The runs of ``--merge`` (an earlier results JSON) whose seeds this invocation does not run, after checking that
+    it measured the same thing (profile, mode, protocol, overrides)."""
+    if args.merge is None:
+        return []
+    old = json.loads(args.merge.read_text())
+    mine = {"profile": args.profile, "mode": args.mode, "protocol": args.protocol, "set": args.set}
+    differs = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+    if differs:
+        raise SystemExit(f"error: --merge {args.merge} measured something else: {differs}")
+    return [r for r in old["runs"] if r["seed"] not in args.seeds and r["ablation"] in args.ablations]
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """ablation → metric → :func:`aggregate` over its seeds' records (in seed order)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -350,6 +363,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--protocol", default="standard", choices=("standard", "neurons"), help="stage 6's protocol")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/ablations_<profile>.json)")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="an earlier results JSON of the same profile, mode and protocol: its runs of seeds not in "
+                        "--seeds join the summary (e.g. add seeds to a finished bench without rerunning it)")
     p.add_argument("--dry-run", action="store_true", help="resolve every run's configs, print the plan, run nothing")
     args = p.parse_args(argv)  # fmt: skip
     args.ablations = list(ABLATIONS) if "all" in args.ablations else list(dict.fromkeys(args.ablations))
@@ -390,19 +406,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(plan))
         return 0
     out = args.out or REPO / "bench" / "results" / f"ablations_{Path(args.profile).stem}.json"
-    t0, trained, records = time.time(), {}, []
+    t0, trained, records = time.time(), {}, merged_runs(args)
     record: dict[str, Any] = {"bench": "ablations", "profile": args.profile, "exp": args.exp, "subj": SUBJ,
                               "mode": args.mode, "protocol": args.protocol, "seeds": args.seeds, "set": args.set,
                               "ablations": {n: {"summary": ABLATIONS[n].summary, "overrides": ABLATIONS[n].overrides,
                                                 "paper": ABLATIONS[n].paper} for n in args.ablations},
                               "paper": PAPER, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    n_merged = len(records)
+    record["seeds"] = sorted({*args.seeds, *(r["seed"] for r in records)})
     for run in runs:
         records.append(execute(args, run, trained))
-        record.update({"runs": records, "summary": summarise(records), "complete": len(records) == len(runs),
-                       "wall_s": round(time.time() - t0, 1)})  # fmt: skip
+        record.update({"runs": records, "summary": summarise(records),
+                       "complete": len(records) - n_merged == len(runs), "wall_s": round(time.time() - t0, 1),
+                       "merged_from": str(args.merge) if args.merge else None})  # fmt: skip
         atomic_write_json(out, record)
     chance = {k: v for r in records for k, v in r["chance"].items()}
-    print(table(record["summary"], chance, args.seeds))
+    print(table(record["summary"], chance, record["seeds"]))
     print(f"wrote {out}")
     return 0
 

@@ -4,6 +4,8 @@
     python bench/train_step.py --profile paper --stage 1 --device cuda --bf16 --grad-ckpt --adamw fused
     python bench/train_step.py --profile paper --stage 2 --device cuda --batch 10
     python bench/train_step.py --profile paper --stage 1 --count-only        # parameter counts on the meta device
+    python bench/train_step.py --profile paper --stage 2 --device cuda --bf16 --grad-ckpt --cond-cache --micro-batch 5
+    python bench/train_step.py --profile paper --stage 1 --device cuda --upstream-baseline   # as upstream trains
 
 Prints ONE line of JSON: the settings, parameter counts, seconds per step (median of the timed steps), samples/s,
 peak memory (CUDA ``max_memory_allocated``; on the CPU the process's peak RSS, imports included) and, on a GPU, the
@@ -20,6 +22,19 @@ FLOP estimate: every ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv2d`` call is c
 autograd path, 1 under ``no_grad``; the forward passes that gradient checkpointing repeats are not counted (model
 FLOPs). Attention score products, norms and element-wise ops are not counted either, so the figure is a lower bound
 of the work done (the linears are > 95 % of it at paper scale).
+
+Stage 2 with ``--cond-cache`` (``stage2.train.condition_cache``): the prior's condition is a random fp16 tensor, as
+read from the condition cache, and the model is built without ridge and backbone (the stage keeps them on the CPU).
+``--micro-batch N`` (``stage2.train.micro_batch``) runs the step as the stage's gradient cache does
+(``pipeline.stage2.GradientCache``): every micro batch of N clips without gradients, the losses on the whole batch,
+then each micro batch again with gradients.
+
+``--upstream-baseline``: the step as upstream trains it, to compare against: no CLIP-target cache (the CLIP
+ViT-bigG/14 image tower, a torch-only stand-in with its shapes and parameter count (:class:`ImageTower`, random
+weights; toy and smoke: the toy CLIP's vision shapes), runs without gradients on the frames of every clip in every
+step: stage 1 one frame, stage 2 every frame), fp16 autocast with a gradient scaler, the default (foreach) AdamW, no
+gradient checkpointing, and for stage 2 the backbone run in every step. Upstream's stage 2 also VAE-encodes the
+frames in every step; that is not run here, so the baseline's time is a lower bound and the ratio to it conservative.
 
 Needs only torch and einops (plus transformers for stage 2's GPT-2 captioner; without it stage 2 runs without the
 caption head and says so: ``"caption_head": false``). Paper scale is never built for real on a CPU: there the
@@ -49,7 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.brain import NeuronsBrainModel, parameter_counts  # noqa: E402
 from models.sizes import ALL_PARTS, PAPER_FOUNDATION_DIMS, STAGE1_PARTS, FoundationDims, GPT2Dims, brain_config  # noqa: E402
 from utils import losses as L  # noqa: E402
+from utils.grad_cache import GradientCache  # noqa: E402
 from utils.stage_configs import Stage1Train, Stage2LossWeights, Stage2Train  # noqa: E402
+
+# pipeline.stage2.DIFFERENTIABLE (the per-clip outputs the stage-2 losses read), kept here: the pipeline pulls in the
+# data and foundation layers, which a GPU machine with only torch lacks
+DIFFERENTIABLE = ("prior_tokens", "motion", "text", "mask_logits", "concept_logits", "pred_latents", "token_loss")
 
 # Global batch of each profile (utils/stage_configs.py defaults for paper, configs/toy.yaml and configs/smoke.yaml).
 BATCH = {("paper", 1): 120, ("paper", 2): 10, ("toy", 1): 32, ("toy", 2): 8, ("smoke", 1): 8, ("smoke", 2): 4}
@@ -83,9 +103,53 @@ def foundation_dims(profile: str) -> FoundationDims:
                           gpt2)  # fmt: skip
 
 
+# CLIP ViT-bigG/14's image tower (open_clip "ViT-bigG-14" vision_cfg): 224 px, patch 14, width 1664, 48 layers,
+# 16 heads, MLP 8192 (1.84 B parameters)
+BIGG_TOWER = {"image_size": 224, "patch_size": 14, "width": 1664, "layers": 48, "heads": 16, "mlp": 8192,
+              "embed_dim": 1280}
+
+
+def tower_dims(profile: str) -> dict[str, int]:
+    if profile == "paper":
+        return BIGG_TOWER
+    from models.foundation.clip.toy import RECIPES
+
+    r = RECIPES[profile]
+    heads = r.vision_width // r.vision_head_width
+    return {"image_size": r.image_size, "patch_size": r.patch_size, "width": r.vision_width, "heads": heads,
+            "layers": r.vision_layers, "mlp": 4 * r.vision_width, "embed_dim": r.embed_dim}  # fmt: skip
+
+
+class ImageTower(torch.nn.Module):
+    """A torch-only ViT with the shapes of a CLIP image tower (pre-norm blocks, GELU MLP, class token): the work of
+    upstream's per-step CLIP targets. images (N, 3, S, S) → tokens (N, 1 + (S / patch)², embed_dim)."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp: int,
+                 embed_dim: int):  # fmt: skip
+        super().__init__()
+        self.image_size = image_size
+        self.conv1 = torch.nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        self.class_embedding = torch.nn.Parameter(torch.zeros(width))
+        self.positional_embedding = torch.nn.Parameter(torch.zeros((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = torch.nn.LayerNorm(width)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                                 norm_first=True)  # fmt: skip
+        self.transformer = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.ln_post = torch.nn.LayerNorm(width)
+        self.proj = torch.nn.Parameter(torch.zeros(width, embed_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (N, P, width)
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1).to(x.dtype), x], dim=1)
+        x = self.ln_post(self.transformer(self.ln_pre(x + self.positional_embedding.to(x.dtype))))
+        return x @ self.proj.to(x.dtype)
+
+
 def build_model(args: argparse.Namespace, device: torch.device | str) -> tuple[NeuronsBrainModel, bool]:
     """The brain model with random weights, built directly on ``device``; returns it and whether it has GPT-2."""
     parts = STAGE1_PARTS if args.stage == 1 else ALL_PARTS
+    if args.stage == 2 and args.cond_cache:  # the stage keeps them on the CPU and reads their output from the cache
+        parts = tuple(p for p in parts if p not in ("ridge", "backbone"))
     has_gpt2 = args.stage == 2 and not args.no_caption
     if has_gpt2:
         try:
@@ -101,15 +165,19 @@ def build_model(args: argparse.Namespace, device: torch.device | str) -> tuple[N
     with torch.device(device):
         model = NeuronsBrainModel(cfg)
     if args.stage == 2:
-        for part in ("ridge", "backbone", "clipproj", *args.freeze):
+        for part in frozen(model, args):
             model.get_submodule(part).requires_grad_(False)
     return model, has_gpt2
 
 
+def frozen(model: NeuronsBrainModel, args: argparse.Namespace) -> list[str]:
+    return [p for p in ("ridge", "backbone", "clipproj", *args.freeze) if hasattr(model, p)]
+
+
 def set_modes(model: NeuronsBrainModel, args: argparse.Namespace) -> None:
     model.train()
-    if args.stage == 2:
-        for part in ("ridge", "backbone", "clipproj", *args.freeze):
+    if args.stage == 2 and not args.upstream_baseline:  # upstream's model.train(): the backbone's dropout on
+        for part in frozen(model, args):
             model.get_submodule(part).eval()
 
 
@@ -121,8 +189,13 @@ def make_inputs(model: NeuronsBrainModel, args: argparse.Namespace, device: Any)
         return torch.randn(*shape, generator=g).to(device)
 
     x = {"voxels": randn(b, VOXELS[args.profile]), "caption_emb": randn(b, c.text_dim)}
+    if args.upstream_baseline:  # the frames themselves: the image tower makes the targets in every step
+        size, frames = tower_dims(args.profile)["image_size"], 1 if args.stage == 1 else N_FRAMES
+        x["frames"] = torch.rand(b * frames, 3, size, size, generator=g).to(device)
     if args.stage == 1:
         return x | {"targets": randn(b, c.clip_tokens, c.clip_dim)}
+    if args.cond_cache:
+        x["cond"] = randn(b, c.clip_tokens, c.clip_dim).half()  # as read from the fp16 condition cache
     size, length = c.decoder_size, Stage2Train().caption_max_len
     vocab = c.dims.gpt2.vocab_size
     return x | {
@@ -147,28 +220,57 @@ def stage1_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], gen: torch
     return image + t.text_weight * text
 
 
-def stage2_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], gens: list[torch.Generator]) -> torch.Tensor:
-    """pipeline.stage2.step_loss / head_losses on one process, progressive multipliers at 1."""
+def stage2_outputs(model: NeuronsBrainModel, x: dict[str, torch.Tensor], rows: torch.Tensor, seeds: list[int]
+                   ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """pipeline.stage2.share_outputs of clips ``rows``: the per-clip outputs the losses read (the keys of
+    ``pipeline.stage2.DIFFERENTIABLE``)."""
     t = Stage2Train()
-    with torch.no_grad():
-        cond = model.prior_condition(x["voxels"]).float()  # (B, T, D), frozen
-    targets = x["targets"]
-    prior, prior_tokens = model.diffusion_prior(cond, targets[:, t.target_frame], gens)
-    motion = model.motion(model.head_tokens(cond, prior_tokens))  # (B, F, T, D), upstream.head_input
+    with torch.no_grad():  # frozen: read from the condition cache, or run
+        cond = x["cond"][rows].float() if "cond" in x else model.prior_condition(x["voxels"][rows]).float()
+    gens = [torch.Generator().manual_seed(seeds[int(r)]) for r in rows]
+    _, prior_tokens = model.diffusion_prior(cond, x["targets"][rows, t.target_frame], gens)
+    motion = model.motion(model.head_tokens(cond, prior_tokens))  # (b, F, T, D), upstream.head_input
     text = model.text_embed(motion)
-    masks = model.decode_masks(motion, x["key_text"])[:, :, 0]
-    losses = {
-        "prior": prior,
-        "video_softclip": L.soft_clip_loss(motion.flatten(0, 1), targets.flatten(0, 1), t.softclip_temp_start),
-        "text_nce": L.symmetric_infonce(text, x["caption_emb"], t.temp_text),
-        "dice": L.dice_loss(masks.float(), x["masks"]),
-        "concepts": L.concept_bce(model.concept_logits(motion).float(), x["concepts"]),
-        "latent": L.latent_l1(model.decode_latents(motion, text).float(), x["latents"]),
+    out = {
+        "prior_tokens": prior_tokens,
+        "motion": motion,
+        "text": text,
+        "mask_logits": model.decode_masks(motion, x["key_text"][rows])[:, :, 0].float(),
+        "concept_logits": model.concept_logits(motion).float(),
+        "pred_latents": model.decode_latents(motion, text).float(),
     }
-    if hasattr(model, "text_dec"):
-        # as pipeline/stage2.py: the LM head runs on the labelled positions only
-        logits, labels, _ = model.caption_logits(F.normalize(text, dim=-1), x["tokens"], x["token_mask"])
-        losses["caption"] = F.cross_entropy(logits.float(), labels, label_smoothing=t.caption_label_smoothing)
+    if hasattr(model, "text_dec"):  # as pipeline/stage2.py: the LM head runs on the labelled positions only
+        prefix = F.normalize(text, dim=-1)
+        logits, labels, keep = model.caption_logits(prefix, x["tokens"][rows], x["token_mask"][rows])
+        out["token_loss"] = L.caption_token_losses(logits, labels, keep, t.caption_label_smoothing)
+    return out
+
+
+def stage2_loss(model: NeuronsBrainModel, x: dict[str, torch.Tensor], seeds: list[int], micro_batch: int = 0
+                ) -> torch.Tensor:  # fmt: skip
+    """pipeline.stage2.head_losses on one process, progressive multipliers at 1; with ``micro_batch`` through the
+    stage's gradient cache."""
+    t, b = Stage2Train(), len(seeds)
+    rows = torch.arange(b, device=x["targets"].device)
+    if micro_batch and micro_batch < b and torch.is_grad_enabled():
+        chunks = [rows[a:a + micro_batch] for a in range(0, b, micro_batch)]
+        runs = [lambda r=r: stage2_outputs(model, x, r, seeds) for r in chunks]
+        keys = [k for k in DIFFERENTIABLE if k != "token_loss" or hasattr(model, "text_dec")]
+        outs = GradientCache.apply(torch.zeros((), requires_grad=True), runs, rows.device, {}, tuple(keys))
+        g = dict(zip(keys, outs, strict=True))
+    else:
+        g = stage2_outputs(model, x, rows, seeds)
+    targets = x["targets"]
+    losses = {
+        "prior": F.mse_loss(g["prior_tokens"], targets[:, t.target_frame]),
+        "video_softclip": L.soft_clip_loss(g["motion"].flatten(0, 1), targets.flatten(0, 1), t.softclip_temp_start),
+        "text_nce": L.symmetric_infonce(g["text"], x["caption_emb"], t.temp_text),
+        "dice": L.dice_loss(g["mask_logits"], x["masks"]),
+        "concepts": L.concept_bce(g["concept_logits"], x["concepts"]),
+        "latent": L.latent_l1(g["pred_latents"], x["latents"]),
+    }
+    if "token_loss" in g:
+        losses["caption"] = g["token_loss"].sum() / x["token_mask"].sum().clamp(min=1)
     return L.total_loss(losses, Stage2LossWeights())[0]
 
 
@@ -228,7 +330,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
+    if args.upstream_baseline:  # upstream's settings, whatever else was asked
+        args.precision, args.adamw, args.grad_ckpt = "fp16", "foreach", False
+        args.cond_cache, args.micro_batch = False, 0
     model, has_gpt2 = build_model(args, device)
+    tower = None
+    if args.upstream_baseline:
+        with torch.device(device):
+            tower = ImageTower(**tower_dims(args.profile)).eval().requires_grad_(False)
     counts = parameter_counts(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.grad_ckpt:
@@ -248,11 +357,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if tower is not None:  # upstream: the CLIP targets of this step's frames (discarded: random targets)
+                with torch.no_grad():
+                    tower(x["frames"])
             if args.stage == 1:
                 loss = stage1_loss(model, x, gen)
             else:
-                gens = [torch.Generator().manual_seed(step * 100_003 + i) for i in range(args.batch)]
-                loss = stage2_loss(model, x, gens)
+                loss = stage2_loss(model, x, [step * 100_003 + i for i in range(args.batch)], args.micro_batch)
         if counter is not None:
             counter.active = False  # checkpointed layers run forward again in the backward pass: not model FLOPs
         opt.zero_grad(set_to_none=True)
@@ -285,6 +396,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "grad_ckpt": args.grad_ckpt,
         "adamw": args.adamw,
         "freeze": list(args.freeze),
+        "cond_cache": args.cond_cache if args.stage == 2 else None,
+        "micro_batch": args.micro_batch if args.stage == 2 else None,
+        "upstream_baseline": args.upstream_baseline,
+        "image_tower_params": sum(p.numel() for p in tower.parameters()) if tower is not None else None,
         "caption_head": has_gpt2 if args.stage == 2 else None,
         "params": counts["total"],
         "trainable_params": trainable,
@@ -321,7 +436,13 @@ def count_only(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "train_step", "profile": args.profile, "stage": args.stage, "count_only": True,
             "caption_head": has_gpt2 if args.stage == 2 else None, "params": counts["total"],
             "trainable_params": trainable, "parts": counts, "adamw": args.adamw,
-            "weights_grads_optimizer_gib": round(gib, 2)}  # fmt: skip
+            "weights_grads_optimizer_gib": round(gib, 2), "cond_cache": args.cond_cache,
+            "image_tower_params": tower_params(args) if args.upstream_baseline else None}  # fmt: skip
+
+
+def tower_params(args: argparse.Namespace) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in ImageTower(**tower_dims(args.profile)).parameters())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -339,6 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fused", action="store_const", const="fused", dest="adamw", help="= --adamw fused")
     p.add_argument("--freeze", default="", help="stage 2: extra parts to freeze, comma-separated (train.freeze)")
     p.add_argument("--no-caption", action="store_true", help="stage 2 without the GPT-2 caption head")
+    p.add_argument("--cond-cache", action="store_true", help="stage 2: the condition from the fp16 cache, no backbone")
+    p.add_argument("--micro-batch", type=int, default=0, help="stage 2: clips per pass of the gradient cache")
+    p.add_argument("--upstream-baseline", action="store_true",
+                   help="upstream's step: the image tower on the frames every step, fp16 autocast, foreach AdamW")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--count-only", action="store_true", help="parameter counts on the meta device, then exit")
     p.add_argument("--force-cpu", action="store_true", help="really build paper scale on a CPU")

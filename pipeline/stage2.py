@@ -69,11 +69,14 @@ from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weight
 from utils.cli import begin_stage
 from utils.data import SubjectSet, selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
+from utils.grad_cache import GradientCache
 from utils.losses import (
+    caption_token_losses,
     concept_bce,
     dice_loss,
     latent_l1,
     progressive_weights,
+    scatter_positions,
     soft_clip_loss,
     softclip_temperature,
     symmetric_infonce,
@@ -371,20 +374,6 @@ def head_outputs(s: Stage2, b: Batch, motion: torch.Tensor, latent_size: int) ->
     }
 
 
-def scatter_positions(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Values (K,) of the K True positions of ``keep`` (B, L) → (B, L), 0 elsewhere (differentiable)."""
-    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
-
-
-def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, label_smoothing: float
-                         ) -> torch.Tensor:  # fmt: skip
-    """``utils.losses.caption_ce`` before its mean: label-smoothed CE of the K labelled positions' logits (K, V) and
-    labels (K,), placed at ``keep`` (B, L) and 0 where ignored, so that the mean can be taken over the tokens of the
-    global batch."""
-    flat = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")  # (K,)
-    return scatter_positions(flat, keep)
-
-
 def head_losses(s: Stage2, g: dict[str, torch.Tensor], epoch: int) -> tuple[dict[str, torch.Tensor], float]:
     """Every stage-2 loss on the gathered global batch ``g`` (see :func:`step_loss`), and the caption token
     accuracy."""
@@ -485,51 +474,9 @@ def micro_batches(slots: np.ndarray, clips: np.ndarray, size: int) -> list[tuple
     return out
 
 
-def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-class _GradientCache(torch.autograd.Function):
-    """The per-clip outputs of every micro batch, concatenated, computed without keeping activations; the backward
-    pass reruns each micro batch with gradients (its RNG state replayed, so its dropout draws are the same) and
-    back-propagates the slice of the incoming gradients that belongs to it (a gradient cache, Gao et al. 2021: the
-    parameters' gradients are those of the loss on the whole batch)."""
-
-    @staticmethod
-    def forward(ctx, anchor: torch.Tensor, runs: list, device: torch.device, rest: dict) -> tuple[torch.Tensor, ...]:
-        ctx.runs, ctx.device, ctx.states, outs = runs, device, [], []
-        for run in runs:
-            ctx.states.append(rng_state(device))
-            outs.append(run())
-        ctx.sizes = [len(o["motion"]) for o in outs]
-        rest.update({k: torch.cat([o[k] for o in outs]) for k in outs[0] if k not in DIFFERENTIABLE})
-        return tuple(torch.cat([o[k] for o in outs]) for k in DIFFERENTIABLE)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:
-        after = rng_state(ctx.device)
-        start = 0
-        for run, state, n in zip(ctx.runs, ctx.states, ctx.sizes, strict=True):
-            set_rng_state(state, ctx.device)
-            with torch.enable_grad():
-                out = run()
-            pairs = [(out[k], g[start:start + n]) for k, g in zip(DIFFERENTIABLE, grads, strict=True)
-                     if g is not None and out[k].requires_grad]  # fmt: skip
-            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
-            start += n
-        set_rng_state(after, ctx.device)
-        return None, None, None, None
-
-
 def replayed_outputs(s: Stage2, epoch: int, chunks: list[tuple[int, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """:func:`share_outputs` of the micro batches ``chunks``, concatenated, through :class:`_GradientCache`."""
+    """:func:`share_outputs` of the micro batches ``chunks``, concatenated, through
+    :class:`~utils.grad_cache.GradientCache`."""
     acc = s.accelerator
 
     def run_for(slot: int, idx: np.ndarray):
@@ -540,7 +487,7 @@ def replayed_outputs(s: Stage2, epoch: int, chunks: list[tuple[int, np.ndarray]]
 
     rest: dict[str, torch.Tensor] = {}
     anchor = torch.zeros((), requires_grad=True)  # makes the outputs part of the graph
-    outs = _GradientCache.apply(anchor, [run_for(slot, idx) for slot, idx in chunks], acc.device, rest)
+    outs = GradientCache.apply(anchor, [run_for(slot, idx) for slot, idx in chunks], acc.device, rest, DIFFERENTIABLE)
     return dict(zip(DIFFERENTIABLE, outs, strict=True)) | rest
 
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models.foundation import build_role, foundation_impl
@@ -82,10 +83,11 @@ from utils.metrics import (
     concept_f1_counts,
     corpus_entry,
     dice_per_sample,
-    evaluate_videos,
     f1_averages,
     n_way_entries,
+    psnr,
     resample_counts,
+    ssim,
     summarise,
 )
 from utils.resize import resize_frames_bilinear, resize_masks_majority
@@ -110,13 +112,51 @@ GIF_INPUTS = ("the halves of stage 5's upstream GIF grids (gif_grid/<clip>.gif, 
 BLURRY_NOTE = "blurry_video_ssim: stage-3 blurry videos vs the resized test frames (tensors) in both protocols"
 
 
+class Clips:
+    """Videos (N, F, 3, H, W) read a few clips at a time (stage 6 never holds every video: 7.5 GB at paper scale):
+    ``clips[idx]`` (indices (b,), a tensor, list or array) → (b, F, 3, H, W) from ``read(rows)``, rows an int64
+    array. Tensors index the same way, so the scorers take either."""
+
+    def __init__(self, n: int, read: Callable[[np.ndarray], torch.Tensor], shape: tuple[int, ...]):
+        self.n, self.read, self.shape = n, read, (n, *shape)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        rows = np.atleast_1d(np.asarray(idx.tolist() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64))
+        return self.read(rows)
+
+
+def tensor_rows(path: Path, key: str) -> tuple[tuple[int, ...], Callable[[np.ndarray], torch.Tensor]]:
+    """(shape, reader of rows) of tensor ``key`` of a safetensors file, reading only the rows asked for."""
+    with safe_open(str(path), framework="pt") as f:
+        shape = tuple(int(d) for d in f.get_slice(key).get_shape())
+
+    def read(rows: np.ndarray) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            sl = f.get_slice(key)
+            return torch.cat([sl[int(r) : int(r) + 1] for r in rows]) if len(rows) else torch.empty(0, *shape[1:])
+
+    return shape, read
+
+
+def chunked(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Any, b: Any, batch: int) -> torch.Tensor:
+    """``fn(a[i], b[i])`` over chunks of ``batch`` clips of two clip sequences (tensors or :class:`Clips`),
+    concatenated (per-clip metrics: the same values as one call on all clips)."""
+    n = len(a)
+    return torch.cat([fn(a[np.arange(i, min(i + batch, n))], b[np.arange(i, min(i + batch, n))])
+                      for i in range(0, n, batch)])  # fmt: skip
+
+
 @dataclass
 class EvalInputs:
-    """Everything stage 6 scores, already aligned clip by clip (N clips, F frames, R pixels)."""
+    """Everything stage 6 scores, aligned clip by clip (N clips, F frames, R pixels); the videos are read a few clips
+    at a time (:class:`Clips`)."""
 
-    pred: torch.Tensor  # (N, F, 3, R, R) float32 in [0, 1]
-    gt: torch.Tensor  # (N, F, 3, R, R) float32 in [0, 1]
-    blurry: torch.Tensor  # (N, F, 3, R, R) float32 in [0, 1]
+    pred: Clips  # (N, F, 3, R, R) float32 in [0, 1]
+    gt: Clips  # (N, F, 3, R, R) float32 in [0, 1]
+    blurry: Clips  # (N, F, 3, R, R) float32 in [0, 1]
     mask_probs: torch.Tensor  # (N, F, S, S)
     gt_masks: torch.Tensor  # (N, F, S, S) {0, 1}
     concept_probs: torch.Tensor  # (N, C)
@@ -128,13 +168,17 @@ class EvalInputs:
     files: dict[str, Path] = field(default_factory=dict)  # the stage-3/5 files and the ground-truth frames
     data_files: list[Path] = field(default_factory=list)  # every data file read (BrainVideoData.opened_files)
     # the "neurons" protocol's frames when stage 5 wrote upstream's GIF grids: uint8 (N, F, 3, S + 4, S + 3) halves
-    gif_gt: torch.Tensor | None = None
-    gif_pred: torch.Tensor | None = None
+    gif_gt: Clips | None = None
+    gif_pred: Clips | None = None
     gif_files: list[Path] = field(default_factory=list)
 
     @property
     def n(self) -> int:
-        return int(self.pred.shape[0])
+        return len(self.pred)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pred.shape[-1])
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
@@ -160,12 +204,12 @@ def stage5_eval_frames(manifest5: dict[str, Any], n_frames5: int, cfg: Stage6Con
 
 
 def load_inputs(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, dir3: Path) -> EvalInputs:
-    videos = load_file(dir5 / VIDEOS_FILE)["videos"]  # (N, F5, 3, R, R)
-    n, res = int(videos.shape[0]), int(videos.shape[-1])
+    shape, read_videos = tensor_rows(dir5 / VIDEOS_FILE, "videos")  # (N, F5, 3, R, R)
+    n, res = shape[0], shape[-1]
     hint5 = rerun_hint(cfg).format(stage="5")
     if manifest5.get("n_clips", n) != n:
         raise StageOrderError(f"stage-5 manifest records {manifest5.get('n_clips')} clips, videos hold {n}", hint5)
-    eval_frames = stage5_eval_frames(manifest5, int(videos.shape[1]), cfg)
+    eval_frames = stage5_eval_frames(manifest5, shape[1], cfg)
     data = load_data(cfg, DATA_FIELDS)
     if len(eval_frames) != data.n_frames:
         raise ConfigError(
@@ -173,8 +217,9 @@ def load_inputs(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, dir3: 
             "rerun stage 5 with video.eval_frames of the dataset's clip length",
         )
     clips = np.arange(n)  # stage 5 and stage 3 decode the first N test clips
-    s3 = {name: load_file(dir3 / f"{name}.safetensors")[name] for name in STAGE3_FILES}
-    n3 = min(int(t.shape[0]) for t in s3.values())
+    s3 = {name: load_file(dir3 / f"{name}.safetensors")[name] for name in STAGE3_FILES if name != "blurry_videos"}
+    blurry_shape, read_blurry = tensor_rows(dir3 / "blurry_videos.safetensors", "blurry_videos")
+    n3 = min(blurry_shape[0], *(int(t.shape[0]) for t in s3.values()))
     if n3 < n:
         raise StageOrderError(f"stage 3 holds {n3} clips, stage 5 generated {n}", rerun_hint(cfg).format(stage="3"))
     prompts = json.loads((dir5 / PROMPTS_FILE).read_text())
@@ -182,10 +227,11 @@ def load_inputs(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, dir3: 
     if len(captions) != n:
         raise StageOrderError(f"stage-5 {PROMPTS_FILE} holds {len(captions)} captions for {n} videos", hint5)
     masks = s3["masks"][:n].float()  # (N, F, S, S)
+    frames, f = list(eval_frames), len(eval_frames)
     return EvalInputs(
-        pred=videos[:, list(eval_frames)].float().clamp(0.0, 1.0),
-        gt=resize_frames_bilinear(data.frames("test", clips), res),
-        blurry=resize_frames_bilinear(s3["blurry_videos"][:n].float(), res),
+        pred=Clips(n, lambda rows: read_videos(rows)[:, frames].float().clamp(0.0, 1.0), (f, 3, res, res)),
+        gt=Clips(n, lambda rows: resize_frames_bilinear(data.frames("test", rows), res), (f, 3, res, res)),
+        blurry=Clips(n, lambda rows: resize_frames_bilinear(read_blurry(rows).float(), res), (f, 3, res, res)),
         mask_probs=masks,
         gt_masks=resize_masks_majority(data.key_object_masks("test", clips), int(masks.shape[-1])),
         concept_probs=s3["concept_probs"][:n].float(),
@@ -215,16 +261,26 @@ def load_gif_grids(cfg: Stage6Config, manifest5: dict[str, Any], dir5: Path, x: 
     if missing:
         raise StageOrderError(f"stage 5 wrote GIF grids but {len(missing)} are missing, e.g. {missing[0]}",
                               rerun_hint(cfg).format(stage="5"))  # fmt: skip
-    halves = [read_upstream_gif(f) for f in files]  # (F, S + 4, S + 3, 3) uint8 twice per clip
-    gt, pred = (torch.from_numpy(np.stack([h[i] for h in halves])).permute(0, 1, 4, 2, 3) for i in (0, 1))
-    if gt.shape[1] != len(x.eval_frames):
-        raise StageOrderError(f"the GIF grids hold {gt.shape[1]} frames, stage 5's eval_frames {len(x.eval_frames)}",
-                              rerun_hint(cfg).format(stage="5"))  # fmt: skip
-    x.gif_gt, x.gif_pred, x.gif_files = gt.contiguous(), pred.contiguous(), files
-    log.info("neurons protocol: %d GIF grids, halves %s", x.n, tuple(gt.shape[1:]))
+    first = read_upstream_gif(files[0])[0]  # (F, S + 4, S + 3, 3) uint8
+    if first.shape[0] != len(x.eval_frames):
+        raise StageOrderError(f"the GIF grids hold {first.shape[0]} frames, stage 5's eval_frames "
+                              f"{len(x.eval_frames)}", rerun_hint(cfg).format(stage="5"))  # fmt: skip
+    shape = (first.shape[0], 3, *first.shape[1:3])
+
+    def halves(i: int) -> Callable[[np.ndarray], torch.Tensor]:
+        def read(rows: np.ndarray) -> torch.Tensor:  # (b, F, 3, S + 4, S + 3) uint8, checked like the first
+            out = torch.stack([torch.from_numpy(read_upstream_gif(files[r])[i]).permute(0, 3, 1, 2) for r in rows])
+            if tuple(out.shape[1:]) != shape:
+                raise StageOrderError(f"GIF grids of different sizes: {tuple(out.shape[1:])} and {shape}",
+                                      rerun_hint(cfg).format(stage="5"))  # fmt: skip
+            return out.contiguous()
+        return read
+
+    x.gif_gt, x.gif_pred, x.gif_files = Clips(x.n, halves(0), shape), Clips(x.n, halves(1), shape), files
+    log.info("neurons protocol: %d GIF grids, halves %s", x.n, shape)
 
 
-def protocol_frames(x: EvalInputs, protocol: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def protocol_frames(x: EvalInputs, protocol: str) -> tuple[Clips, Clips, str]:
     """(gt, pred, description) a protocol scores: the GIF halves for "neurons" when stage 5 wrote them, else the
     aligned tensors (N, F, 3, R, R)."""
     if protocol == "neurons" and x.gif_gt is not None and x.gif_pred is not None:
@@ -308,18 +364,20 @@ def model_scores(frames: tuple[torch.Tensor, torch.Tensor], roles: dict[str, Any
                  ) -> ModelScores:  # fmt: skip
     """Run the evaluation models on this process's round-robin share of the clips of ``frames`` (gt, pred: (N, F, 3,
     H, W) float in [0, 1] or uint8) and gather every clip's outputs to every process (one process: all clips)."""
-    n = int(frames[0].shape[0])
+    n = len(frames[0])
     clips = my_clips(n, accelerator.process_index, accelerator.num_processes)
-    idx = torch.as_tensor(clips, dtype=torch.long)
-    gt, pred = frames[0][idx], frames[1][idx]
-
-    def everyone(scorer: Callable[..., torch.Tensor], role: str, videos: torch.Tensor) -> torch.Tensor:
-        rows = list(scorer(roles[role], videos, batch).unbind(0)) if clips else []  # a process may have no clip
-        return torch.stack(gather_values(accelerator, clips, rows, n))
-
-    video = tuple(everyone(video_scores, "video_classifier", v) for v in (gt, pred))
-    frame = tuple(everyone(frame_scores, "frame_classifier", v) for v in (gt, pred))
-    return ModelScores(video, frame, everyone(clip_features, "clip_pcc", pred))  # type: ignore[arg-type]
+    scorers = {"video_gt": (video_scores, "video_classifier", 0), "video_pred": (video_scores, "video_classifier", 1),
+               "frame_gt": (frame_scores, "frame_classifier", 0), "frame_pred": (frame_scores, "frame_classifier", 1),
+               "clip": (clip_features, "clip_pcc", 1)}  # fmt: skip
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in scorers}
+    for a in range(0, len(clips), batch):  # a few clips at a time: frames may be read from disk (Clips)
+        idx = torch.as_tensor(clips[a : a + batch], dtype=torch.long)
+        videos = (frames[0][idx], frames[1][idx])
+        for key, (scorer, role, which) in scorers.items():
+            rows[key] += list(scorer(roles[role], videos[which], batch).unbind(0))
+    every = {k: torch.stack(gather_values(accelerator, clips, v, n)) for k, v in rows.items()}
+    return ModelScores((every["video_gt"], every["video_pred"]), (every["frame_gt"], every["frame_pred"]),
+                       every["clip"])  # fmt: skip
 
 
 def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt: torch.Tensor, pred: torch.Tensor
@@ -337,7 +395,9 @@ def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt
         chance[prefix] = {f"{n}-way": chance_level(n, ev.gt_top_k, ev.top_k) for n in ways}
     pcc = clip_pcc(scores.clip_features, ev.protocol)
     metrics["clip_pcc"] = summarise(pcc, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
-    metrics.update(evaluate_videos(pred, gt, protocol=ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed))  # ssim, psnr
+    for name, fn in (("ssim", ssim), ("psnr", psnr)):  # per frame, a few clips at a time
+        values = chunked(lambda p, g, fn=fn: fn(p, g, ev.protocol), pred, gt, ev.batch_size)
+        metrics[name] = summarise(values, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
     return metrics, chance
 
 
@@ -348,7 +408,7 @@ def compute_metrics(cfg: Stage6Config, x: EvalInputs, roles: dict[str, Any], sco
     ev = replace(cfg.eval, protocol=protocol)
     gt, pred, _ = protocol_frames(x, protocol)
     metrics, chance = video_metrics(ev, roles, scores, gt, pred)
-    blurry = blurry_video_ssim(x.blurry, x.gt, ev.protocol)
+    blurry = chunked(lambda b, g: blurry_video_ssim(b, g, ev.protocol), x.blurry, x.gt, ev.batch_size)
     metrics["blurry_video_ssim"] = summarise(blurry, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
     metrics.update(task_metrics(x, ev))
     return metrics, chance
@@ -385,7 +445,7 @@ def evaluate(cfg: Stage6Config) -> Path:
         paths, recorder = begin_stage(cfg, "6", depends_on=("5", "3"))
         paths.metrics_file.unlink(missing_ok=True)
         log.info("stage 6 (%s): %d clips on %d processes, frames %s at %d px, both protocols (headline %s), %s "
-                 "captions", cfg.run.mode, x.n, accelerator.num_processes, list(x.eval_frames), x.pred.shape[-1],
+                 "captions", cfg.run.mode, x.n, accelerator.num_processes, list(x.eval_frames), x.resolution,
                  ev.protocol, x.caption_source)  # fmt: skip
     accelerator.wait_for_everyone()
     scores = {"standard": model_scores((x.gt, x.pred), roles, ev.batch_size, accelerator)}
@@ -421,7 +481,7 @@ def write_metrics(cfg: Stage6Config, x: EvalInputs, paths: RunPaths, recorder: S
         "n_clips": x.n,
         "clips": f"test clips 0..{x.n - 1}",
         "eval_frames": list(x.eval_frames),
-        "resolution": int(x.pred.shape[-1]),
+        "resolution": int(x.resolution),
         "caption_source": x.caption_source,
         "rule": {
             "n_trials": ev.n_trials,

@@ -398,3 +398,44 @@ def test_stage2_on_two_processes_follows_one_process(env: SmokeEnv, stage1_exp: 
         drifting += int((diff > 1e-5 * w1[name].abs().max() + 1e-7).sum())
         total += diff.numel()
     assert drifting <= 1e-3 * total, (drifting, total)
+
+
+# ---- issue 19: the benchmark's stage-2 settings and upstream baseline ----------------------------------------------
+def test_the_baselines_image_tower_has_bigG_s_parameters() -> None:
+    """``bench/train_step.py --upstream-baseline`` runs a torch-only stand-in of CLIP ViT-bigG/14's image tower: at
+    paper dims its parameter count is open_clip's (meta device)."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    from bench.train_step import BIGG_TOWER, ImageTower
+
+    cfg = open_clip.get_model_config("ViT-bigG-14")
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in ImageTower(**BIGG_TOWER).parameters())
+        theirs = sum(p.numel() for p in _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"]).parameters())
+    assert ours == theirs == 1_844_907_264
+
+
+@pytest.mark.parametrize("extra", [["--cond-cache", "--micro-batch", "3"], ["--upstream-baseline"]])
+def test_train_step_bench_runs_the_stage2_settings(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark's stage-2 step with the condition cache and micro batches (the model then lacks ridge and
+    backbone), and upstream's step (the image tower on every frame, fp16 settings), at smoke size."""
+    import json
+
+    from bench import train_step
+
+    threads = torch.get_num_threads()
+    try:
+        assert train_step.main(["--profile", "smoke", "--stage", "2", "--steps", "1", "--warmup", "0",
+                                "--threads", "1", *extra]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["cond_cache"] is ("--cond-cache" in extra)
+    assert out["upstream_baseline"] is ("--upstream-baseline" in extra)
+    full = 1_740_413  # every part at smoke size (the run without --cond-cache)
+    if "--cond-cache" in extra:
+        assert out["params"] < full and out["micro_batch"] == 3
+    else:
+        assert out["params"] == full and out["precision"] == "fp16" and out["image_tower_params"] > 0
+    assert out["final_loss"] > 0

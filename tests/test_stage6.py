@@ -265,3 +265,34 @@ def test_report_written_beside_the_metrics(profile: Path, noisy: dict[str, dict]
     assert f"{noisy['standard']['metrics']['video_2way']['mean']:.3f}" in text
     manifest = read_manifest(paths.stage_dir("6"))
     assert manifest["report"] == str(report.resolve()) and str(report.resolve()) not in manifest["outputs"]
+
+
+def test_videos_are_streamed_a_few_clips_at_a_time(
+    smoke_world: Path, profile: Path, noisy: dict[str, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 6 reads the stage-5 and blurry videos at most ``eval.batch_size`` clips at a time (issue 19: every
+    video at once is 7.5 GB at paper scale), and the streamed metrics are those of the whole tensors: SSIM and PSNR
+    recomputed here on every clip at once, every other metric equal to the run with the default batch size."""
+    from safetensors.torch import load_file
+
+    from pipeline import stage6
+    from utils.metrics import psnr, ssim
+    from utils.resize import resize_frames_bilinear
+
+    reads: list[tuple[str, int]] = []
+    real = stage6.tensor_rows
+
+    def spy(path: Path, key: str):
+        shape, read = real(path, key)
+        return shape, lambda rows: (reads.append((key, len(rows))), read(rows))[1]
+
+    monkeypatch.setattr(stage6, "tensor_rows", spy)
+    small = run6(profile, "noisy", "eval.batch_size=2")["protocols"]["standard"]["metrics"]
+    assert {k for k, _ in reads} == {"videos", "blurry_videos"} and max(n for _, n in reads) == 2
+    full = noisy["standard"]["protocols"]["standard"]["metrics"]
+    assert {k: v["mean"] for k, v in small.items()} == pytest.approx({k: v["mean"] for k, v in full.items()})
+    run = paths_of(profile, "noisy")
+    pred = load_file(run.stage_dir("5") / "videos.safetensors")["videos"][:, 1:-1].float().clamp(0, 1)
+    gt = resize_frames_bilinear(gt_clips(smoke_world), RES5)
+    assert small["ssim"]["mean"] == pytest.approx(float(ssim(pred, gt).mean(1).mean()))
+    assert small["psnr"]["mean"] == pytest.approx(float(psnr(pred, gt).mean(1).mean()))

@@ -247,3 +247,17 @@ def total_loss(
     if not terms:
         raise ConfigError("no losses to combine", "compute at least one loss")
     return cast(torch.Tensor, sum(terms.values())), terms  # a Tensor: terms is not empty
+
+
+def scatter_positions(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Values (K,) of the K True positions of ``keep`` (B, L) → (B, L), 0 elsewhere (differentiable)."""
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+
+def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, label_smoothing: float
+                         ) -> torch.Tensor:  # fmt: skip
+    """``utils.losses.caption_ce`` before its mean: label-smoothed CE of the K labelled positions' logits (K, V) and
+    labels (K,), placed at ``keep`` (B, L) and 0 where ignored, so that the mean can be taken over the tokens of the
+    global batch."""
+    flat = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")  # (K,)
+    return scatter_positions(flat, keep)
