@@ -439,3 +439,22 @@ def test_train_step_bench_runs_the_stage2_settings(extra: list[str], capsys: pyt
     else:
         assert out["params"] == full and out["precision"] == "fp16" and out["image_tower_params"] > 0
     assert out["final_loss"] > 0
+
+
+@pytest.mark.parametrize("stage", ["3", "5", "6"])
+def test_decode_bench_runs_each_stages_inference_at_tiny_widths(stage: str, capsys: pytest.CaptureFixture[str]
+                                                                ) -> None:  # fmt: skip
+    """``bench/decode_step.py --shrink``: the GPU check's stage-3, 5 and 6 measurements (the stages' own inference
+    on the paper architectures, random weights) run end to end at tiny widths and report a time per clip."""
+    import json
+
+    from bench import decode_step
+
+    threads = torch.get_num_threads()
+    try:
+        assert decode_step.main(["--stage", stage, "--shrink", "--threads", "1", "--clips", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stage"] == int(stage) and out["clips"] == 2 and out["sec_per_clip"] > 0
+    assert all(n > 0 for n in out["params"].values())
