@@ -709,7 +709,7 @@ def train(cfg: Stage2Config) -> Path:
         eval_split=select_on,
     )  # fmt: skip
     trainable = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
-    log.info("stage 2: %d train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters; selection on %s; "
+    log.info("stage 2: %s train clips, %d val, %d steps/epoch x %d epochs, %d trainable parameters; selection on %s; "
              "progressive windows %s", plan.n_items, s.data.n_clips("val"), plan.steps_per_epoch, t.num_epochs,
              trainable, selection_note(cfg.data), progressive_windows(cfg))  # fmt: skip
     if isinstance(plan, SubjectBatchPlan):
