@@ -458,3 +458,15 @@ def test_decode_bench_runs_each_stages_inference_at_tiny_widths(stage: str, caps
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["stage"] == int(stage) and out["clips"] == 2 and out["sec_per_clip"] > 0
     assert all(n > 0 for n in out["params"].values())
+
+
+def test_the_24gb_profile_changes_only_precision_and_memory_options() -> None:
+    """``configs/paper_24gb.yaml`` differs from ``paper`` in the memory options alone (the method, batches and data
+    are the paper's)."""
+    from tests.test_fidelity import profile_diff
+
+    repo = Path(__file__).resolve().parents[1]
+    assert profile_diff("paper", str(repo / "configs" / "paper_24gb.yaml")) == {
+        "run.mixed_precision", "stage1.train.grad_checkpointing", "stage1.train.adamw_impl",
+        "stage2.train.grad_checkpointing", "stage2.train.micro_batch",
+    }  # fmt: skip
