@@ -111,7 +111,7 @@ class ConditionCache:
                ) -> list[int]:  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         path, n = self.folder / name, len(x)
-        out: np.ndarray | None = None
+        out: np.memmap | None = None
         with atomic_path(path) as tmp:
             for a in tqdm(range(0, n, chunk), desc=f"condition cache {name}", unit="chunk", leave=False,
                           mininterval=2):  # fmt: skip

@@ -293,7 +293,9 @@ def cache_conditions(s: Stage2, voxels: dict[str, list[torch.Tensor]]) -> None:
     """Make the condition cache hold every split of ``voxels``, computing what is missing with the frozen stage-1
     parts brought to the device for the while: the training split under the step's autocast (as the uncached step
     computes it), the others in full precision (as validation does)."""
-    model, acc = s.accelerator.unwrap_model(s.model), s.accelerator
+    model, acc, cache = s.accelerator.unwrap_model(s.model), s.accelerator, s.conditions
+    if cache is None:
+        raise ValueError("cache_conditions needs the stage's condition cache (train.condition_cache)")
     parts = [model.get_submodule(p) for p in FROZEN_PARTS]
     homes = [next(p.parameters()).device for p in parts]
     for part in parts:
@@ -302,7 +304,7 @@ def cache_conditions(s: Stage2, voxels: dict[str, list[torch.Tensor]]) -> None:
         for split, per_slot in voxels.items():
             precision = autocast(acc, s.cfg) if split == "train" else contextlib.nullcontext()
             with precision:
-                s.conditions.ensure({split: per_slot}, model.prior_condition, acc.device)
+                cache.ensure({split: per_slot}, model.prior_condition, acc.device)
     finally:
         for part, home in zip(parts, homes, strict=True):
             part.to(home)

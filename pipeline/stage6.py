@@ -47,6 +47,7 @@ part of this stage (:func:`video_metrics`, :func:`model_scores`, :func:`build_ro
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -128,6 +129,9 @@ class Clips:
         return self.read(rows)
 
 
+Videos = torch.Tensor | Clips  # (N, F, 3, H, W): in memory, or read a few clips at a time
+
+
 def tensor_rows(path: Path, key: str) -> tuple[tuple[int, ...], Callable[[np.ndarray], torch.Tensor]]:
     """(shape, reader of rows) of tensor ``key`` of a safetensors file, reading only the rows asked for."""
     with safe_open(str(path), framework="pt") as f:
@@ -141,7 +145,8 @@ def tensor_rows(path: Path, key: str) -> tuple[tuple[int, ...], Callable[[np.nda
     return shape, read
 
 
-def chunked(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Any, b: Any, batch: int) -> torch.Tensor:
+def chunked(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Videos, b: Videos, batch: int
+            ) -> torch.Tensor:  # fmt: skip
     """``fn(a[i], b[i])`` over chunks of ``batch`` clips of two clip sequences (tensors or :class:`Clips`),
     concatenated (per-clip metrics: the same values as one call on all clips)."""
     n = len(a)
@@ -360,7 +365,7 @@ class ModelScores:
     clip_features: torch.Tensor  # (N, F, D) clip_pcc features of the predicted frames
 
 
-def model_scores(frames: tuple[torch.Tensor, torch.Tensor], roles: dict[str, Any], batch: int, accelerator: Any
+def model_scores(frames: tuple[Videos, Videos], roles: dict[str, Any], batch: int, accelerator: Any
                  ) -> ModelScores:  # fmt: skip
     """Run the evaluation models on this process's round-robin share of the clips of ``frames`` (gt, pred: (N, F, 3,
     H, W) float in [0, 1] or uint8) and gather every clip's outputs to every process (one process: all clips)."""
@@ -380,7 +385,7 @@ def model_scores(frames: tuple[torch.Tensor, torch.Tensor], roles: dict[str, Any
                        every["clip"])  # fmt: skip
 
 
-def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt: torch.Tensor, pred: torch.Tensor
+def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt: Videos, pred: Videos
                   ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """(metrics, chance levels) of the videos alone under ``ev.protocol``: video and frame N-way accuracy from the
     models' ``scores`` of ``gt`` and ``pred`` (N, F, 3, H, W), CLIP-pcc, SSIM and PSNR (also used by
@@ -396,7 +401,7 @@ def video_metrics(ev: Stage6Eval, roles: dict[str, Any], scores: ModelScores, gt
     pcc = clip_pcc(scores.clip_features, ev.protocol)
     metrics["clip_pcc"] = summarise(pcc, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
     for name, fn in (("ssim", ssim), ("psnr", psnr)):  # per frame, a few clips at a time
-        values = chunked(lambda p, g, fn=fn: fn(p, g, ev.protocol), pred, gt, ev.batch_size)
+        values = chunked(functools.partial(fn, protocol=ev.protocol), pred, gt, ev.batch_size)
         metrics[name] = summarise(values, None, ev.protocol, bootstrap=ev.bootstrap, seed=ev.seed)
     return metrics, chance
 

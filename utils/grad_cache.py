@@ -3,6 +3,8 @@ at a time, for losses that are not sums over samples (contrastive terms). Used b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -24,7 +26,7 @@ class GradientCache(torch.autograd.Function):
     parameters' gradients are those of the loss on the whole batch)."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, runs: list, device: torch.device, rest: dict, keys: tuple[str, ...]
+    def forward(ctx: Any, anchor: torch.Tensor, runs: list, device: torch.device, rest: dict, keys: tuple[str, ...]
                 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         ctx.runs, ctx.device, ctx.keys, ctx.states, outs = runs, device, keys, [], []
         for run in runs:
@@ -35,7 +37,7 @@ class GradientCache(torch.autograd.Function):
         return tuple(torch.cat([o[k] for o in outs]) for k in keys)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple[None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         after = rng_state(ctx.device)
         start = 0
         for run, state, n in zip(ctx.runs, ctx.states, ctx.sizes, strict=True):
