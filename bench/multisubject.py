@@ -18,8 +18,11 @@ Rows (stage 1 only, the profile's recipe; ``--seeds`` are values of ``run.seed``
 1/8 of the clips, 8x the profile's epochs is the full-data run's number of optimiser steps.
 
 The score is stage 1's test identification (``identification.json``: brain→image by correlation of the predicted and
-the true CLIP tokens of each test clip, 2-way and 50-way top-1, 200 draws). The stage-6 video metrics of each row
-need stages 2-6 (minutes per run); they are not part of this bench. Writes
+the true CLIP tokens of each test clip, 2-way and 50-way top-1, 200 draws). ``--videos`` then runs stages 2-6 of
+every row through the driver (stage 2's batch a multiple of the set's size as stage 1's, the adapt rows' stage 2 from
+the pair's, which gets its stage 2 first) and reports their stage-6 metrics per subject
+(``multisubject_<profile>_videos.json``, each single-seed value with its 95 % clip-bootstrap interval; hours on 2
+cores per seed: ``--seeds 0`` for one). Writes
 ``bench/results/multisubject_<profile>.json`` after every run and prints a markdown table (mean ± std over seeds,
 ddof 1, where a row has several).
 """
@@ -39,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.run_copies import run_stages  # noqa: E402
 from utils.config import load_config, run_dir  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
 from utils.stage_configs import Stage1Config  # noqa: E402
@@ -126,6 +130,68 @@ def table(summary: dict, chance: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+VIDEO_METRICS = ("video_2way", "video_50way", "frame_2way", "frame_50way", "clip_pcc", "ssim", "blurry_video_ssim",
+                 "concept_f1_micro")  # fmt: skip
+SET_SIZE = {"single": 1, "shared": 3, "pair": 2, "adapt": 1, "scratch": 1}
+
+
+def video_overrides(r: Run, batch2: int, pair_dir: Path | None) -> list[str]:
+    """The driver overrides of stages 2-6 of row ``r``: its seed and data share, stage 2's batch (the set's size ×
+    the profile's) and, for an adapt row, stage 2 from the pair's."""
+    keep = [o for o in r.overrides if o.startswith(("run.seed=", "data."))]
+    extra = [f"stage2.train.init_from={pair_dir}"] if r.row == "adapt" and pair_dir is not None else []
+    return [*keep, f"stage2.train.batch_size={SET_SIZE[r.row] * batch2}", *extra]
+
+
+def video_metrics(run: Path, subjects: tuple[int, ...], mode: str) -> dict[str, dict[str, dict]]:
+    """Subject → metric → {mean, ci95} from each subject's ``metrics_<mode>.json``."""
+    out = {}
+    for k in subjects:
+        folder = run / f"subj_{k}" if len(subjects) > 1 else run
+        m = json.loads((folder / f"metrics_{mode}.json").read_text())["metrics"]
+        out[str(k)] = {name: {"mean": m[name]["mean"], "ci95": m[name].get("ci95")} for name in VIDEO_METRICS}
+    return out
+
+
+def run_videos(args: argparse.Namespace, runs: list[Run], batch2: int) -> list[dict]:
+    """Stages 2-6 of every row (the pair: stage 2 only), read where they already finished."""
+    records, pair_dir = [], None
+    for r in runs:
+        cfg = config(args.profile, r, pair_dir)
+        folder, subjects = run_dir(cfg), cfg.run.subjects
+        pair_dir = folder if r.row == "pair" else pair_dir
+        stages = "2" if r.row == "pair" else "23456"
+        done = all((folder / (f"subj_{k}" if len(subjects) > 1 else "") / "metrics_enhance.json").is_file()
+                   for k in subjects) and r.row != "pair"  # fmt: skip
+        if not done and not (r.row == "pair" and (folder / "stage2" / "manifest.json").is_file()):
+            run_stages(args.profile, r.exp, ",".join(map(str, subjects)), "enhance", stages,  # type: ignore[arg-type]
+                       video_overrides(r, batch2, pair_dir))  # fmt: skip
+        if r.row != "pair":
+            records.append({"row": r.row, "seed": r.seed, "exp": r.exp,
+                            "metrics": video_metrics(folder, subjects, "enhance")})  # fmt: skip
+        out = REPO / "bench" / "results" / f"multisubject_{args.profile}_videos.json"
+        atomic_write_json(out, {"profile": args.profile, "seeds": args.seeds, "records": records})
+    return records
+
+
+def video_table(records: list[dict]) -> str:
+    """One line per row and subject: each metric's mean over seeds (± std, ddof 1), or its one seed's value
+    [95 % clip-bootstrap interval]."""
+    cols = ("video_2way", "video_50way", "frame_50way", "ssim", "blurry_video_ssim", "concept_f1_micro")
+    lines = ["| row | subject | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    keys = dict.fromkeys((r["row"], k) for r in records for k in r["metrics"])
+    for row, k in keys:
+        mine = [r["metrics"][k] for r in records if r["row"] == row and k in r["metrics"]]
+        cells = []
+        for c in cols:
+            v = np.asarray([m[c]["mean"] for m in mine])
+            ci = mine[0][c]["ci95"]
+            cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else
+                         f"{v[0]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v[0]:.3f}")  # fmt: skip
+        lines.append(f"| {row} | {k} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="toy")
@@ -134,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.125, help="subject 3's share of its clips (adapt, scratch)")
     p.add_argument("--ridge-epochs", type=int, default=10, help="adapt: epochs of the new ridge alone")
     p.add_argument("--few-epochs", type=int, default=0, help="epochs of the adapt and scratch rows (0: the profile's)")
+    p.add_argument("--videos", action="store_true", help="then stages 2-6 of every row and their stage-6 metrics")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -155,16 +222,22 @@ def main(argv: list[str] | None = None) -> int:
         records.append({"row": r.row, "seed": r.seed, "exp": r.exp, "overrides": list(r.overrides),
                         "scores": scores(stage_dir, cfg.run.subjects),
                         "seconds": round(time.time() - start, 1)})  # fmt: skip
-        atomic_write_json(out_file, {"profile": args.profile, "complete": False, "records": records,
-                                     "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
-                                     "few_epochs": args.few_epochs})  # fmt: skip
+        if not args.videos:  # --videos reads stage 1 (trained where missing); its results file stays as it is
+            atomic_write_json(out_file, {"profile": args.profile, "complete": False, "records": records,
+                                         "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
+                                         "few_epochs": args.few_epochs})  # fmt: skip
     summary = summarise([r for r in records if r["row"] != "pair"] + [r for r in records if r["row"] == "pair"])
     chance = {w: 1.0 / int(w.split("-")[0]) for w in WAYS}
-    atomic_write_json(out_file, {"profile": args.profile, "complete": True, "records": records, "summary": summary,
-                                 "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
+    if not args.videos:
+        atomic_write_json(out_file, {"profile": args.profile, "complete": True, "records": records,
+                                     "summary": summary, "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
                                      "few_epochs": args.few_epochs})  # fmt: skip
     print(table(summary, chance))
     print(f"\n{out_file}")
+    if args.videos:
+        from utils.stage_configs import Stage2Config
+
+        print(video_table(run_videos(args, runs, load_config(Stage2Config, args.profile).train.batch_size)))
     return 0
 
 

@@ -335,3 +335,24 @@ def test_multisubject_bench_plans_the_pair_before_its_adaptations_and_summarises
     cell = summary["adapt subj 3"]["2-way"]
     assert cell["n"] == 3 and cell["mean"] == pytest.approx(0.8) and cell["std"] == pytest.approx(0.1)
     assert "| adapt subj 3 | 0.800 ± 0.100 |" in table(summary, {"2-way": 0.5, "50-way": 0.02})
+
+
+def test_multisubject_video_rows_take_the_sets_batch_and_the_pairs_stage2() -> None:
+    """``bench/multisubject.py --videos``: stage 2 of a row runs at the set's size × the profile's batch, an adapt row
+    starts its stage 2 from the pair's run, and the table gives one seed's interval or several seeds' spread."""
+    from bench.multisubject import plan, video_overrides, video_table
+
+    runs = {r.row: r for r in plan("ms", [0], 0.125, 10, 32)}
+    assert video_overrides(runs["shared"], 8, None) == ["run.seed=0", "stage2.train.batch_size=24"]
+    adapt = video_overrides(runs["adapt"], 8, Path("EXP/exp_ms_pair/subj_1-2"))
+    assert adapt == ["run.seed=0", "data.train_fraction=0.125", "stage2.train.batch_size=8",
+                     "stage2.train.init_from=EXP/exp_ms_pair/subj_1-2"]  # fmt: skip
+    cols = ("video_2way", "video_50way", "frame_50way", "ssim", "blurry_video_ssim", "concept_f1_micro")
+
+    def metrics(v: float) -> dict:
+        return {"3": {c: {"mean": v, "ci95": [v - 0.1, v + 0.1]} for c in cols}}
+
+    one = video_table([{"row": "adapt", "seed": 0, "metrics": metrics(0.5)}])
+    assert "| adapt | 3 | 1 | 0.500 [0.400, 0.600] |" in one
+    three = video_table([{"row": "adapt", "seed": s, "metrics": metrics(v)} for s, v in enumerate((0.4, 0.5, 0.6))])
+    assert "| adapt | 3 | 3 | 0.500 ± 0.100 |" in three
