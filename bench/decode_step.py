@@ -40,6 +40,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,7 @@ def stage6(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
         return torch.rand(len(rows), N_FRAMES, 3, res, res, generator=gen)
 
     frames = (Clips(args.clips, read, (N_FRAMES, 3, res, res)), Clips(args.clips, read, (N_FRAMES, 3, res, res)))
-    accelerator = type("OneProcess", (), {"process_index": 0, "num_processes": 1, "device": device})()
+    accelerator = types.SimpleNamespace(process_index=0, num_processes=1, device=device)  # one process
     sync(device)
     t0 = time.perf_counter()
     scores = model_scores(frames, roles, args.batch, accelerator)

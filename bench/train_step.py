@@ -67,9 +67,7 @@ from utils import losses as L  # noqa: E402
 from utils.grad_cache import GradientCache  # noqa: E402
 from utils.stage_configs import Stage1Train, Stage2LossWeights, Stage2Train  # noqa: E402
 
-# pipeline.stage2.DIFFERENTIABLE (the per-clip outputs the stage-2 losses read), kept here: the pipeline pulls in the
-# data and foundation layers, which a GPU machine with only torch lacks
-DIFFERENTIABLE = ("prior_tokens", "motion", "text", "mask_logits", "concept_logits", "pred_latents", "token_loss")
+DIFFERENTIABLE = L.STAGE2_OUTPUTS  # the per-clip outputs the stage-2 losses read (pipeline.stage2's)
 
 # Global batch of each profile (utils/stage_configs.py defaults for paper, configs/toy.yaml and configs/smoke.yaml).
 BATCH = {("paper", 1): 120, ("paper", 2): 10, ("toy", 1): 32, ("toy", 2): 8, ("smoke", 1): 8, ("smoke", 2): 4}

@@ -139,6 +139,3 @@ class ConditionCache:
             self._arrays[key] = arr
         rows = np.asarray(idx, dtype=np.int64)
         return torch.from_numpy(np.ascontiguousarray(self._arrays[key][rows])).to(device).float()
-
-    def has(self, split: str, slot: int) -> bool:
-        return array_name(split, slot) in getattr(self, "manifest", {}).get("arrays", {})

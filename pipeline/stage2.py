@@ -71,6 +71,7 @@ from utils.data import SubjectSet, selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
 from utils.grad_cache import GradientCache
 from utils.losses import (
+    STAGE2_OUTPUTS,
     caption_token_losses,
     concept_bce,
     dice_loss,
@@ -462,7 +463,7 @@ def share_outputs(s: Stage2, epoch: int, idx: np.ndarray, slot: int) -> dict[str
 
 
 # ---- micro batches: the whole batch's loss, a micro batch's activations (train.micro_batch) -------------------------
-DIFFERENTIABLE = ("prior_tokens", "motion", "text", "mask_logits", "concept_logits", "pred_latents", "token_loss")
+DIFFERENTIABLE = STAGE2_OUTPUTS
 
 
 def micro_batches(slots: np.ndarray, clips: np.ndarray, size: int) -> list[tuple[int, np.ndarray]]:

@@ -261,3 +261,8 @@ def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor, keep: torch
     global batch."""
     flat = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")  # (K,)
     return scatter_positions(flat, keep)
+
+
+# The per-clip outputs of a stage-2 step that its losses differentiate through (pipeline.stage2.share_outputs; the
+# gradient cache of train.micro_batch, utils.grad_cache, replays exactly these)
+STAGE2_OUTPUTS = ("prior_tokens", "motion", "text", "mask_logits", "concept_logits", "pred_latents", "token_loss")
