@@ -4,6 +4,7 @@ identification of each row, per subject.
     python bench/multisubject.py --profile toy --exp ms                 # every row (about 25 min on 2 cores)
     python bench/multisubject.py --profile toy --exp ms --dry-run       # the plan
     python bench/multisubject.py --profile smoke --exp t --seeds 0      # a quick check of the plumbing
+    python bench/multisubject.py --profile toy --exp ms --seeds 1 2 --rows adapt scratch --pair-seed 0 --videos
 
 Rows (stage 1 only, the profile's recipe; ``--seeds`` are values of ``run.seed``):
 
@@ -14,7 +15,8 @@ Rows (stage 1 only, the profile's recipe; ``--seeds`` are values of ``run.seed``
   clips (whole leading segments): ``--ridge-epochs`` epochs of the new ridge alone, then everything (every seed);
 * ``scratch``: subject 3 from scratch on the same clips, same epochs (every seed).
 
-``--few-epochs E`` gives the adapt and scratch rows E epochs (results in ``multisubject_<profile>_e<E>.json``): on
+``--rows`` runs some rows only (an adapt row brings the pair it starts from; ``--pair-seed`` picks the pair's seed);
+the results files keep the records of the rows and seeds that a call does not run. ``--few-epochs E`` gives the adapt and scratch rows E epochs (results in ``multisubject_<profile>_e<E>.json``): on
 1/8 of the clips, 8x the profile's epochs is the full-data run's number of optimiser steps.
 
 The score is stage 1's test identification (``identification.json``: brain→image by correlation of the predicted and
@@ -49,6 +51,7 @@ from utils.stage_configs import Stage1Config  # noqa: E402
 
 log = logging.getLogger("bench.multisubject")
 WAYS = ("2-way", "50-way")
+ROWS = ("single", "shared", "adapt", "scratch")
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,19 @@ class Run:
     overrides: tuple[str, ...]
 
 
-def plan(exp: str, seeds: list[int], fraction: float, ridge_epochs: int, batch: int, few_epochs: int = 0
-         ) -> list[Run]:  # fmt: skip
-    """Every run in order (the pair before the adaptations that start from it). ``few_epochs``: the epochs of the
-    adapt and scratch rows (0: the profile's)."""
-    first, runs = seeds[0], []
+def plan(exp: str, seeds: list[int], fraction: float, ridge_epochs: int, batch: int, few_epochs: int = 0,
+         rows: tuple[str, ...] = ROWS, pair_seed: int | None = None) -> list[Run]:  # fmt: skip
+    """Every run of ``rows`` in order (the pair, when an adapt row needs it, before the adaptations that start from
+    it). ``few_epochs``: the epochs of the adapt and scratch rows (0: the profile's); ``pair_seed``: the pair's seed
+    (None: the first seed)."""
+    runs = _plan(exp, seeds, fraction, ridge_epochs, batch, few_epochs, seeds[0] if pair_seed is None else pair_seed)
+    keep = set(rows) | ({"pair"} if "adapt" in rows else set())
+    return [r for r in runs if r.row in keep]
+
+
+def _plan(exp: str, seeds: list[int], fraction: float, ridge_epochs: int, batch: int, few_epochs: int, first: int
+          ) -> list[Run]:  # fmt: skip
+    runs: list[Run] = []
     for seed in seeds:
         single = f"{exp}_single_s{seed}"  # one exp, a run folder per subject
         runs += [Run("single", seed, single, (f"run.subj={k}", f"run.seed={seed}")) for k in (1, 2, 3)]
@@ -169,9 +180,29 @@ def run_videos(args: argparse.Namespace, runs: list[Run], batch2: int) -> list[d
         if r.row != "pair":
             records.append({"row": r.row, "seed": r.seed, "exp": r.exp,
                             "metrics": video_metrics(folder, subjects, "enhance")})  # fmt: skip
-        out = REPO / "bench" / "results" / f"multisubject_{args.profile}_videos.json"
-        atomic_write_json(out, {"profile": args.profile, "seeds": args.seeds, "records": records})
+        save_video_records(REPO / "bench" / "results" / f"multisubject_{args.profile}_videos.json", args, records)
     return records
+
+
+def merged_records(out: Path, records: list[dict]) -> list[dict]:
+    """``records`` and the records of ``out`` (when it exists) of other (row, seed) pairs, sorted by row then seed:
+    rows and seeds can run one call at a time without losing the earlier ones."""
+    new = {(r["row"], r["seed"]) for r in records}
+    old = json.loads(out.read_text())["records"] if out.is_file() else []
+    order = {row: i for i, row in enumerate(("pair", *ROWS))}
+    kept = [r for r in old if (r["row"], r["seed"]) not in new]
+    return sorted(kept + records, key=lambda r: (order.get(r["row"], len(order)), r["seed"]))
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` and the records of ``old`` of other (row, seed) pairs, in ``old``'s order then ``new``'s."""
+    keys = {(r["row"], r["seed"]) for r in new}
+    return [r for r in old if (r["row"], r["seed"]) not in keys] + new
+
+
+def save_video_records(out: Path, args: argparse.Namespace, records: list[dict]) -> None:
+    merged = merged_records(out, records)
+    atomic_write_json(out, {"profile": args.profile, "seeds": sorted({r["seed"] for r in merged}), "records": merged})
 
 
 def video_table(records: list[dict]) -> str:
@@ -201,11 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ridge-epochs", type=int, default=10, help="adapt: epochs of the new ridge alone")
     p.add_argument("--few-epochs", type=int, default=0, help="epochs of the adapt and scratch rows (0: the profile's)")
     p.add_argument("--videos", action="store_true", help="then stages 2-6 of every row and their stage-6 metrics")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="rows to run (default all; adapt brings its pair)")  # fmt: skip
+    p.add_argument("--pair-seed", type=int, default=None, help="seed of the subjects-1-2 model (default: the first)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     batch = load_config(Stage1Config, args.profile).train.batch_size
-    runs = plan(args.exp, args.seeds, args.fraction, args.ridge_epochs, batch, args.few_epochs)
+    runs = plan(args.exp, args.seeds, args.fraction, args.ridge_epochs, batch, args.few_epochs, tuple(args.rows),
+                args.pair_seed)  # fmt: skip
     if args.dry_run:
         for r in runs:
             print(r.row, r.seed, r.exp, " ".join(r.overrides))
@@ -213,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"_e{args.few_epochs}" if args.few_epochs else ""
     out_file = REPO / "bench" / "results" / f"multisubject_{args.profile}{tag}.json"
     records: list[dict] = []
+    previous = merged_records(out_file, []) if not args.videos else []  # kept where this call does not rerun them
     pair_dir: Path | None = None
     for r in runs:
         start = time.time()
@@ -223,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                         "scores": scores(stage_dir, cfg.run.subjects),
                         "seconds": round(time.time() - start, 1)})  # fmt: skip
         if not args.videos:  # --videos reads stage 1 (trained where missing); its results file stays as it is
-            atomic_write_json(out_file, {"profile": args.profile, "complete": False, "records": records,
+            atomic_write_json(out_file, {"profile": args.profile, "complete": False,
+                                         "records": merge(previous, records),
                                          "fraction": args.fraction, "ridge_epochs": args.ridge_epochs,
                                          "few_epochs": args.few_epochs})  # fmt: skip
+    records = merge(previous, records)
     summary = summarise([r for r in records if r["row"] != "pair"] + [r for r in records if r["row"] == "pair"])
     chance = {w: 1.0 / int(w.split("-")[0]) for w in WAYS}
     if not args.videos:
@@ -237,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.videos:
         from utils.stage_configs import Stage2Config
 
-        print(video_table(run_videos(args, runs, load_config(Stage2Config, args.profile).train.batch_size)))
+        run_videos(args, runs, load_config(Stage2Config, args.profile).train.batch_size)
+        out = REPO / "bench" / "results" / f"multisubject_{args.profile}_videos.json"
+        print(video_table(json.loads(out.read_text())["records"]))
     return 0
 
 

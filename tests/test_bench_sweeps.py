@@ -356,3 +356,21 @@ def test_multisubject_video_rows_take_the_sets_batch_and_the_pairs_stage2() -> N
     assert "| adapt | 3 | 1 | 0.500 [0.400, 0.600] |" in one
     three = video_table([{"row": "adapt", "seed": s, "metrics": metrics(v)} for s, v in enumerate((0.4, 0.5, 0.6))])
     assert "| adapt | 3 | 3 | 0.500 ± 0.100 |" in three
+
+
+def test_multisubject_rows_run_alone_and_keep_the_other_rows_records(tmp_path: Path) -> None:
+    """``--rows adapt scratch --seeds 1 2 --pair-seed 0``: the adapt rows bring the seed-0 pair, no other row runs,
+    and the results file keeps the records of the rows and seeds that the call did not run."""
+    from bench.multisubject import merged_records, plan
+
+    runs = plan("ms", [1, 2], 0.125, 10, 32, rows=("adapt", "scratch"), pair_seed=0)
+    assert [(r.row, r.seed) for r in runs] == [("pair", 0), ("adapt", 1), ("scratch", 1), ("adapt", 2),
+                                               ("scratch", 2)]  # fmt: skip
+    assert "run.seed=0" in runs[0].overrides
+    assert [r.row for r in plan("ms", [0], 0.125, 10, 32, rows=("scratch",))] == ["scratch"], "no pair without adapt"
+    out = tmp_path / "videos.json"
+    out.write_text(json.dumps({"records": [{"row": "adapt", "seed": 0, "v": "old"}, {"row": "single", "seed": 0},
+                                           {"row": "adapt", "seed": 1, "v": "stale"}]}))  # fmt: skip
+    merged = merged_records(out, [{"row": "adapt", "seed": 1, "v": "new"}, {"row": "scratch", "seed": 1}])
+    assert [(r["row"], r["seed"], r.get("v")) for r in merged] == [
+        ("single", 0, None), ("adapt", 0, "old"), ("adapt", 1, "new"), ("scratch", 1, None)]
