@@ -355,7 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="toy", help="toy (default), smoke, or a YAML profile of a toy world")
     p.add_argument("--exp", default="sweep", help="prefix of the run names <exp>_<world>[_s<seed>]")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="values of run.seed (default 0 1 2)")
-    p.add_argument("--snrs", type=float, nargs="+", default=list(SNRS), help="world.snr values (default %(default)s)")
+    p.add_argument("--snrs", type=float, nargs="*", default=list(SNRS),
+                   help="world.snr values (default %(default)s; none: only the --clip-factors worlds)")  # fmt: skip
     p.add_argument("--clip-factors", type=int, nargs="+", default=list(CLIP_FACTORS),
                    help="multiples of the training clips, at the profile's SNR (default %(default)s)")  # fmt: skip
     p.add_argument("--modes", nargs="+", default=["enhance"], choices=("enhance", "motion"), help="NEURONS modes")
@@ -395,6 +396,25 @@ def replot(out: Path, title: str) -> int:
     return 0
 
 
+def kept_points(out: Path, args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    """The points of an earlier results file ``out`` that this call does not rerun, when that file was made with the
+    same profile, seeds, modes and overrides (else none: its numbers would not be comparable)."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    same = all(old.get(k) == v for k, v in (("profile", args.profile), ("seeds", args.seeds), ("modes", args.modes),
+                                             ("set", args.set)))  # fmt: skip
+    if not same:
+        log.warning("%s was made with other settings; this call's results replace it", out)
+        return []
+    return [p for p in old.get("points", []) if p["name"] not in names]
+
+
+def merge_points(kept: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kept and new points, ordered as the sweep plans them: SNR worlds by SNR, then clip-count worlds."""
+    return sorted([*kept, *points], key=lambda p: (p["clip_factor"] != 1, p["clip_factor"], p["snr"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -418,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(args.profile, base_world, base.world)
     weights_check(base_world, base_world, base, args.profile)  # before any world is built
     t0, points = time.time(), []
+    kept = kept_points(out, args, [w.name for w in worlds])
     record: dict[str, Any] = {"bench": "snr_sweep", "profile": args.profile, "exp": args.exp, "subj": 1,
                               "seeds": args.seeds, "modes": args.modes, "set": args.set,
                               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
@@ -432,8 +453,10 @@ def main(argv: list[str] | None = None) -> int:
                        "profile": world.profile, "weights": weights, "ceiling": ceiling,
                        "numbers": numbers(quality), "chance": quality.get("chance", {}),
                        "toy_quality": quality})  # fmt: skip
-        record.update({"points": points, "complete": len(points) == len(worlds), "wall_s": round(time.time() - t0)})
+        record.update({"points": merge_points(kept, points), "complete": len(points) == len(worlds),
+                       "wall_s": round(time.time() - t0)})  # fmt: skip
         atomic_write_json(out, record)
+    points = merge_points(kept, points)
     text = table(points, args.seeds)
     png = plot(points, out.with_suffix(".png"), title)
     atomic_write_text(out.with_suffix(".md"), text + "\n")

@@ -47,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "wd1": ["stage1.train.weight_decay=1.0"],
     "lr3e-4": ["stage1.train.max_lr=3.0e-4"],
     "no_text": ["stage1.train.text_weight=0.0"],
+    "repeat_mean": ["stage1.train.voxel_repeats=mean"],
 }
 SCORES = (("test", "2"), ("test", "50"), ("test", "all"), ("val", "50"))
 
@@ -66,7 +67,7 @@ def score_run(profile: str, exp: str, overrides: list[str]) -> dict[str, float]:
     run_stages(profile, exp, SUBJ, "enhance", "1", overrides)
     ident = json.loads((paths_of(profile, exp, SUBJ, "enhance", overrides).stage_dir("1") / "identification.json")
                        .read_text())  # fmt: skip
-    out = {f"{split}_{way}": float(ident[split]["top1"][way]) for split, way in SCORES if split in ident}
+    out = {f"{split}_{way}": float(ident[split]["top1"][f"{way}-way"]) for split, way in SCORES if split in ident}
     out["wall_s"] = round(time.time() - t0, 1)
     return out
 

@@ -183,15 +183,16 @@ class Groups:
 
 def batch_groups(s: Stage1, slots: np.ndarray, clips: np.ndarray, epoch: int, mixing: bool,
                  generator: torch.Generator) -> tuple[Groups, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-    """The global batch's voxels by subject (repeat ``epoch % R``); with ``mixing``, MixCo within each subject (the
-    voxel spaces differ) with one generator, as one subject's whole batch. Returns (groups, perm, betas): perm
-    indexes the global batch."""
+    """The global batch's voxels by subject (repeat ``epoch % R``, or their mean: ``train.voxel_repeats``); with
+    ``mixing``, MixCo within each subject (the voxel spaces differ) with one generator, as one subject's whole batch.
+    Returns (groups, perm, betas): perm indexes the global batch."""
     device, t = s.accelerator.device, s.cfg.train
     groups, perms, betas, start = Groups([], [], []), [], [], 0
     for slot in dict.fromkeys(slots.tolist()):  # the plan orders rows slot by slot
         pick = slots == slot
         stop = start + int(pick.sum())
-        vox = s.subjects.members[slot].voxels("train", epoch)[clips[pick]].to(device)  # (b, V_slot)
+        mean = t.voxel_repeats == "mean"
+        vox = s.subjects.members[slot].voxels("train", epoch, mean)[clips[pick]].to(device)  # (b, V_slot)
         if mixing:
             mixed = mixco(vox, t.bimixco_beta, t.bimixco_prob, generator)
             vox = mixed.voxels

@@ -374,3 +374,23 @@ def test_multisubject_rows_run_alone_and_keep_the_other_rows_records(tmp_path: P
     merged = merged_records(out, [{"row": "adapt", "seed": 1, "v": "new"}, {"row": "scratch", "seed": 1}])
     assert [(r["row"], r["seed"], r.get("v")) for r in merged] == [
         ("single", 0, None), ("adapt", 0, "old"), ("adapt", 1, "new"), ("scratch", 1, None)]
+
+
+def test_sweep_keeps_the_points_it_does_not_rerun(tmp_path: Path) -> None:
+    """A call for some worlds (``--snrs`` with no value, ``--clip-factors 2``) keeps the other worlds' points of the
+    results file when it was made with the same settings, and orders them as the sweep plans them."""
+    import argparse
+
+    from bench.snr_sweep import kept_points, merge_points
+
+    out = tmp_path / "sweep.json"
+    point = lambda name, snr, f: {"name": name, "snr": snr, "clip_factor": f}  # noqa: E731
+    old = [point("snr0.1", 0.1, 1), point("snr0.01", 0.01, 1), point("snr0.01_clips2x", 0.01, 2)]
+    settings = {"profile": "toy", "seeds": [42], "modes": ["enhance"], "set": []}
+    out.write_text(json.dumps({**settings, "points": old}))
+    args = argparse.Namespace(**settings)
+    kept = kept_points(out, args, ["snr0.01_clips2x"])
+    assert [p["name"] for p in kept] == ["snr0.1", "snr0.01"]
+    merged = merge_points(kept, [point("snr0.01_clips2x", 0.01, 2)])
+    assert [p["name"] for p in merged] == ["snr0.01", "snr0.1", "snr0.01_clips2x"]
+    assert kept_points(out, argparse.Namespace(**{**settings, "seeds": [0, 1]}), []) == [], "other seeds: not mixed"

@@ -335,10 +335,11 @@ class BrainVideoData:
         """All repeats (n, repeats, V) float32 of the split's clips."""
         return self._fmri[_source(split)][torch.as_tensor(self.indices(split))]
 
-    def voxels(self, split: str, epoch: int = 0) -> torch.Tensor:
-        """(n, V): train = repeat ``epoch % repeats``; val and test = mean over repeats."""
+    def voxels(self, split: str, epoch: int = 0, mean: bool = False) -> torch.Tensor:
+        """(n, V): train = repeat ``epoch % repeats`` (``mean``: the mean over repeats); val and test = mean over
+        repeats."""
         x = self.fmri(split)
-        return x[:, epoch % x.shape[1]] if split == "train" else x.mean(dim=1)
+        return x[:, epoch % x.shape[1]] if split == "train" and not mean else x.mean(dim=1)
 
     # -- frames
     def frames(self, split: str, idx: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:

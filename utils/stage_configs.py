@@ -136,6 +136,9 @@ class Stage1Train(OptimConfig):
     text_weight: float = 0.25
     mixco_self_partner_quirk: bool = False  # defect 17: MindEye overwrites the diagonal when a sample is its partner
     text_nce_soft_labels: bool = True  # defect 17: upstream used hard labels for the text NCE on mixed voxels
+    # training fMRI of a step: "cycle" = repeat ``epoch % repeats``, as upstream; "mean" = the mean of the repeats
+    # (less noise per sample, no repeat-to-repeat augmentation)
+    voxel_repeats: Literal["cycle", "mean"] = "cycle"
     target_frame: int = 2  # CLIP target frame of a clip ...
     alternate_target_frame: bool = True  # ... alternating with the next one by epoch parity, as upstream
     init_from_mindeye2: bool = True  # start the backbone from MindEye2's subject-1 weights (weights_root/last.pth)
