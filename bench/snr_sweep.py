@@ -407,7 +407,10 @@ def kept_points(out: Path, args: argparse.Namespace, names: list[str]) -> list[d
     if not same:
         log.warning("%s was made with other settings; this call's results replace it", out)
         return []
-    return [p for p in old.get("points", []) if p["name"] not in names]
+    kept = [p for p in old.get("points", []) if p["name"] not in names]
+    for p in kept:  # re-read from each world's record, as --replot does (older files lack the intervals)
+        p["numbers"] = numbers(p.get("toy_quality", {}))
+    return kept
 
 
 def merge_points(kept: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
