@@ -16,8 +16,9 @@ Rows (stage 1 only, the profile's recipe; ``--seeds`` are values of ``run.seed``
 * ``scratch``: subject 3 from scratch on the same clips, same epochs (every seed).
 
 ``--rows`` runs some rows only (an adapt row brings the pair it starts from; ``--pair-seed`` picks the pair's seed);
-the results files keep the records of the rows and seeds that a call does not run. ``--few-epochs E`` gives the adapt and scratch rows E epochs (results in ``multisubject_<profile>_e<E>.json``): on
-1/8 of the clips, 8x the profile's epochs is the full-data run's number of optimiser steps.
+the results files keep the records of the rows and seeds that a call does not run. ``--few-epochs E`` gives the
+adapt and scratch rows E epochs (results in ``multisubject_<profile>_e<E>.json``): on 1/8 of the clips, 8x the
+profile's epochs is the full-data run's number of optimiser steps.
 
 The score is stage 1's test identification (``identification.json``: brain→image by correlation of the predicted and
 the true CLIP tokens of each test clip, 2-way and 50-way top-1, 200 draws). ``--videos`` then runs stages 2-6 of
