@@ -188,11 +188,9 @@ def run_videos(args: argparse.Namespace, runs: list[Run], batch2: int) -> list[d
 def merged_records(out: Path, records: list[dict]) -> list[dict]:
     """``records`` and the records of ``out`` (when it exists) of other (row, seed) pairs, sorted by row then seed:
     rows and seeds can run one call at a time without losing the earlier ones."""
-    new = {(r["row"], r["seed"]) for r in records}
     old = json.loads(out.read_text())["records"] if out.is_file() else []
     order = {row: i for i, row in enumerate(("pair", *ROWS))}
-    kept = [r for r in old if (r["row"], r["seed"]) not in new]
-    return sorted(kept + records, key=lambda r: (order.get(r["row"], len(order)), r["seed"]))
+    return sorted(merge(old, records), key=lambda r: (order.get(r["row"], len(order)), r["seed"]))
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:

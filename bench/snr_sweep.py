@@ -415,7 +415,7 @@ def kept_points(out: Path, args: argparse.Namespace, names: list[str]) -> list[d
 
 def merge_points(kept: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Kept and new points, ordered as the sweep plans them: SNR worlds by SNR, then clip-count worlds."""
-    return sorted([*kept, *points], key=lambda p: (p["clip_factor"] != 1, p["clip_factor"], p["snr"]))
+    return sorted([*kept, *points], key=lambda p: (p["clip_factor"], p["snr"]))
 
 
 def main(argv: list[str] | None = None) -> int:

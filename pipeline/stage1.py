@@ -188,10 +188,10 @@ def batch_groups(s: Stage1, slots: np.ndarray, clips: np.ndarray, epoch: int, mi
     Returns (groups, perm, betas): perm indexes the global batch."""
     device, t = s.accelerator.device, s.cfg.train
     groups, perms, betas, start = Groups([], [], []), [], [], 0
+    mean = t.voxel_repeats == "mean"
     for slot in dict.fromkeys(slots.tolist()):  # the plan orders rows slot by slot
         pick = slots == slot
         stop = start + int(pick.sum())
-        mean = t.voxel_repeats == "mean"
         vox = s.subjects.members[slot].voxels("train", epoch, mean)[clips[pick]].to(device)  # (b, V_slot)
         if mixing:
             mixed = mixco(vox, t.bimixco_beta, t.bimixco_prob, generator)
