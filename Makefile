@@ -8,6 +8,8 @@ PROFILE ?= toy
 EXP ?= demo
 SUBJ ?= 1
 MODE ?= enhance
+# pytest workers: each runs torch on one thread (tests/conftest.py), so 2 workers use both cores of a 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test lint world clean-demo
 
@@ -38,4 +40,4 @@ test: venv
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
