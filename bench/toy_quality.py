@@ -219,7 +219,7 @@ def ridge_stage3(cfg3: Stage3Config, mask_size: int, frame: int) -> dict[str, An
     n = cfg3.sample.num_clips or data.n_clips("test")
     y_train, shapes = targets(data, "train", clip, vae, frame, mask_size)
     y_test, _ = targets(data, "test", clip, vae, frame, mask_size)
-    x_train, x_test = data.fmri("train").mean(dim=1).numpy(), data.voxels("test").numpy()
+    x_train, x_test = data.voxels("train", mean=True).numpy(), data.voxels("test").numpy()
     pred = {name: fit_predict(x_train, y, x_test) for name, y in y_train.items()}
     ident = identification_accuracy(pred["tokens"], y_test["tokens"], WAYS, ID_TRIALS, ID_SEED)
     out = {k: torch.from_numpy(v[:n]).float().view(n, *shapes[k]) for k, v in pred.items()}

@@ -192,7 +192,7 @@ def batch_groups(s: Stage1, slots: np.ndarray, clips: np.ndarray, epoch: int, mi
     for slot in dict.fromkeys(slots.tolist()):  # the plan orders rows slot by slot
         pick = slots == slot
         stop = start + int(pick.sum())
-        vox = s.subjects.members[slot].voxels("train", epoch, mean)[clips[pick]].to(device)  # (b, V_slot)
+        vox = s.subjects.members[slot].voxels("train", epoch, mean, clips[pick]).to(device)  # (b, V_slot)
         if mixing:
             mixed = mixco(vox, t.bimixco_beta, t.bimixco_prob, generator)
             vox = mixed.voxels

@@ -55,6 +55,9 @@ def test_train_repeat_changes_per_epoch(smoke_world: Path):
     # stage1.train.voxel_repeats=mean: the mean of the repeats whatever the epoch (as val and test always are)
     assert torch.allclose(data.voxels("train", epoch=1, mean=True), x.mean(dim=1))
     assert not torch.allclose(data.voxels("train", epoch=1, mean=True), x[:, 1])
+    # a training batch reads its own rows: the same values as indexing the whole split
+    assert torch.equal(data.voxels("train", epoch=3, clips=[4, 0, 2]), x[[4, 0, 2], 1])
+    assert torch.equal(data.voxels("train", mean=True, clips=[1]), x[[1]].mean(dim=1))
 
 
 def test_missing_caption_embeddings_name_the_command(smoke_world: Path, tmp_path: Path):

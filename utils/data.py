@@ -331,14 +331,16 @@ class BrainVideoData:
         return len(self.indices(split))
 
     # -- fMRI
-    def fmri(self, split: str) -> torch.Tensor:
-        """All repeats (n, repeats, V) float32 of the split's clips."""
-        return self._fmri[_source(split)][torch.as_tensor(self.indices(split))]
+    def fmri(self, split: str, clips: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        """All repeats (n, repeats, V) float32 of the split's clips (``clips``: those positions in the split only)."""
+        rows = self.indices(split) if clips is None else self.indices(split)[np.asarray(clips)]
+        return self._fmri[_source(split)][torch.as_tensor(rows)]
 
-    def voxels(self, split: str, epoch: int = 0, mean: bool = False) -> torch.Tensor:
+    def voxels(self, split: str, epoch: int = 0, mean: bool = False,
+               clips: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
         """(n, V): train = repeat ``epoch % repeats`` (``mean``: the mean over repeats); val and test = mean over
-        repeats."""
-        x = self.fmri(split)
+        repeats. ``clips``: positions in the split (a training batch reads its own rows, not the whole split)."""
+        x = self.fmri(split, clips)
         return x[:, epoch % x.shape[1]] if split == "train" and not mean else x.mean(dim=1)
 
     # -- frames
