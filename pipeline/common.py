@@ -42,6 +42,14 @@ def voxel_counts(cfg: SharedConfig) -> tuple[int, ...]:
     return tuple(BrainVideoData(cfg.paths.data_root, k, cfg.data).n_voxels for k in cfg.run.subjects)
 
 
+CROSS_FIT_DIR = "cross_fit"  # stage 1's cross-fit models (data.cross_fit_folds), in its stage folder
+
+
+def cross_fit_dir(stage1_dir: Path, fold: int) -> Path:
+    """The folder of stage 1's cross-fit model ``fold`` (its ``checkpoints/best`` and ``last``)."""
+    return Path(stage1_dir) / CROSS_FIT_DIR / f"fold_{fold}"
+
+
 def adaptation_source(cfg: SharedConfig, stage: str) -> Path:
     """The ``best`` checkpoint of stage ``stage`` ("1" or "2") of ``train.init_from`` (a subject set's run folder,
     or its stage folder), checked to be a model of this size that did not train on this run's one subject."""

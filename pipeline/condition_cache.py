@@ -44,6 +44,8 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}
 PARKED = ("ridge", "backbone")  # the parts that stay on the CPU when the cache is on (clip_proj is a head input too)
 
 ConditionFn = Callable[[torch.Tensor, int], torch.Tensor]  # (voxels (b, V) on the device, slot) -> (b, T, D)
+# an array's clips in groups, each computed by its own function (cross-fitting: each fold by the model without it)
+Groups = Sequence[tuple[np.ndarray, ConditionFn]]
 
 
 def array_name(split: str, slot: int) -> str:
@@ -89,10 +91,11 @@ class ConditionCache:
             return fresh
         return old
 
-    def ensure(self, voxels: Mapping[str, Sequence[torch.Tensor]], condition: ConditionFn, device: Any,
+    def ensure(self, voxels: Mapping[str, Sequence[torch.Tensor]], condition: ConditionFn | Groups, device: Any,
                chunk: int = 64) -> None:  # fmt: skip
         """Make every (split, slot) of ``voxels`` ({split: [(n, V) per slot]}) current, computing the missing or stale
-        ones with ``condition`` in chunks of ``chunk`` clips; the manifest is written after each array."""
+        ones with ``condition`` (or each group of positions with its own function, in group order) in chunks of
+        ``chunk`` clips; the manifest is written after each array."""
         manifest = self._manifest()
         for split, per_slot in voxels.items():
             for slot, x in enumerate(per_slot):
@@ -100,26 +103,30 @@ class ConditionCache:
                 entry = manifest["arrays"].get(name)
                 if entry is not None and entry["voxels_sha256"] == digest and (self.folder / name).is_file():
                     continue
-                shape = self._write(name, x, slot, condition, device, chunk)
+                groups = [(np.arange(len(x)), condition)] if callable(condition) else condition
+                shape = self._write(name, x, slot, groups, device, chunk)
                 manifest["arrays"][name] = {"voxels_sha256": digest, "shape": shape}
                 self._arrays.pop((split, slot), None)
                 atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
 
     @torch.no_grad()
-    def _write(self, name: str, x: torch.Tensor, slot: int, condition: ConditionFn, device: Any, chunk: int
+    def _write(self, name: str, x: torch.Tensor, slot: int, groups: Groups, device: Any, chunk: int
                ) -> list[int]:  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         path, n = self.folder / name, len(x)
+        covered = np.sort(np.concatenate([np.asarray(rows) for rows, _ in groups]))
+        if not np.array_equal(covered, np.arange(n)):
+            raise ValueError(f"the groups of {name} do not cover its {n} clips exactly once")
+        chunks = [(rows[a:a + chunk], fn) for rows, fn in groups for a in range(0, len(rows), chunk)]
         out: np.memmap | None = None
         with atomic_path(path) as tmp:
-            for a in tqdm(range(0, n, chunk), desc=f"condition cache {name}", unit="chunk", leave=False,
-                          mininterval=2):  # fmt: skip
-                cond = condition(x[a:a + chunk].to(device), slot).float().cpu().numpy()  # (b, T, D)
+            for rows, fn in tqdm(chunks, desc=f"condition cache {name}", unit="chunk", leave=False, mininterval=2):
+                cond = fn(x[torch.as_tensor(rows)].to(device), slot).float().cpu().numpy()  # (b, T, D)
                 if out is None:  # the header, once the shape is known
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPES[self.dtype],
                                                     shape=(n, *cond.shape[1:]))  # fmt: skip
-                out[a:a + len(cond)] = cond
+                out[rows] = cond
             if out is None:
                 raise DataError(f"no clips to cache in {name}", "check the split's voxels")
             out.flush()

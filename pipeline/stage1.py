@@ -11,7 +11,7 @@ and selects on the test clips, as upstream (defect 16; the manifest's ``selected
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ from models.foundation import build_role, foundation_impl
 from models.mindeye2_keymap import load_mindeye2, require_mindeye2
 from models.sizes import STAGE1_PARTS
 from pipeline.common import (
+    CROSS_FIT_DIR,
     ClipTargets,
     adaptation_source,
     clip_targets,
+    cross_fit_dir,
     foundation_dims,
     load_subject_set,
     require_foundation,
@@ -268,12 +270,26 @@ def evaluate_subject(s: Stage1, slot: int, split: str = "val", chunk: int = 100)
 
 
 def train(cfg: Stage1Config) -> Path:
-    """Run stage 1; returns the stage folder."""
+    """Run stage 1 (and its cross-fit models when ``data.cross_fit_folds`` is set); returns the stage folder."""
+    check_cross_fit(cfg)
     seed_everything(cfg.run.seed)  # before the model is built: its initialisation is seeded too
     s = setup(cfg)
     plan = batch_plan(s)  # refused before any write
     _, recorder = begin_stage(cfg, "1")
-    t, acc = cfg.train, s.accelerator
+    metrics = fit_model(s, plan)
+    folds = [train_fold(cfg, k) for k in range(cfg.data.cross_fit_folds)]
+    if s.accelerator.is_main_process:
+        if folds:
+            report_out_of_fold(s, folds)
+        report_identification(s)
+        finish_stage(s, recorder, metrics, folds)
+    return s.out_dir
+
+
+def fit_model(s: Stage1, plan: AnyPlan) -> MetricsLog:
+    """Train ``s.model`` into ``s.out_dir`` (resumable; ``best`` by validation); returns the closed metrics log."""
+    cfg, acc = s.cfg, s.accelerator
+    t = cfg.train
     plan, opt, sched, metrics = prepare_training(cfg, "1", s.model, acc, s.data.n_clips("train"), s.out_dir, plan)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     step = lambda _idx, epoch, batch: step_loss(s, plan, epoch, batch, gen)  # noqa: E731
@@ -292,10 +308,74 @@ def train(cfg: Stage1Config) -> Path:
         fit(trainer, plan, opt, sched, metrics)
     finally:
         metrics.close()
-    if acc.is_main_process:
-        report_identification(s)
-        finish_stage(s, recorder, metrics)
+    return metrics
+
+
+# ---- cross-fit models (data.cross_fit_folds) ------------------------------------------------------------------------
+def check_cross_fit(cfg: Stage1Config) -> None:
+    """Refuse cross-fit settings that cannot work, before anything is written."""
+    d = cfg.data
+    if d.cross_fit_fold >= 0:
+        raise ConfigError(f"data.cross_fit_fold={d.cross_fit_fold} is set by stage 1 for its fold models",
+                          "leave it at -1; data.cross_fit_folds sets the number of folds")  # fmt: skip
+    if d.cross_fit_folds == 1 or d.cross_fit_folds < 0:
+        raise ConfigError(f"data.cross_fit_folds={d.cross_fit_folds}", "give 0 (off) or at least 2 folds")
+
+
+def fold_config(cfg: Stage1Config, fold: int) -> Stage1Config:
+    """The config of cross-fit model ``fold``: the run's, with that fold of the training clips left out."""
+    return replace(cfg, data=replace(cfg.data, cross_fit_fold=fold))
+
+
+def train_fold(cfg: Stage1Config, fold: int) -> Path:
+    """Train cross-fit model ``fold`` (same recipe and seed, without the fold's clips and their guard clips) into
+    ``stage1/cross_fit/fold_<k>``; returns that folder."""
+    fcfg = fold_config(cfg, fold)
+    seed_everything(cfg.run.seed)
+    s = setup(fcfg)
+    s = replace(s, out_dir=cross_fit_dir(s.out_dir, fold))
+    log.info("stage 1: cross-fit model %d of %d on %d of the training clips", fold + 1, cfg.data.cross_fit_folds,
+             s.data.n_clips("train"))  # fmt: skip
+    fit_model(s, batch_plan(s))
     return s.out_dir
+
+
+@torch.no_grad()
+def encode_split(s: Stage1, split: str, slot: int, idx: np.ndarray) -> torch.Tensor:
+    """``s.model``'s tokens, flattened (n, T*D) float32 on the CPU, of clips ``idx`` of ``split`` (ridge slot
+    ``slot``)."""
+    s.model.eval()
+    voxels = s.subjects.members[slot].voxels(split, clips=idx)
+    out = [s.model.encode(voxels[a : a + 100].to(s.accelerator.device), slot).flatten(1).float().cpu()
+           for a in range(0, len(idx), 100)]  # fmt: skip
+    s.model.train()
+    return torch.cat(out)
+
+
+def report_out_of_fold(s: Stage1, folds: list[Path]) -> Path:
+    """Identification on the TRAINING clips of every subject, by the full model (in sample: what stage 2 reads
+    without cross-fitting) and by the fold models, each on the clips it left out (out of fold: what stage 2 reads
+    with ``condition_source=cross_fit``) → ``stage1/cross_fit/identification.json``."""
+    model = s.accelerator.unwrap_model(s.model)
+    positions, frame = s.data.cross_fit_indices(), s.cfg.train.target_frame
+    n = s.data.n_clips("train")
+    targets = torch.cat([s.targets("train", list(range(a, min(a + 100, n))), frame).flatten(1).cpu()
+                         for a in range(0, n, 100)]).numpy()  # fmt: skip
+    out: dict[str, Any] = {"folds": [f.name for f in folds], "subjects": {}}
+    for slot, m in enumerate(s.subjects.members):
+        load_checkpoint(s.out_dir / "checkpoints" / "best", model, s.cfg)
+        inside = encode_split(s, "train", slot, np.arange(n)).numpy()
+        oof = np.zeros_like(inside)
+        for k, folder in enumerate(folds):
+            load_checkpoint(folder / "checkpoints" / "best", model, fold_config(s.cfg, k))
+            oof[positions[k]] = encode_split(s, "train", slot, positions[k]).numpy()
+        scores = {name: identification_accuracy(x, targets, (2, 50), 200, 0)
+                  for name, x in (("in_sample", inside), ("out_of_fold", oof))}  # fmt: skip
+        out["subjects"][str(m.subject)] = scores
+        for kind, result in scores.items():
+            log.info("subject %d, training clips, %s identification top-1: %s", m.subject, kind.replace("_", " "),
+                     ", ".join(f"{k} {v:.3f}" for k, v in result["top1"].items()))  # fmt: skip
+    return atomic_write_json(s.out_dir / CROSS_FIT_DIR / "identification.json", out)
 
 
 @torch.no_grad()
@@ -329,11 +409,15 @@ def report_identification(s: Stage1) -> Path:
     return atomic_write_json(s.out_dir / "identification.json", out)
 
 
-def finish_stage(s: Stage1, recorder, metrics: MetricsLog) -> None:
+def finish_stage(s: Stage1, recorder, metrics: MetricsLog, folds: list[Path]) -> None:
     curves = metrics.plot(s.out_dir / "curves.png")
     recorder.add_inputs(s.subjects.opened_files)
     for name in ("best", "last"):
         recorder.add_output(s.out_dir / "checkpoints" / name / "model.safetensors")
+    for folder in folds:
+        recorder.add_output(folder / "checkpoints" / "best" / "model.safetensors")
+    if folds:
+        recorder.add_output(s.out_dir / CROSS_FIT_DIR / "identification.json")
     recorder.add_output(metrics.path)
     recorder.add_output(s.out_dir / "identification.json")
     recorder.add_output(curves)

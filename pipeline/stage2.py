@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,13 @@ from pipeline.common import (
     ClipTargets,
     adaptation_source,
     clip_targets,
+    cross_fit_dir,
     foundation_dims,
     load_subject_set,
     require_foundation,
     uses_clip_cache,
 )
-from pipeline.condition_cache import PARKED, ConditionCache, stage1_identity
+from pipeline.condition_cache import PARKED, ConditionCache, ConditionFn, stage1_identity
 from pipeline.loop import Trainer, fit, mean_over_subjects, prepare_training, subject_plan
 from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
@@ -138,6 +139,7 @@ class Stage2:
     targets: ClipTargets  # CLIP image tokens and VAE latents of the frames (cached or computed)
     frozen: tuple[str, ...] = FROZEN_PARTS  # parts kept frozen and in eval mode
     conditions: ConditionCache | None = None  # train.condition_cache: the prior's condition of every clip, cached
+    cross_fit: list[Path] = field(default_factory=list)  # stage 1's fold models (train.condition_source=cross_fit)
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------------
@@ -245,6 +247,10 @@ def setup(cfg: Stage2Config) -> Stage2:
         raise ConfigError(f"bad train.selection {list(cfg.train.selection)}", f"sum some of {', '.join(SCORES)}")
     if cfg.train.init_from:
         adaptation_source(cfg, "2")  # refused before any work
+    if cfg.train.condition_source == "cross_fit" and cfg.train.condition_cache == "compute":
+        raise ConfigError("train.condition_source=cross_fit reads the out-of-fold conditions from the condition cache",
+                          "set train.condition_cache=fp32 (or fp16)")  # fmt: skip
+    folds = cross_fit_checkpoints(cfg)
     if cfg.train.condition_cache != "compute" and cfg.train.backbone_mode != "eval":
         raise ConfigError("train.condition_cache needs train.backbone_mode=eval (with the backbone's dropout on, "
                           "every step gives a new condition)", "set train.condition_cache=off")  # fmt: skip
@@ -278,10 +284,12 @@ def setup(cfg: Stage2Config) -> Stage2:
               select_on: [m.voxels(select_on) for m in subjects.members]}  # fmt: skip
     out_dir = RunPaths.from_config(cfg).stage_dir("2")
     s = Stage2(cfg, data, subjects, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text,
-               targets, frozen_parts(cfg))  # fmt: skip
+               targets, frozen_parts(cfg), cross_fit=folds)  # fmt: skip
     if cfg.train.condition_cache != "compute":
         identity = {"stage1": stage1_identity(stage1), "prior_condition": cfg.upstream.prior_condition,
                     "mixed_precision": cfg.run.mixed_precision}  # fmt: skip
+        if folds:  # a cache of in-sample conditions is not reused, and the reverse
+            identity["cross_fit"] = [stage1_identity(f) for f in folds]
         s.conditions = ConditionCache(out_dir / "condition_cache", cfg.train.condition_cache, identity)
         if accelerator.is_main_process:  # one writer; the others read what it wrote
             cache_conditions(s, voxels)
@@ -290,10 +298,54 @@ def setup(cfg: Stage2Config) -> Stage2:
     return s
 
 
+def cross_fit_checkpoints(cfg: Stage2Config) -> list[Path]:
+    """The ``best`` checkpoints of stage 1's fold models, fold by fold ([] unless ``condition_source=cross_fit``)."""
+    if cfg.train.condition_source != "cross_fit":
+        return []
+    if cfg.data.cross_fit_folds < 2:
+        raise ConfigError("train.condition_source=cross_fit needs stage 1's fold models",
+                          "set data.cross_fit_folds (e.g. 4) and rerun stage 1, or set "
+                          "stage2.train.condition_source=stage1")  # fmt: skip
+    stage1_dir = RunPaths.from_config(cfg).stage_dir("1")
+    folders = []
+    for fold in range(cfg.data.cross_fit_folds):
+        best = cross_fit_dir(stage1_dir, fold) / "checkpoints" / "best"
+        try:
+            folders.append(resolve_checkpoint(best))
+        except WeightsError:
+            raise WeightsError(f"stage 1's cross-fit model {fold} is missing ({best})",
+                               f"rerun stage 1 with data.cross_fit_folds={cfg.data.cross_fit_folds}") from None
+    return folders
+
+
+def fold_conditions(s: Stage2) -> list[tuple[np.ndarray, ConditionFn]]:
+    """(training-split positions of fold k, the prior condition by fold model k) for every fold: one stage-1 model
+    (ridge, backbone, ``clip_proj``), built on the device when the cache first needs it, its weights replaced fold
+    by fold as the cache reaches them."""
+    held: dict[str, Any] = {"fold": -1, "model": None}
+
+    def condition_of(fold: int) -> ConditionFn:
+        def condition(voxels: torch.Tensor, slot: int) -> torch.Tensor:
+            if held["model"] is None:
+                cfg = replace(s.accelerator.unwrap_model(s.model).cfg, parts=FROZEN_PARTS)
+                held["model"] = NeuronsBrainModel(cfg).to(s.accelerator.device).eval()
+            if held["fold"] != fold:
+                tensors, meta = read_weights(s.cross_fit[fold])
+                check_identity(meta, s.cfg, s.cross_fit[fold])
+                load_parts(held["model"], tensors, FROZEN_PARTS, f"stage-1 cross-fit model {s.cross_fit[fold]}")
+                held["fold"] = fold
+            return held["model"].prior_condition(voxels, slot)
+
+        return condition
+
+    return [(rows, condition_of(k)) for k, rows in enumerate(s.data.cross_fit_indices())]
+
+
 def cache_conditions(s: Stage2, voxels: dict[str, list[torch.Tensor]]) -> None:
     """Make the condition cache hold every split of ``voxels``, computing what is missing with the frozen stage-1
     parts brought to the device for the while: the training split under the step's autocast (as the uncached step
-    computes it), the others in full precision (as validation does)."""
+    computes it), the others in full precision (as validation does). With ``condition_source=cross_fit`` each
+    training clip's condition comes from the fold model that did not train on it."""
     model, acc, cache = s.accelerator.unwrap_model(s.model), s.accelerator, s.conditions
     if cache is None:
         raise ValueError("cache_conditions needs the stage's condition cache (train.condition_cache)")
@@ -304,8 +356,9 @@ def cache_conditions(s: Stage2, voxels: dict[str, list[torch.Tensor]]) -> None:
     try:
         for split, per_slot in voxels.items():
             precision = autocast(acc, s.cfg) if split == "train" else contextlib.nullcontext()
+            fn = fold_conditions(s) if split == "train" and s.cross_fit else model.prior_condition
             with precision:
-                cache.ensure({split: per_slot}, model.prior_condition, acc.device)
+                cache.ensure({split: per_slot}, fn, acc.device)
     finally:
         for part, home in zip(parts, homes, strict=True):
             part.to(home)

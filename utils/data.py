@@ -162,6 +162,25 @@ def contiguous_val_split(n: int, fraction: float, block: int, guard: int, seed: 
     return train, np.flatnonzero(is_val)
 
 
+def fold_positions(n: int, folds: int) -> list[np.ndarray]:
+    """Positions ``0..n-1`` (a training split, in time order) cut into ``folds`` contiguous folds of near-equal
+    size."""
+    if folds < 2 or folds > n:
+        raise DataError(f"data.cross_fit_folds={folds} for {n} training clips",
+                        "give 0 (no cross-fitting) or from 2 folds to the number of training clips")  # fmt: skip
+    return [np.asarray(f, dtype=np.int64) for f in np.array_split(np.arange(n), folds)]
+
+
+def without_fold(rows: np.ndarray, fold: np.ndarray, guard: int) -> np.ndarray:
+    """``rows`` (source-file rows, ascending) without the positions ``fold`` and the ``guard`` rows on each side."""
+    rows = np.asarray(rows)
+    near = np.zeros(len(rows), dtype=bool)
+    near[fold] = True
+    if guard > 0:
+        near = np.convolve(near, np.ones(2 * guard + 1), mode="same") > 0
+    return rows[~near]
+
+
 def leading_segments(rows: np.ndarray, fraction: float, segment: int) -> np.ndarray:
     """The ``rows`` (source-file clip indices, ascending) of the leading whole segments (clip i is in segment
     ``i // segment``) whose clip count is closest to ``fraction * len(rows)``; at least one segment, ties to fewer."""
@@ -221,6 +240,12 @@ class DataConfig:
     # ``train_segment_clips`` clips, the earliest first (a new subject scanned for less time; issue 18)
     train_fraction: float = 1.0
     train_segment_clips: int = 240  # cc2017: 18 training segments of 8 min, 240 clips each
+    # out-of-fold conditions for stage 2 (``stage2.train.condition_source=cross_fit``): stage 1 also trains this many
+    # models, each without one of as many contiguous folds of the training clips (0 = none, as upstream)
+    cross_fit_folds: int = 0
+    # the fold that the training split leaves out (with ``val_guard_clips`` on each side); -1 = none. Stage 1 sets it
+    # for its fold models
+    cross_fit_fold: int = -1
     # model selection (defect 16): "holdout" picks the best epoch on the validation clips above; "test_upstream"
     # trains on every training clip (no holdout, the val_* keys unused) and picks it on the TEST clips, as upstream
     validation: Literal["holdout", "test_upstream"] = "holdout"
@@ -284,7 +309,21 @@ class BrainVideoData:
                      self.subject, c.train_fraction, len(kept), len(train), segments,
                      c.train_segment_clips)  # fmt: skip
             train = kept
+        if c.cross_fit_fold >= 0:
+            if c.cross_fit_fold >= c.cross_fit_folds:
+                raise DataError(f"data.cross_fit_fold={c.cross_fit_fold} of {c.cross_fit_folds} folds",
+                                "give a fold from 0 to data.cross_fit_folds - 1, or -1")  # fmt: skip
+            fold = fold_positions(len(train), c.cross_fit_folds)[c.cross_fit_fold]
+            train = without_fold(train, fold, c.val_guard_clips)
         return train, val
+
+    def cross_fit_indices(self) -> list[np.ndarray]:
+        """The training split's positions in each of ``data.cross_fit_folds`` contiguous folds (a split that leaves
+        no fold out)."""
+        if self.config.cross_fit_fold >= 0:
+            raise DataError("the folds are those of the whole training split, not of a fold model's",
+                            "read them from data with data.cross_fit_fold=-1")  # fmt: skip
+        return fold_positions(self.n_clips("train"), self.config.cross_fit_folds)
 
     @property
     def opened_files(self) -> list[Path]:
