@@ -177,9 +177,9 @@ def run_videos(args: argparse.Namespace, runs: list[Run], batch2: int) -> list[d
                    for k in subjects) and r.row != "pair"  # fmt: skip
         if not done and not (r.row == "pair" and (folder / "stage2" / "manifest.json").is_file()):
             run_stages(args.profile, r.exp, ",".join(map(str, subjects)), "enhance", stages,  # type: ignore[arg-type]
-                       video_overrides(r, batch2, pair_dir))  # fmt: skip
+                       [*video_overrides(r, batch2, pair_dir), *args.set])  # fmt: skip
         if r.row != "pair":
-            records.append({"row": r.row, "seed": r.seed, "exp": r.exp,
+            records.append({"row": r.row, "seed": r.seed, "exp": r.exp, "set": list(args.set),
                             "metrics": video_metrics(folder, subjects, "enhance")})  # fmt: skip
         save_video_records(REPO / "bench" / "results" / f"multisubject_{args.profile}_videos.json", args, records)
     return records
@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="rows to run (default all; adapt brings its pair)")  # fmt: skip
     p.add_argument("--pair-seed", type=int, default=None, help="seed of the subjects-1-2 model (default: the first)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="driver overrides of stages 2-6 with --videos (e.g. stage5.video.strength=0.6, the value the "
+                        "earlier seeds ran at); recorded with each row")  # fmt: skip
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

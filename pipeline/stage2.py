@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from models.brain import NeuronsBrainModel, clip_generators
 from models.configured import make_brain_config, model_flags
@@ -66,7 +67,7 @@ from pipeline.common import (
 )
 from pipeline.condition_cache import PARKED, ConditionCache, ConditionFn, stage1_identity
 from pipeline.loop import Trainer, fit, mean_over_subjects, prepare_training, subject_plan
-from utils.checkpoint import MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
+from utils.checkpoint import CONFIG_FILE, MODEL_FILE, check_identity, load_parts, read_weights, resolve_checkpoint
 from utils.cli import begin_stage
 from utils.data import SubjectSet, selection_note, selection_split
 from utils.errors import ConfigError, WeightsError
@@ -306,16 +307,31 @@ def cross_fit_checkpoints(cfg: Stage2Config) -> list[Path]:
         raise ConfigError("train.condition_source=cross_fit needs stage 1's fold models",
                           "set data.cross_fit_folds (e.g. 4) and rerun stage 1, or set "
                           "stage2.train.condition_source=stage1")  # fmt: skip
-    stage1_dir = RunPaths.from_config(cfg).stage_dir("1")
+    k, stage1_dir = cfg.data.cross_fit_folds, RunPaths.from_config(cfg).stage_dir("1")
+    fix = f"rerun stage 1 with data.cross_fit_folds={k}"
+    check_folds(resolve_checkpoint(stage1_dir / "checkpoints" / "best"), k, -1, fix)
     folders = []
-    for fold in range(cfg.data.cross_fit_folds):
+    for fold in range(k):
         best = cross_fit_dir(stage1_dir, fold) / "checkpoints" / "best"
         try:
-            folders.append(resolve_checkpoint(best))
-        except WeightsError:
-            raise WeightsError(f"stage 1's cross-fit model {fold} is missing ({best})",
-                               f"rerun stage 1 with data.cross_fit_folds={cfg.data.cross_fit_folds}") from None
+            folders.append(check_folds(resolve_checkpoint(best), k, fold, fix))
+        except WeightsError as err:
+            raise WeightsError(f"stage 1's cross-fit model {fold}: {err.cause}", fix) from None
     return folders
+
+
+def check_folds(folder: Path, folds: int, fold: int, fix: str) -> Path:
+    """``folder`` after checking that its saved config has ``data.cross_fit_folds=folds`` and ``cross_fit_fold=fold``
+    (the run's stage-1 model and its fold models come from one stage-1 run)."""
+    try:
+        data = (yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}).get("data", {})
+    except (OSError, yaml.YAMLError):
+        raise WeightsError(f"{folder / CONFIG_FILE} is missing or unreadable", fix) from None
+    got = (data.get("cross_fit_folds", 0), data.get("cross_fit_fold", -1))
+    if got != (folds, fold):
+        raise WeightsError(f"{folder} was trained with data.cross_fit_folds={got[0]}, cross_fit_fold={got[1]}, not "
+                           f"{folds}, {fold}", fix)  # fmt: skip
+    return folder
 
 
 def fold_conditions(s: Stage2) -> list[tuple[np.ndarray, ConditionFn]]:

@@ -13,7 +13,7 @@ import torch
 
 from tests.smoke_env import SmokeEnv, smoke_env
 from utils.data import BrainVideoData, DataConfig, fold_positions, without_fold
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError, DataError, WeightsError
 
 FOLDS = 2
 CROSS_FIT = [f"data.cross_fit_folds={FOLDS}"]
@@ -150,3 +150,5 @@ def test_stage2_cross_fit_needs_the_cache_and_the_fold_models(env: SmokeEnv, sta
         stage2.setup(config(env, "2", "cf", *CROSS_FIT, *STAGE2, "train.condition_cache=compute"))
     with pytest.raises(ConfigError, match="cross_fit_folds"):
         stage2.setup(config(env, "2", "cf", *STAGE2))
+    with pytest.raises(WeightsError, match="cross_fit_folds=2"):  # stage 1 trained 2 fold models, not 3
+        stage2.cross_fit_checkpoints(config(env, "2", "cf", "data.cross_fit_folds=3", *STAGE2))
