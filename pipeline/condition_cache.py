@@ -9,9 +9,9 @@ never run in a training step or in validation.
 Format, in ``<run>/stage2/condition_cache/``:
 
     <split>_slot<k>.npy   float16 or float32 (n, T, D): the condition of every clip of ``split`` (train: fMRI repeat
-                          ``train.voxel_repeat``; val and test: the mean of the repeats) of the subject in ridge slot k;
-                          with ``train.condition_source=cross_fit`` each training clip's comes from the stage-1 fold
-                          model that did not train on it (the manifest then names every fold model)
+                          ``train.voxel_repeat``; val and test: the mean of the repeats) of the subject in ridge
+                          slot k; with ``train.condition_source=cross_fit`` each training clip's comes from the
+                          stage-1 fold model that did not train on it (the manifest then names every fold model)
     manifest.json         what the arrays were computed from: the stage-1 checkpoint (its model file's size, mtime and
                           config hash), the sha256 of each voxel array, the prior-condition flag, the precision, shapes
 

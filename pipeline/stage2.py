@@ -287,7 +287,7 @@ def setup(cfg: Stage2Config) -> Stage2:
     s = Stage2(cfg, data, subjects, clip, vae, model, accelerator, out_dir, stage1, voxels, captions, key_text,
                targets, frozen_parts(cfg), cross_fit=folds)  # fmt: skip
     if cfg.train.condition_cache != "compute":
-        identity = {"stage1": stage1_identity(stage1), "prior_condition": cfg.upstream.prior_condition,
+        identity: dict[str, Any] = {"stage1": stage1_identity(stage1), "prior_condition": cfg.upstream.prior_condition,
                     "mixed_precision": cfg.run.mixed_precision}  # fmt: skip
         if folds:  # a cache of in-sample conditions is not reused, and the reverse
             identity["cross_fit"] = [stage1_identity(f) for f in folds]
