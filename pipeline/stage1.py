@@ -361,15 +361,17 @@ def report_out_of_fold(s: Stage1, folds: list[Path]) -> Path:
     n = s.data.n_clips("train")
     targets = torch.cat([s.targets("train", list(range(a, min(a + 100, n))), frame).flatten(1).cpu()
                          for a in range(0, n, 100)]).numpy()  # fmt: skip
+    slots = range(len(s.subjects.members))
+    load_checkpoint(s.out_dir / "checkpoints" / "best", model, s.cfg)
+    inside = {slot: encode_split(s, "train", slot, np.arange(n)).numpy() for slot in slots}
+    oof = {slot: np.zeros_like(x) for slot, x in inside.items()}
+    for k, folder in enumerate(folds):  # each fold model loaded once, for every subject
+        load_checkpoint(folder / "checkpoints" / "best", model, fold_config(s.cfg, k))
+        for slot in slots:
+            oof[slot][positions[k]] = encode_split(s, "train", slot, positions[k]).numpy()
     out: dict[str, Any] = {"folds": [f.name for f in folds], "subjects": {}}
     for slot, m in enumerate(s.subjects.members):
-        load_checkpoint(s.out_dir / "checkpoints" / "best", model, s.cfg)
-        inside = encode_split(s, "train", slot, np.arange(n)).numpy()
-        oof = np.zeros_like(inside)
-        for k, folder in enumerate(folds):
-            load_checkpoint(folder / "checkpoints" / "best", model, fold_config(s.cfg, k))
-            oof[positions[k]] = encode_split(s, "train", slot, positions[k]).numpy()
-        scores = {name: identification_accuracy(x, targets, (2, 50), 200, 0)
+        scores = {name: identification_accuracy(x[slot], targets, (2, 50), 200, 0)
                   for name, x in (("in_sample", inside), ("out_of_fold", oof))}  # fmt: skip
         out["subjects"][str(m.subject)] = scores
         for kind, result in scores.items():

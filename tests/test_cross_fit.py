@@ -30,6 +30,7 @@ def test_folds_are_contiguous_near_equal_and_cover_the_split_once() -> None:
     rows = np.array([0, 1, 2, 5, 6, 7, 8, 9])  # source rows of a split with a hole (validation) at 3-4
     assert without_fold(rows, folds[1], guard=0).tolist() == [0, 1, 2, 5, 9]
     assert without_fold(rows, folds[1], guard=1).tolist() == [0, 1, 2], "the guard clips beside the fold go too"
+    assert without_fold(rows, np.array([3]), guard=1).tolist() == [0, 1, 2, 7, 8, 9], "neighbours in time, not in list"
 
 
 def test_a_fold_models_training_split_leaves_its_fold_out(smoke_world: Path) -> None:

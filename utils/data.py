@@ -155,11 +155,15 @@ def contiguous_val_split(n: int, fraction: float, block: int, guard: int, seed: 
         taken += take
         if taken >= target:
             break
-    near_val = np.convolve(is_val, np.ones(2 * guard + 1), mode="same") > 0 if guard > 0 else is_val
-    train = np.flatnonzero(~near_val)
+    train = np.flatnonzero(~with_guard(is_val, guard))
     if len(train) == 0:
         raise DataError(f"no training clips left after holding out {target} of {n}", "lower data.val_fraction")
     return train, np.flatnonzero(is_val)
+
+
+def with_guard(mask: np.ndarray, guard: int) -> np.ndarray:
+    """A boolean mask over consecutive clips, widened by ``guard`` clips on each side of every marked run."""
+    return np.convolve(mask, np.ones(2 * guard + 1), mode="same") > 0 if guard > 0 else mask
 
 
 def fold_positions(n: int, folds: int) -> list[np.ndarray]:
@@ -172,13 +176,12 @@ def fold_positions(n: int, folds: int) -> list[np.ndarray]:
 
 
 def without_fold(rows: np.ndarray, fold: np.ndarray, guard: int) -> np.ndarray:
-    """``rows`` (source-file rows, ascending) without the positions ``fold`` and the ``guard`` rows on each side."""
+    """``rows`` (source-file rows, ascending) without those at positions ``fold`` and the ``guard`` source rows on
+    each side of them (neighbours in time, as the validation split's guard)."""
     rows = np.asarray(rows)
-    near = np.zeros(len(rows), dtype=bool)
-    near[fold] = True
-    if guard > 0:
-        near = np.convolve(near, np.ones(2 * guard + 1), mode="same") > 0
-    return rows[~near]
+    left_out = np.zeros(int(rows.max()) + 1, dtype=bool)
+    left_out[rows[fold]] = True
+    return rows[~with_guard(left_out, guard)[rows]]
 
 
 def leading_segments(rows: np.ndarray, fraction: float, segment: int) -> np.ndarray:
